@@ -1,0 +1,48 @@
+# One entry point for people and CI. `make plan` and `make test` work on a fresh Debian machine:
+# they install the Debian packages and the Python environment they need first.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STACK ?= dev
+# Real servers the integration tests start themselves (never mocked): see tests/services.py.
+DEBIAN_PACKAGES := mosquitto mosquitto-clients postgresql victoria-metrics prometheus openssl
+
+.PHONY: deps system-deps plan plan-all test lint bench clean
+
+deps: system-deps $(VENV)/.installed
+
+system-deps:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages: $$missing (run: sudo apt-get install $$missing)"; exit 1; fi; \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+plan: $(VENV)/.installed
+	$(BIN)/ironlink plan $(STACK)
+
+plan-all: $(VENV)/.installed
+	$(BIN)/ironlink plan --all
+
+test: deps
+	$(BIN)/pytest -n 2 -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy infra components ingest dashboards registry localdev
+
+bench: deps
+	$(BIN)/python bench/plan.py
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf build .ironlink

@@ -1,0 +1,20 @@
+"""``ironlink``: the one command-line entry point (plan, tenants, devices, the local dev platform).
+
+Each concern lives in its own module and registers its commands on :data:`app`; bad input exits
+with code 2 and a message that names the offending field and value.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="ironlink",
+    help="Ironlink telemetry platform: plan stacks offline, manage tenants and devices, run Phase A locally.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,721 @@
+"""Typed stack configuration: the one model every Ironlink capability reads.
+
+A stack file (``stacks/Pulumi.<stack>.yaml``) states only what differs from its phase preset
+(:data:`PHASE_PRESETS`). :func:`parse_platform` merges the two, validates the result and reports
+*every* problem at once, each named by its config path and value, before any resource is declared::
+
+    ironlink:tenants[2].id: 'Acme Corp' is not a valid tenant id (lowercase letters, digits, '-')
+
+The Pulumi program, the offline planner, the tenant CLI and the local dev platform all go through
+this module, so a tenant, a site or a machine exists in exactly one place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from ingest.catalog import MACHINE_TYPES
+
+NAMESPACE = "ironlink"
+Phase = Literal["A", "B", "C"]
+IsolationLevel = Literal[1, 2, 3]
+PHASES: tuple[Phase, ...] = ("A", "B", "C")
+# The highest isolation level each phase can run: level 3 (dedicated instances) is a Phase C service.
+MAX_ISOLATION: dict[str, int] = {"A": 2, "B": 2, "C": 3}
+
+
+# --------------------------------------------------------------------------------------- problems
+@dataclass(frozen=True)
+class Problem:
+    """One config problem: where it is (``ironlink:broker.nodes``) and what is wrong."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class StackConfigError(ValueError):
+    """Raised with every problem of a stack config; nothing has been declared when it is raised."""
+
+    def __init__(self, problems: Iterable[Problem], stack: str | None = None) -> None:
+        self.problems = sorted(set(problems), key=lambda p: (p.path, p.message))
+        self.stack = stack
+        header = f"stack {stack!r} has" if stack else "stack config has"
+        count = len(self.problems)
+        lines = "\n".join(f"  {problem}" for problem in self.problems)
+        super().__init__(f"{header} {count} problem{'s' if count != 1 else ''}:\n{lines}")
+
+
+def _path(location: Iterable[str | int]) -> str:
+    text = NAMESPACE + ":"
+    for i, part in enumerate(location):
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += part if i == 0 else f".{part}"
+    return text
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, bool | None) else repr(value)
+
+
+def _problems_from(error: ValidationError, prefix: tuple[str | int, ...]) -> Iterator[Problem]:
+    for item in error.errors(include_url=False):
+        location = prefix + tuple(part for part in item["loc"] if not _is_union_tag(part))
+        kind, value = item["type"], item.get("input")
+        if kind == "value_error":
+            message = str(item["ctx"]["error"])
+        elif kind == "missing":
+            message = "is required"
+        elif kind == "extra_forbidden":
+            message = f"unknown setting {location[-1]!r}"
+        elif kind == "literal_error":
+            message = f"{_show(value)} is not one of {item['ctx']['expected']}"
+        else:
+            message = f"{_show(value)} is invalid: {item['msg'][0].lower()}{item['msg'][1:]}"
+        yield Problem(_path(location), message)
+
+
+def _is_union_tag(part: str | int) -> bool:
+    return isinstance(part, str) and ("[" in part or part in {"function-after"})
+
+
+# ------------------------------------------------------------------------------- value formats
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_RATE = re.compile(r"^\d+(\.\d+)?(KB|MB|GB)?/(s|m|h)$")
+_SIZE = re.compile(r"^\d+(KB|MB)?$")
+_DURATION = re.compile(r"^(\d+)(m|h|d|w)$")
+_DURATION_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
+FOREVER = "forever"
+
+
+def _identifier(kind: str, max_length: int) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if not _DNS_LABEL.match(value) or len(value) > max_length:
+            raise ValueError(
+                f"{value!r} is not a valid {kind} id (lowercase letters, digits, '-'; "
+                f"at most {max_length} characters, starting and ending with a letter or digit)"
+            )
+        return value
+
+    return check
+
+
+def _pattern(kind: str, pattern: re.Pattern[str], example: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if not pattern.match(value):
+            raise ValueError(f"{value!r} is not a valid {kind} (for example {example!r})")
+        return value
+
+    return check
+
+
+def duration_seconds(value: str) -> int:
+    """Seconds of a duration such as ``30d`` or ``12h``; 0 for ``forever`` (InfluxDB's convention)."""
+    if value == FOREVER:
+        return 0
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a valid duration (for example '30d', '12h', or 'forever')")
+    return int(match.group(1)) * _DURATION_SECONDS[match.group(2)]
+
+
+def _retention(value: str) -> str:
+    seconds = duration_seconds(value)
+    if 0 < seconds < 3600:
+        raise ValueError(f"{value!r} is shorter than InfluxDB's minimum retention of 1h")
+    return value
+
+
+TenantId = Annotated[str, AfterValidator(_identifier("tenant", 32))]
+SiteId = Annotated[str, AfterValidator(_identifier("site", 32))]
+MachineId = Annotated[str, AfterValidator(_identifier("machine", 48))]
+RegionName = Annotated[str, AfterValidator(_identifier("region", 32))]
+DnsLabel = Annotated[str, AfterValidator(_identifier("Kubernetes name", 63))]
+Quantity = Annotated[str, AfterValidator(_pattern("Kubernetes quantity", _QUANTITY, "512Mi"))]
+Rate = Annotated[str, AfterValidator(_pattern("rate", _RATE, "100/s"))]
+PacketSize = Annotated[str, AfterValidator(_pattern("size", _SIZE, "256KB"))]
+Retention = Annotated[str, AfterValidator(_retention)]
+
+
+def _machine_type(value: str) -> str:
+    if value not in MACHINE_TYPES:
+        raise ValueError(f"{value!r} is not a known machine type (known: {', '.join(sorted(MACHINE_TYPES))})")
+    return value
+
+
+MachineTypeName = Annotated[str, AfterValidator(_machine_type)]
+
+
+def _password_hash(value: str) -> str:
+    parts = value.split("$")
+    if len(parts) != 5 or parts[1] != "7" or not parts[2].isdigit():
+        raise ValueError("is not a PBKDF2-SHA512 hash in Mosquitto's '$7$<iterations>$<salt>$<hash>' form")
+    return value
+
+
+PasswordHash = Annotated[str, AfterValidator(_password_hash)]
+
+
+# ------------------------------------------------------------------------------------ the model
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Amounts(Section):
+    cpu: Quantity
+    memory: Quantity
+
+
+class ComputeResources(Section):
+    """Kubernetes requests and limits of one container."""
+
+    requests: Amounts
+    limits: Amounts
+
+
+class Cluster(Section):
+    """Where the region runs: an existing kubeconfig context (no cluster is created for now)."""
+
+    context: str | None = None
+    namespace: DnsLabel = "ironlink"
+    storage_class: str | None = None
+    domain: str = "ironlink.example.com"
+    kubernetes_version: str = "1.31"
+
+
+class ClientLimits(Section):
+    """Per-client limits at the broker. Rates are EMQX's; Mosquitto enforces only the packet size."""
+
+    messages_rate: Rate | None = None
+    bytes_rate: Rate | None = None
+    max_conn_rate: Rate | None = None
+    max_packet_size: PacketSize = "256KB"
+
+
+class TenantQuota(Section):
+    """What one tenant may use: devices registered and messages per second at the worker."""
+
+    max_devices: int = Field(ge=1)
+    messages_per_second: float = Field(gt=0)
+
+
+class Broker(Section):
+    engine: Literal["emqx", "mosquitto"]
+    image: str
+    nodes: int = Field(ge=1)
+    tls: Literal["tls", "mtls"]
+    allow_plaintext: bool = False
+    storage: Quantity
+    resources: ComputeResources
+    limits: ClientLimits
+    tenant_quota: TenantQuota
+
+
+class RetentionTier(Section):
+    """How long a tier keeps raw telemetry and its downsampled aggregates."""
+
+    raw: Retention
+    downsampled: Retention
+
+    @property
+    def raw_seconds(self) -> int:
+        return duration_seconds(self.raw)
+
+    @property
+    def downsampled_seconds(self) -> int:
+        return duration_seconds(self.downsampled)
+
+
+class InfluxDB(Section):
+    """InfluxDB 2.x OSS: a single node per instance; HA comes from backups and level-3 instances."""
+
+    image: str
+    replicas: int = Field(ge=1)
+    storage: Quantity
+    resources: ComputeResources
+    shared_org: DnsLabel = "ironlink"
+    retention_tiers: dict[str, RetentionTier]
+    backup_schedule: str | None = None
+
+
+class Postgres(Section):
+    image: str
+    storage: Quantity
+    resources: ComputeResources
+    database: DnsLabel = "ironlink"
+    backup_schedule: str | None = None
+
+
+class Grafana(Section):
+    image: str
+    replicas: int = Field(ge=1)
+    resources: ComputeResources
+
+
+class Autoscaling(Section):
+    min_replicas: int = Field(ge=1)
+    max_replicas: int = Field(ge=1)
+    target_cpu_percent: int = Field(ge=10, le=100)
+
+
+class Ingest(Section):
+    """The ingestion worker's deployment (its runtime settings live in ``ingest/``)."""
+
+    image: str
+    replicas: int = Field(ge=1)
+    autoscaling: Autoscaling | None = None
+    resources: ComputeResources
+    batch_size: int = Field(ge=1, le=50_000)
+    flush_interval_ms: int = Field(ge=10, le=60_000)
+    share_group: DnsLabel = "ingest"
+
+
+class Machine(Section):
+    """A machine and the device identity that publishes its telemetry."""
+
+    id: MachineId
+    type: MachineTypeName
+    password_hash: PasswordHash | None = None
+
+
+class Site(Section):
+    id: SiteId
+    name: str | None = None
+    machines: list[Machine] = []
+
+
+class Tenant(Section):
+    id: TenantId
+    name: str = Field(min_length=1)
+    tier: str
+    isolation: IsolationLevel | None = None
+    quota: TenantQuota | None = None
+    sites: list[Site] = []
+
+    @property
+    def machines(self) -> Iterator[tuple[Site, Machine]]:
+        return ((site, machine) for site in self.sites for machine in site.machines)
+
+
+class PlatformConfig(Section):
+    """A whole region: what ``pulumi up`` declares and ``ironlink dev`` runs."""
+
+    phase: Phase
+    region: RegionName
+    cluster: Cluster
+    broker: Broker
+    influxdb: InfluxDB
+    postgres: Postgres
+    grafana: Grafana
+    ingest: Ingest
+    default_isolation: IsolationLevel
+    protect_stateful: bool
+    high_availability: bool
+    tenants: list[Tenant] = []
+
+    def isolation_of(self, tenant: Tenant) -> int:
+        return tenant.isolation if tenant.isolation is not None else self.default_isolation
+
+    def quota_of(self, tenant: Tenant) -> TenantQuota:
+        return tenant.quota or self.broker.tenant_quota
+
+    def retention_of(self, tenant: Tenant) -> RetentionTier:
+        return self.influxdb.retention_tiers[tenant.tier]
+
+    def tenant(self, tenant_id: str) -> Tenant:
+        for tenant in self.tenants:
+            if tenant.id == tenant_id:
+                return tenant
+        raise KeyError(tenant_id)
+
+
+# ------------------------------------------------------------------------------------- presets
+def _compute(cpu: str, memory: str, cpu_limit: str, memory_limit: str) -> dict[str, Any]:
+    return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu_limit, "memory": memory_limit}}
+
+
+_IMAGES = {
+    "emqx": "emqx/emqx:5.8.9",
+    "mosquitto": "eclipse-mosquitto:2.0.20",
+    "influxdb": "influxdb:2.7.11",
+    "postgres": "postgres:16.6",
+    "grafana": "grafana/grafana:11.4.0",
+    "ingest": "ghcr.io/ironlink/ingest:0.1.0",
+}
+_TIERS = {
+    "basic": {"raw": "7d", "downsampled": "180d"},
+    "standard": {"raw": "30d", "downsampled": "365d"},
+    "premium": {"raw": "30d", "downsampled": "730d"},
+}
+
+PHASE_PRESETS: dict[str, dict[str, Any]] = {
+    "A": {
+        "cluster": {},
+        "broker": {
+            "engine": "mosquitto",
+            "image": _IMAGES["mosquitto"],
+            "nodes": 1,
+            "tls": "tls",
+            "allow_plaintext": False,
+            "storage": "1Gi",
+            "resources": _compute("100m", "64Mi", "500m", "256Mi"),
+            "limits": {"max_packet_size": "256KB"},
+            "tenant_quota": {"max_devices": 50, "messages_per_second": 100},
+        },
+        "influxdb": {
+            "image": _IMAGES["influxdb"],
+            "replicas": 1,
+            "storage": "20Gi",
+            "resources": _compute("250m", "512Mi", "1", "2Gi"),
+            "retention_tiers": _TIERS,
+        },
+        "postgres": {
+            "image": _IMAGES["postgres"],
+            "storage": "5Gi",
+            "resources": _compute("100m", "256Mi", "500m", "1Gi"),
+        },
+        "grafana": {"image": _IMAGES["grafana"], "replicas": 1, "resources": _compute("100m", "128Mi", "500m", "512Mi")},
+        "ingest": {
+            "image": _IMAGES["ingest"],
+            "replicas": 1,
+            "resources": _compute("100m", "128Mi", "500m", "256Mi"),
+            "batch_size": 500,
+            "flush_interval_ms": 1000,
+        },
+        "default_isolation": 1,
+        "protect_stateful": False,
+        "high_availability": False,
+    },
+    "B": {
+        "cluster": {},
+        "broker": {
+            "engine": "emqx",
+            "image": _IMAGES["emqx"],
+            "nodes": 1,
+            "tls": "tls",
+            "allow_plaintext": False,
+            "storage": "5Gi",
+            "resources": _compute("250m", "512Mi", "1", "1Gi"),
+            "limits": {"messages_rate": "100/s", "bytes_rate": "512KB/s", "max_conn_rate": "200/s"},
+            "tenant_quota": {"max_devices": 500, "messages_per_second": 1000},
+        },
+        "influxdb": {
+            "image": _IMAGES["influxdb"],
+            "replicas": 1,
+            "storage": "100Gi",
+            "resources": _compute("500m", "2Gi", "2", "4Gi"),
+            "retention_tiers": _TIERS,
+            "backup_schedule": "0 2 * * *",
+        },
+        "postgres": {
+            "image": _IMAGES["postgres"],
+            "storage": "20Gi",
+            "resources": _compute("250m", "512Mi", "1", "2Gi"),
+            "backup_schedule": "30 2 * * *",
+        },
+        "grafana": {"image": _IMAGES["grafana"], "replicas": 1, "resources": _compute("200m", "256Mi", "1", "1Gi")},
+        "ingest": {
+            "image": _IMAGES["ingest"],
+            "replicas": 2,
+            "autoscaling": {"min_replicas": 2, "max_replicas": 6, "target_cpu_percent": 70},
+            "resources": _compute("250m", "256Mi", "1", "512Mi"),
+            "batch_size": 1000,
+            "flush_interval_ms": 500,
+        },
+        "default_isolation": 2,
+        "protect_stateful": True,
+        "high_availability": False,
+    },
+    "C": {
+        "cluster": {},
+        "broker": {
+            "engine": "emqx",
+            "image": _IMAGES["emqx"],
+            "nodes": 3,
+            "tls": "mtls",
+            "allow_plaintext": False,
+            "storage": "20Gi",
+            "resources": _compute("1", "2Gi", "2", "4Gi"),
+            "limits": {"messages_rate": "200/s", "bytes_rate": "1MB/s", "max_conn_rate": "1000/s"},
+            "tenant_quota": {"max_devices": 5000, "messages_per_second": 5000},
+        },
+        "influxdb": {
+            "image": _IMAGES["influxdb"],
+            "replicas": 1,
+            "storage": "500Gi",
+            "resources": _compute("2", "8Gi", "4", "16Gi"),
+            "retention_tiers": _TIERS,
+            "backup_schedule": "0 */6 * * *",
+        },
+        "postgres": {
+            "image": _IMAGES["postgres"],
+            "storage": "100Gi",
+            "resources": _compute("1", "2Gi", "2", "4Gi"),
+            "backup_schedule": "0 */6 * * *",
+        },
+        "grafana": {"image": _IMAGES["grafana"], "replicas": 2, "resources": _compute("500m", "512Mi", "2", "2Gi")},
+        "ingest": {
+            "image": _IMAGES["ingest"],
+            "replicas": 3,
+            "autoscaling": {"min_replicas": 3, "max_replicas": 12, "target_cpu_percent": 65},
+            "resources": _compute("500m", "512Mi", "2", "1Gi"),
+            "batch_size": 5000,
+            "flush_interval_ms": 250,
+        },
+        "default_isolation": 2,
+        "protect_stateful": True,
+        "high_availability": True,
+    },
+}
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# --------------------------------------------------------------------------------------- rules
+Sections = dict[str, Any]
+
+
+def _rule_plaintext(s: Sections) -> Iterator[Problem]:
+    if s["phase"] in ("B", "C") and s["broker"].allow_plaintext:
+        yield Problem(
+            _path(["broker", "allow_plaintext"]),
+            f"true is not allowed in phase {s['phase']} (plaintext MQTT is refused in phases B and C)",
+        )
+
+
+def _rule_broker_cluster(s: Sections) -> Iterator[Problem]:
+    broker: Broker = s["broker"]
+    if s["phase"] == "C" and (broker.engine != "emqx" or broker.nodes < 3):
+        if broker.engine != "emqx":
+            yield Problem(_path(["broker", "engine"]), f"{broker.engine!r} cannot cluster; phase C needs 'emqx'")
+        if broker.nodes < 3:
+            yield Problem(_path(["broker", "nodes"]), f"{broker.nodes} is too few; phase C needs a cluster of 3+ nodes")
+    if broker.engine == "mosquitto" and broker.nodes != 1:
+        yield Problem(_path(["broker", "nodes"]), f"{broker.nodes} nodes: Mosquitto does not cluster, use 1 or 'emqx'")
+    if broker.engine == "emqx" and broker.nodes % 2 == 0:
+        yield Problem(_path(["broker", "nodes"]), f"{broker.nodes} is even; an EMQX open-source cluster needs an odd size")
+    if broker.engine == "mosquitto":
+        for name in ("messages_rate", "bytes_rate", "max_conn_rate"):
+            if getattr(broker.limits, name) is not None:
+                yield Problem(
+                    _path(["broker", "limits", name]),
+                    f"{getattr(broker.limits, name)!r} cannot be enforced by Mosquitto (use engine 'emqx' or unset it)",
+                )
+
+
+def _rule_high_availability(s: Sections) -> Iterator[Problem]:
+    if s["phase"] == "C" and not s["high_availability"]:
+        yield Problem(_path(["high_availability"]), "false is not allowed in phase C (formal SLAs need HA)")
+
+
+def _rule_single_node_influxdb(s: Sections) -> Iterator[Problem]:
+    if s["influxdb"].replicas != 1:
+        yield Problem(
+            _path(["influxdb", "replicas"]),
+            f"{s['influxdb'].replicas} replicas: InfluxDB 2.x OSS does not cluster; use backups, or isolation level 3",
+        )
+
+
+def _rule_autoscaling(s: Sections) -> Iterator[Problem]:
+    ingest: Ingest = s["ingest"]
+    bounds = ingest.autoscaling
+    if bounds is None:
+        return
+    if bounds.min_replicas > bounds.max_replicas:
+        yield Problem(
+            _path(["ingest", "autoscaling", "min_replicas"]),
+            f"{bounds.min_replicas} is above max_replicas {bounds.max_replicas}",
+        )
+    if not bounds.min_replicas <= ingest.replicas <= bounds.max_replicas:
+        yield Problem(
+            _path(["ingest", "replicas"]),
+            f"{ingest.replicas} is outside the autoscaling bounds {bounds.min_replicas}..{bounds.max_replicas}",
+        )
+
+
+def _rule_tenants(s: Sections) -> Iterator[Problem]:
+    tiers = s["influxdb"].retention_tiers if "influxdb" in s else None
+    default_isolation = s.get("default_isolation")
+    quota: TenantQuota | None = s["broker"].tenant_quota if "broker" in s else None
+    seen: dict[str, int] = {}
+    for index, tenant in s["tenants"]:
+        if tenant.id in seen:
+            yield Problem(_path(["tenants", index, "id"]), f"{tenant.id!r} is already used by tenants[{seen[tenant.id]}]")
+        seen.setdefault(tenant.id, index)
+        if tiers is not None and tenant.tier not in tiers:
+            yield Problem(
+                _path(["tenants", index, "tier"]),
+                f"{tenant.tier!r} is not a retention tier (known: {', '.join(sorted(tiers))})",
+            )
+        level = tenant.isolation if tenant.isolation is not None else default_isolation
+        if "phase" in s and level is not None and level > MAX_ISOLATION[s["phase"]]:
+            where = ["tenants", index, "isolation"] if tenant.isolation is not None else ["default_isolation"]
+            yield Problem(_path(where), f"{level} is not available in phase {s['phase']} (level 3 needs phase C)")
+        yield from _unique_ids(tenant.sites, ["tenants", index, "sites"])
+        for site_index, site in enumerate(tenant.sites):
+            yield from _unique_ids(site.machines, ["tenants", index, "sites", site_index, "machines"])
+        limit = (tenant.quota or quota).max_devices if (tenant.quota or quota) else None
+        count = sum(len(site.machines) for site in tenant.sites)
+        if limit is not None and count > limit:
+            yield Problem(_path(["tenants", index, "sites"]), f"{count} machines exceed the tenant quota of {limit} devices")
+
+
+def _unique_ids(items: Iterable[Site | Machine], where: list[str | int]) -> Iterator[Problem]:
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        if item.id in seen:
+            yield Problem(_path([*where, index, "id"]), f"{item.id!r} is already used by {where[-1]}[{seen[item.id]}]")
+        seen.setdefault(item.id, index)
+
+
+# Each rule runs only when the sections it reads are valid, so that one bad section does not hide
+# the problems of the others.
+_RULES: list[tuple[tuple[str, ...], Callable[[Sections], Iterator[Problem]]]] = [
+    (("phase", "broker"), _rule_plaintext),
+    (("phase", "broker"), _rule_broker_cluster),
+    (("phase", "high_availability"), _rule_high_availability),
+    (("influxdb",), _rule_single_node_influxdb),
+    (("ingest",), _rule_autoscaling),
+    (("tenants",), _rule_tenants),
+]
+
+
+# ------------------------------------------------------------------------------------- parsing
+def parse_platform(raw: Mapping[str, Any], stack: str | None = None) -> PlatformConfig:
+    """Validate a stack's ``ironlink:`` settings (keys without the namespace) on top of its preset.
+
+    Raises :class:`StackConfigError` listing every problem found.
+    """
+    problems: list[Problem] = []
+    phase = raw.get("phase", "A")
+    if phase not in PHASES:
+        problems.append(Problem(_path(["phase"]), f"{_show(phase)} is not one of 'A', 'B', 'C'"))
+        phase = "A"
+    merged = deep_merge(PHASE_PRESETS[phase], raw)
+    merged["phase"] = phase
+    if "region" not in merged:
+        problems.append(Problem(_path(["region"]), "is required"))
+
+    known = PlatformConfig.model_fields
+    for key in merged:
+        if key not in known:
+            problems.append(Problem(_path([key]), f"unknown setting (known: {', '.join(known)})"))
+
+    sections: Sections = {}
+    for name, field in known.items():
+        if name not in merged or name == "tenants":
+            continue
+        try:
+            sections[name] = TypeAdapter(field.annotation).validate_python(merged[name])
+        except ValidationError as error:
+            problems.extend(_problems_from(error, (name,)))
+
+    tenants_raw = merged.get("tenants") or []
+    if not isinstance(tenants_raw, list):
+        problems.append(Problem(_path(["tenants"]), f"{_show(tenants_raw)} is not a list of tenants"))
+        tenants_raw = []
+    valid_tenants: list[tuple[int, Tenant]] = []
+    for index, item in enumerate(tenants_raw):
+        try:
+            valid_tenants.append((index, Tenant.model_validate(item)))
+        except ValidationError as error:
+            problems.extend(_problems_from(error, ("tenants", index)))
+    sections["tenants"] = valid_tenants
+
+    for needs, rule in _RULES:
+        if all(key in sections for key in needs):
+            problems.extend(rule(sections))
+
+    if problems:
+        raise StackConfigError(problems, stack)
+    return PlatformConfig.model_validate({**merged, "tenants": [tenant for _, tenant in valid_tenants]})
+
+
+# ---------------------------------------------------------------------------------- stack files
+def project_root(start: Path | None = None) -> Path:
+    """The folder holding ``Pulumi.yaml``: searched upward from ``start`` (or the working directory),
+    falling back to the checkout this package was installed from."""
+    for folder in [(start or Path.cwd()).resolve(), *(start or Path.cwd()).resolve().parents]:
+        if (folder / "Pulumi.yaml").is_file():
+            return folder
+    return Path(__file__).resolve().parent.parent
+
+
+def stacks_dir(root: Path | None = None) -> Path:
+    return (root or project_root()) / "stacks"
+
+
+def stack_file(stack: str, root: Path | None = None) -> Path:
+    return stacks_dir(root) / f"Pulumi.{stack}.yaml"
+
+
+def list_stacks(root: Path | None = None) -> list[str]:
+    return sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in stacks_dir(root).glob("Pulumi.*.yaml"))
+
+
+class UnknownStackError(LookupError):
+    def __init__(self, stack: str, known: list[str]) -> None:
+        super().__init__(f"unknown stack {stack!r} (known: {', '.join(known) or 'none'})")
+        self.stack = stack
+
+
+def read_stack_settings(path: Path) -> dict[str, Any]:
+    """The ``ironlink:`` settings of a stack file, keys without the namespace."""
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise StackConfigError([Problem(str(path), f"is not valid YAML: {error}")]) from error
+    config = document.get("config") if isinstance(document, dict) else None
+    if not isinstance(config, dict):
+        raise StackConfigError([Problem(str(path), "has no 'config:' mapping")])
+    prefix = NAMESPACE + ":"
+    return {key[len(prefix) :]: value for key, value in config.items() if key.startswith(prefix)}
+
+
+def load_stack(stack: str, root: Path | None = None) -> PlatformConfig:
+    """Read and validate ``stacks/Pulumi.<stack>.yaml``."""
+    path = stack_file(stack, root)
+    if not path.is_file():
+        raise UnknownStackError(stack, list_stacks(root))
+    return parse_platform(read_stack_settings(path), stack)
+
+
+def settings_from_pulumi_config(values: Mapping[str, str]) -> dict[str, Any]:
+    """Turn the engine's flat config (``{"ironlink:broker": "<json>"}``) into settings.
+
+    Structured values arrive as JSON strings; scalars as plain strings.
+    """
+    prefix = NAMESPACE + ":"
+    settings: dict[str, Any] = {}
+    for key, text in values.items():
+        if not key.startswith(prefix):
+            continue
+        try:
+            settings[key[len(prefix) :]] = json.loads(text)
+        except (TypeError, ValueError):
+            settings[key[len(prefix) :]] = text
+    return settings

@@ -1,0 +1,89 @@
+"""Shared fixtures: real servers (Mosquitto, PostgreSQL, VictoriaMetrics) on loopback.
+
+Every integration test talks to the real binary from Debian's packages, started here in a
+temporary folder on a free port and stopped at the end. See ``localdev/servers.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from localdev import servers
+
+
+@pytest.fixture(scope="session")
+def server_root() -> Iterator[Path]:
+    """A folder every service account can traverse (pytest's own tmp folders are root-only)."""
+    root = Path(tempfile.mkdtemp(prefix="ironlink-test-"))
+    os.chmod(root, 0o755)
+    yield root
+
+
+@pytest.fixture(scope="session")
+def victoria_metrics(server_root: Path) -> Iterator[str]:
+    """Base URL of a real VictoriaMetrics (InfluxDB line protocol on /api/v2/write)."""
+    port = servers.free_port()
+    server = servers.victoria_metrics(server_root / "vm", port, server_root / "vm.log").start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+class PostgresCluster:
+    """A running PostgreSQL cluster; ``new_database()`` gives each test an empty database."""
+
+    def __init__(self, socket_dir: Path, port: int) -> None:
+        self.socket_dir, self.port = socket_dir, port
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"host={self.socket_dir} port={self.port} user=postgres dbname={dbname}"
+
+    def new_database(self) -> str:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.dsn(name)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster(server_root: Path) -> Iterator[PostgresCluster]:
+    user = servers.service_user("postgres")
+    data, sockets = server_root / "pg", server_root / "pg-sockets"
+    servers.init_postgres(data, user)
+    port = servers.free_port()
+    server = servers.postgres(data, port, sockets, server_root / "pg.log", user).start()
+    yield PostgresCluster(sockets, port)
+    server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_cluster: PostgresCluster) -> str:
+    """DSN of a fresh, empty database on the real PostgreSQL."""
+    return postgres_cluster.new_database()
+
+
+MosquittoFactory = Callable[[Callable[[int], str]], tuple[servers.Server, int]]
+
+
+@pytest.fixture
+def start_mosquitto(tmp_path: Path) -> Iterator[MosquittoFactory]:
+    """Start a real Mosquitto with a config rendered for a free port: ``start(render)``."""
+    started: list[servers.Server] = []
+
+    def start(render: Callable[[int], str]) -> tuple[servers.Server, int]:
+        port = servers.free_port()
+        config = tmp_path / f"mosquitto-{port}.conf"
+        config.write_text(render(port))
+        server = servers.mosquitto(config, port, tmp_path / f"mosquitto-{port}.log").start()
+        started.append(server)
+        return server, port
+
+    yield start
+    for server in started:
+        server.stop()
