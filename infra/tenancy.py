@@ -1,0 +1,92 @@
+"""Names derived from the tenant model: topics, broker identities, InfluxDB orgs/buckets/instances.
+
+Every renderer (broker ACLs, registry rows, worker routes, Grafana datasources) and the worker
+itself take their names from here, so that a tenant's topic, bucket and token scope can never
+disagree. All functions are pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infra.config import PlatformConfig, Tenant
+
+TOPIC_ROOT = "ironlink"
+TELEMETRY_LEAF = "telemetry"
+TELEMETRY_FILTER = f"{TOPIC_ROOT}/+/+/+/{TELEMETRY_LEAF}"
+DEAD_LETTER_ROOT = "dlq"
+INGEST_SERVICE = "svc.ingest"
+SHARED_INFLUXDB = "influxdb"
+
+
+def telemetry_topic(tenant_id: str, site_id: str, machine_id: str) -> str:
+    """The long-lived MQTT contract: ``ironlink/<tenant>/<site>/<machine>/telemetry``."""
+    return f"{TOPIC_ROOT}/{tenant_id}/{site_id}/{machine_id}/{TELEMETRY_LEAF}"
+
+
+def tenant_topic_filter(tenant_id: str) -> str:
+    return f"{TOPIC_ROOT}/{tenant_id}/#"
+
+
+def shared_subscription(group: str) -> str:
+    """Shared subscription so that worker replicas split the load."""
+    return f"$share/{group}/{TELEMETRY_FILTER}"
+
+
+def dead_letter_topic(original_topic: str) -> str:
+    """Where a rejected message goes: the original topic under ``dlq/`` (per-tenant readable)."""
+    return f"{DEAD_LETTER_ROOT}/{original_topic}"
+
+
+def tenant_dead_letter_filter(tenant_id: str) -> str:
+    return f"{DEAD_LETTER_ROOT}/{tenant_topic_filter(tenant_id)}"
+
+
+def device_username(tenant_id: str, site_id: str, machine_id: str) -> str:
+    """A device's broker identity (ids are DNS labels, so the dots are unambiguous)."""
+    return f"{tenant_id}.{site_id}.{machine_id}"
+
+
+def tenant_service_username(tenant_id: str) -> str:
+    """A tenant's read-only service identity (subscribe to its own telemetry and dead letters)."""
+    return f"svc.{tenant_id}"
+
+
+@dataclass(frozen=True)
+class StoreRoute:
+    """Where one tenant's telemetry is written and read in InfluxDB 2.x."""
+
+    tenant_id: str
+    instance: str
+    org: str
+    bucket: str
+    downsampled_bucket: str
+    raw_retention_seconds: int
+    downsampled_retention_seconds: int
+
+
+def influxdb_instance(config: PlatformConfig, tenant: Tenant) -> str:
+    """Level 3 tenants get a dedicated InfluxDB instance; everyone else shares one."""
+    return f"influxdb-{tenant.id}" if config.isolation_of(tenant) >= 3 else SHARED_INFLUXDB
+
+
+def influxdb_org(config: PlatformConfig, tenant: Tenant) -> str:
+    """Level 1 tenants share one org (tag + RBAC); level 2+ tenants get their own org."""
+    return config.influxdb.shared_org if config.isolation_of(tenant) == 1 else tenant.id
+
+
+def store_route(config: PlatformConfig, tenant: Tenant) -> StoreRoute:
+    tier = config.retention_of(tenant)
+    return StoreRoute(
+        tenant_id=tenant.id,
+        instance=influxdb_instance(config, tenant),
+        org=influxdb_org(config, tenant),
+        bucket=f"{tenant.id}-telemetry",
+        downsampled_bucket=f"{tenant.id}-telemetry-1h",
+        raw_retention_seconds=tier.raw_seconds,
+        downsampled_retention_seconds=tier.downsampled_seconds,
+    )
+
+
+def store_routes(config: PlatformConfig) -> dict[str, StoreRoute]:
+    return {tenant.id: store_route(config, tenant) for tenant in config.tenants}
