@@ -33,7 +33,7 @@ plan-all: $(VENV)/.installed
 	$(BIN)/ironlink plan --all
 
 test: deps
-	$(BIN)/pytest -n 2 -q
+	$(BIN)/pytest -n 2 --dist loadgroup -q
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
