@@ -40,6 +40,14 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy infra components ingest dashboards registry localdev
 
+.PHONY: demo
+# Phase A end to end on this machine (localdev/demo.py): `ironlink dev up`, ~20 s of simulated
+# telemetry from every machine of $(STACK), what landed per tenant, then `ironlink dev down`.
+# KEEP=1 leaves the platform running; DEMO_SECONDS changes the simulation's length.
+DEMO_SECONDS ?= 20
+demo: deps
+	$(BIN)/python -m localdev.demo --stack $(STACK) --duration $(DEMO_SECONDS) $(if $(KEEP),--keep)
+
 bench: deps
 	$(BIN)/python bench/plan.py
 	$(BIN)/python bench/ingest.py

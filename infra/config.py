@@ -584,6 +584,19 @@ def _rule_tenants(s: Sections) -> Iterator[Problem]:
             yield Problem(_path(["tenants", index, "sites"]), f"{count} machines exceed the tenant quota of {limit} devices")
 
 
+# Tenant ids whose derived names would be the platform's own: svc.<tenant> == svc.ingest, the worker.
+RESERVED_TENANT_IDS = frozenset({"ingest"})
+
+
+def _rule_reserved_tenant_ids(s: Sections) -> Iterator[Problem]:
+    for index, tenant in s["tenants"]:
+        if tenant.id in RESERVED_TENANT_IDS:
+            yield Problem(
+                _path(["tenants", index, "id"]),
+                f"{tenant.id!r} is reserved (svc.{tenant.id} is the ingest worker's broker identity)",
+            )
+
+
 def _unique_ids(items: Iterable[Site | Machine], where: list[str | int]) -> Iterator[Problem]:
     seen: dict[str, int] = {}
     for index, item in enumerate(items):
@@ -601,6 +614,7 @@ _RULES: list[tuple[tuple[str, ...], Callable[[Sections], Iterator[Problem]]]] = 
     (("influxdb",), _rule_single_node_influxdb),
     (("ingest",), _rule_autoscaling),
     (("tenants",), _rule_tenants),
+    (("tenants",), _rule_reserved_tenant_ids),
 ]
 
 

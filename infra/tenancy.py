@@ -33,6 +33,17 @@ def shared_subscription(group: str) -> str:
     return f"$share/{group}/{TELEMETRY_FILTER}"
 
 
+def ingest_subscription(config: PlatformConfig) -> str:
+    """What the ingest worker subscribes to: the shared subscription on EMQX, the plain filter on
+    Mosquitto. Mosquitto checks ACLs only at delivery, *after* picking a share-group member, so any
+    identity that joins the worker's group silently swallows its turn of the telemetry (measured in
+    tests/test_broker_isolation.py); EMQX refuses such a SUBSCRIBE. Mosquitto runs one worker anyway.
+    """
+    if config.broker.engine == "emqx":
+        return shared_subscription(config.ingest.share_group)
+    return TELEMETRY_FILTER
+
+
 def dead_letter_topic(original_topic: str) -> str:
     """Where a rejected message goes: the original topic under ``dlq/`` (per-tenant readable)."""
     return f"{DEAD_LETTER_ROOT}/{original_topic}"

@@ -107,6 +107,8 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     startup_timeout: float = 30.0
     process: subprocess.Popen[bytes] | None = None
+    # Working directory (default: ours); a server running as another account needs one it can enter.
+    cwd: Path | None = None
 
     def command(self) -> list[str]:
         return ["runuser", "-u", self.user, "--", *self.argv] if self.user else list(self.argv)
@@ -122,6 +124,7 @@ class Server:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **self.env},
                 start_new_session=detach,
+                cwd=self.cwd,
             )
         try:
             wait_until(lambda: self._alive() and self.ready(), self.startup_timeout, self.name)

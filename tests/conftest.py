@@ -7,6 +7,8 @@ temporary folder on a free port and stopped at the end. See ``localdev/servers.p
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,7 +17,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from infra.config import load_stack
 from localdev import servers
+from localdev.platform import DevPlatform
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +91,37 @@ def start_mosquitto(tmp_path: Path) -> Iterator[MosquittoFactory]:
     yield start
     for server in started:
         server.stop()
+
+
+# --------------------------------------------------------------- the dev platform (ironlink dev)
+class DevPlatformHandle:
+    """A dev platform started through the real CLI in its own state folder (``ironlink dev up``).
+
+    It holds MQTT's fixed port 8883: every test using it must be marked
+    ``@pytest.mark.xdist_group("devplatform")`` so that one xdist worker runs them all.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.platform = DevPlatform(load_stack("dev"), state_dir)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``ironlink <args> --state-dir <this platform>``; ``check`` fails the test on a non-zero exit."""
+        command = [str(Path(sys.executable).parent / "ironlink"), *args, "--state-dir", str(self.state_dir)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+        if check and result.returncode != 0:
+            pytest.fail(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def ensure_up(self) -> None:
+        """Start whatever is not running (``up`` leaves running processes alone)."""
+        self.cli("dev", "up")
+
+
+@pytest.fixture(scope="session")
+def dev_platform(server_root: Path) -> Iterator[DevPlatformHandle]:
+    """The dev stack running locally (Mosquitto on 127.0.0.1:8883, PostgreSQL, VictoriaMetrics, worker)."""
+    handle = DevPlatformHandle(server_root / "dev-platform")
+    handle.ensure_up()
+    yield handle
+    handle.cli("dev", "down", "--purge", check=False)

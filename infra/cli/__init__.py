@@ -15,6 +15,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# Command modules register themselves on `app` when imported.
+from infra.cli import tenant  # noqa: E402, F401  (ironlink tenant ..., ironlink device ...)
+from infra.cli import plan  # noqa: E402, F401  (ironlink plan STACK | --all)
+from infra.cli import dev  # noqa: E402, F401  (ironlink dev up|status|down|logs, ironlink simulate)
+
 
 def main() -> None:
     app()

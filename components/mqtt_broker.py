@@ -1,0 +1,373 @@
+"""The MQTT broker devices publish to: EMQX 5 (phases B and C, clustered in C) or a hardened
+Mosquitto (phase A), chosen by ``broker.engine``.
+
+Both engines:
+
+- listen for devices on 8883 (TLS with a server certificate from the region's CA; mutual TLS where
+  ``broker.tls: mtls``) and on 1883 only where ``broker.allow_plaintext``;
+- are exposed by a ``LoadBalancer`` Service in every phase — devices connect from factories outside
+  the cluster — carrying only those ports; with ``high_availability`` it keeps the devices' source
+  addresses (``externalTrafficPolicy: Local``) so per-source limits see real clients. The
+  dashboard/API port (18083) is never on that Service;
+- deny everything not granted: Mosquitto through its ACL file, EMQX through the registry's ACL rows
+  with ``no_match = deny``;
+- get a PodDisruptionBudget (a majority must stay up) and anti-affinity when they run several
+  nodes or the phase is HA.
+
+EMQX nodes discover each other through the Kubernetes API (a Role that may only read endpoints)
+on a headless Service that publishes not-ready addresses, share one random Erlang cookie, and keep
+``/opt/emqx/data`` on a PVC per node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any, NotRequired, TypedDict
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from components.credentials import generated_password
+from components.kube import Kube, inherited_dependencies
+from components.pki import CertificateAuthority, IssuedCertificate
+from components.postgres import Postgres
+from components.render import emqx
+from components.render.kubernetes import (
+    ROLE_BROKER,
+    Manifest,
+    anti_affinity,
+    container,
+    container_port,
+    env_list,
+    field_env,
+    http_probe,
+    ingress_policy_spec,
+    ingress_rule,
+    labels,
+    majority,
+    pod_disruption_budget_spec,
+    pod_peer,
+    pod_template,
+    scratch_volumes,
+    secret_env,
+    selector,
+    service_host,
+    spreads,
+    tcp_probe,
+    volume_claim_template,
+)
+from components.render.mosquitto import (
+    BrokerAccount,
+    MosquittoPaths,
+    device_accounts,
+    render_acl_file,
+    render_mosquitto_conf,
+    render_password_file,
+)
+from components.render.postgres import EMQX_ROLE
+from infra.config import PlatformConfig
+
+TLS_PORT = emqx.MQTTS_PORT
+PLAINTEXT_PORT = emqx.MQTT_PORT
+EMQX_USER = 1000  # the emqx/emqx image's user
+MOSQUITTO_USER = 1883  # the eclipse-mosquitto image's user
+MOSQUITTO_PATHS = MosquittoPaths(
+    cafile="/mosquitto/certs/ca.crt",
+    certfile="/mosquitto/certs/tls.crt",
+    keyfile="/mosquitto/certs/tls.key",
+    password_file="/mosquitto/secrets/passwd",
+    acl_file="/mosquitto/config/acl",
+    persistence_dir="/mosquitto/data",
+)
+
+
+class MqttBrokerArgs(TypedDict):
+    config: PlatformConfig
+    """The region's config: ``broker`` section (engine, nodes, TLS mode, limits, resources)."""
+    provider: k8s.Provider
+    """The region's Kubernetes provider."""
+    ca: CertificateAuthority
+    """Signs the broker's server certificate; devices and services trust it."""
+    registry: NotRequired[Postgres | None]
+    """EMQX only: the PostgreSQL holding the device registry it authenticates and authorizes against."""
+    service_accounts: NotRequired[Mapping[str, pulumi.Input[str]]]
+    """Mosquitto only: service username → ``$7$`` hash for the password file (e.g. ``svc.ingest``);
+    device credentials come from the stack's ``password_hash`` values."""
+
+
+def config_hash(*documents: str) -> str:
+    """Pod annotation that rolls the pods when their mounted configuration changes."""
+    return hashlib.sha256("\0".join(documents).encode()).hexdigest()[:16]
+
+
+class MqttBroker(pulumi.ComponentResource):
+    engine: str
+    host: str
+    """In-cluster DNS name of the device Service (what the ingest worker connects to)."""
+    public_host: str
+    """The name devices use (``mqtt.<cluster.domain>``), in the server certificate."""
+    tls_port: int
+    ca_cert_pem: pulumi.Output[str]
+
+    def __init__(self, name: str, args: MqttBrokerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("ironlink:mqtt_broker:MqttBroker", name, None, opts)
+        config = args["config"]
+        broker, namespace = config.broker, config.cluster.namespace
+        self._kube = Kube(
+            self, args["provider"], namespace, config.protect_stateful, inherited_dependencies(opts)
+        )
+        self._config, self._name = config, name
+        self._labels = labels(broker.engine, name, ROLE_BROKER)
+        self._pods = selector(self._labels)
+        self.engine, self.tls_port = broker.engine, TLS_PORT
+        self.host = service_host(name, namespace)
+        self.public_host = f"mqtt.{config.cluster.domain}"
+        self.ca_cert_pem = args["ca"].cert_pem
+
+        headless = f"{name}-headless"
+        server = args["ca"].issue(
+            f"{name}-server",
+            common_name=self.public_host,
+            parent=self,
+            dns_names=[
+                self.public_host,
+                name,
+                f"{name}.{namespace}",
+                f"{name}.{namespace}.svc",
+                self.host,
+                f"*.{service_host(headless, namespace)}",
+            ],
+        )
+        self._tls_secret(server)
+        if broker.engine == "emqx":
+            registry = args.get("registry")
+            if registry is None:
+                raise ValueError(
+                    "MqttBrokerArgs.registry: EMQX needs the registry's Postgres to authenticate devices"
+                )
+            self._emqx(registry, headless)
+        else:
+            self._mosquitto(args.get("service_accounts") or {})
+        self._service()
+        self._network_policy()
+        if spreads(config, broker.nodes):
+            budget = pod_disruption_budget_spec(self._pods, min_available=majority(broker.nodes))
+            self._kube.disruption_budget(name, self._labels, budget)
+        self.register_outputs({"host": self.host, "tls_port": self.tls_port, "ca_cert_pem": self.ca_cert_pem})
+
+    # ----------------------------------------------------------------------------- shared
+    def _tls_secret(self, server: IssuedCertificate) -> None:
+        self._kube.secret(
+            f"{self._name}-tls",
+            self._labels,
+            {"ca.crt": self.ca_cert_pem, "tls.crt": server.cert_pem, "tls.key": server.private_key_pem},
+            secret_type="kubernetes.io/tls",
+        )
+
+    def _listener_ports(self) -> list[int]:
+        return [TLS_PORT, PLAINTEXT_PORT] if self._config.broker.allow_plaintext else [TLS_PORT]
+
+    def _service(self) -> None:
+        ports = [
+            {
+                "name": "mqtts" if port == TLS_PORT else "mqtt",
+                "port": port,
+                "targetPort": port,
+                "protocol": "TCP",
+            }
+            for port in self._listener_ports()
+        ]
+        spec: Manifest = {"type": "LoadBalancer", "selector": self._pods, "ports": ports}
+        if self._config.high_availability:
+            spec["externalTrafficPolicy"] = "Local"
+        self._kube.service(self._name, self._labels, spec)
+
+    def _network_policy(self) -> None:
+        rules = [ingress_rule([(port, "TCP") for port in self._listener_ports()], None)]
+        if self.engine == "emqx":
+            peers = [pod_peer(self._pods)]
+            rules.append(ingress_rule([(emqx.EKKA_PORT, "TCP"), (emqx.RPC_PORT, "TCP")], peers))
+        self._kube.network_policy(self._name, self._labels, ingress_policy_spec(self._pods, rules))
+
+    def _affinity(self) -> Manifest | None:
+        if not spreads(self._config, self._config.broker.nodes):
+            return None
+        return anti_affinity(self._pods, required=self._config.high_availability)
+
+    def _certs_volume(self) -> Manifest:
+        return {"name": "certs", "secret": {"secretName": f"{self._name}-tls", "defaultMode": 0o440}}
+
+    # ------------------------------------------------------------------------------- EMQX
+    def _emqx(self, registry: Postgres, headless: str) -> None:
+        config, kube, name = self._config, self._kube, self._name
+        broker, namespace = config.broker, config.cluster.namespace
+        connection = emqx.RegistryConnection(registry.host, registry.port, registry.database, EMQX_ROLE)
+        conf = emqx.render_emqx_conf(config, connection)
+        kube.config_map(f"{name}-config", self._labels, {"emqx.conf": conf})
+        secrets = f"{name}-secrets"
+        # The cookie only has to be shared by the nodes: a new one is harmless after a full restart.
+        kube.secret(
+            secrets,
+            self._labels,
+            {
+                "cookie": generated_password(f"{name}-cookie", parent=self, protect=False),
+                "dashboard-password": generated_password(f"{name}-dashboard", parent=self, protect=False),
+                "registry-password": registry.emqx_password,
+            },
+        )
+        self._discovery_rbac()
+
+        cluster_ports = [("ekka", emqx.EKKA_PORT), ("rpc", emqx.RPC_PORT)]
+        headless_ports = [*cluster_ports, ("mqtts", TLS_PORT), ("dashboard", emqx.DASHBOARD_PORT)]
+        kube.service(
+            headless,
+            self._labels,
+            {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": self._pods,
+                "ports": [
+                    {"name": n, "port": p, "targetPort": p, "protocol": "TCP"} for n, p in headless_ports
+                ],
+            },
+        )
+        env = [
+            field_env("POD_NAME", "metadata.name"),
+            *env_list(emqx.render_emqx_env(config, namespace=namespace, headless_service=headless)),
+            *(secret_env(variable, secrets, key) for key, variable in emqx.SECRET_ENV.items()),
+            secret_env(emqx.AUTHZ_PASSWORD_ENV, secrets, "registry-password"),
+        ]
+        volumes, mounts = scratch_volumes({"log": "/opt/emqx/log", "tmp": "/tmp"})
+        volumes += [{"name": "config", "configMap": {"name": f"{name}-config"}}, self._certs_volume()]
+        mounts += [
+            {"name": "data", "mountPath": "/opt/emqx/data"},
+            {
+                "name": "config",
+                "mountPath": "/opt/emqx/etc/emqx.conf",
+                "subPath": "emqx.conf",
+                "readOnly": True,
+            },
+            {"name": "certs", "mountPath": emqx.CERTS_DIR, "readOnly": True},
+        ]
+        ports = [container_port(n, p) for n, p in headless_ports]
+        if broker.allow_plaintext:
+            ports.append(container_port("mqtt", PLAINTEXT_PORT))
+        node = container(
+            "emqx",
+            broker.image,
+            resources=broker.resources,
+            env=env,
+            ports=ports,
+            mounts=mounts,
+            readiness=http_probe(emqx.STATUS_PATH, "dashboard", period=5),
+            liveness=http_probe(emqx.STATUS_PATH, "dashboard", period=30, failures=4, delay=60),
+        )
+        annotations = {
+            "ironlink.io/config-hash": config_hash(conf),
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(emqx.DASHBOARD_PORT),
+            "prometheus.io/path": emqx.METRICS_PATH,
+        }
+        template = pod_template(
+            self._labels,
+            [node],
+            user=EMQX_USER,
+            service_account=name,
+            volumes=volumes,
+            affinity=self._affinity(),
+            annotations=annotations,
+            api_access=True,
+        )
+        spec: Manifest = {
+            "serviceName": headless,
+            "replicas": broker.nodes,
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "selector": {"matchLabels": self._pods},
+            "template": template,
+            "volumeClaimTemplates": [
+                volume_claim_template("data", broker.storage, config.cluster.storage_class)
+            ],
+        }
+        kube.stateful_set(name, self._labels, spec)
+
+    def _discovery_rbac(self) -> None:
+        """EMQX's ``k8s`` discovery lists the headless Service's endpoints: it may do nothing else."""
+        kube, name = self._kube, self._name
+        kube.service_account(name, self._labels)
+        role = f"{name}-discovery"
+        rules: Any = [{"apiGroups": [""], "resources": ["endpoints"], "verbs": ["get", "watch", "list"]}]
+        k8s.rbac.v1.Role(role, metadata=kube.meta(role, self._labels), rules=rules, opts=kube.opts())
+        ref: Any = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role}
+        subjects: Any = [{"kind": "ServiceAccount", "name": name, "namespace": kube.namespace}]
+        k8s.rbac.v1.RoleBinding(
+            role, metadata=kube.meta(role, self._labels), role_ref=ref, subjects=subjects, opts=kube.opts()
+        )
+
+    # -------------------------------------------------------------------------- Mosquitto
+    def _mosquitto(self, service_accounts: Mapping[str, pulumi.Input[str]]) -> None:
+        config, kube, name = self._config, self._kube, self._name
+        broker = config.broker
+        conf = render_mosquitto_conf(
+            config, MOSQUITTO_PATHS, tls_port=TLS_PORT, plaintext_port=PLAINTEXT_PORT
+        )
+        acl = render_acl_file(config)
+        kube.config_map(f"{name}-config", self._labels, {"mosquitto.conf": conf, "acl": acl})
+        devices = device_accounts(config)
+        usernames = list(service_accounts)
+        password_file = pulumi.Output.all(*service_accounts.values()).apply(
+            lambda hashes: render_password_file(
+                [
+                    *devices,
+                    *(BrokerAccount(user, hashed) for user, hashed in zip(usernames, hashes, strict=True)),
+                ]
+            )
+        )
+        kube.secret(f"{name}-passwd", self._labels, {"passwd": password_file})
+        kube.service_account(name, self._labels)
+
+        volumes, mounts = scratch_volumes({"tmp": "/tmp"})
+        volumes += [
+            {"name": "config", "configMap": {"name": f"{name}-config"}},
+            {"name": "passwd", "secret": {"secretName": f"{name}-passwd", "defaultMode": 0o440}},
+            self._certs_volume(),
+        ]
+        mounts += [
+            {"name": "data", "mountPath": MOSQUITTO_PATHS.persistence_dir},
+            {"name": "config", "mountPath": "/mosquitto/config", "readOnly": True},
+            {"name": "passwd", "mountPath": "/mosquitto/secrets", "readOnly": True},
+            {"name": "certs", "mountPath": "/mosquitto/certs", "readOnly": True},
+        ]
+        ports = [container_port("mqtts" if p == TLS_PORT else "mqtt", p) for p in self._listener_ports()]
+        server = container(
+            "mosquitto",
+            broker.image,
+            resources=broker.resources,
+            command=["mosquitto", "-c", "/mosquitto/config/mosquitto.conf"],
+            ports=ports,
+            mounts=mounts,
+            readiness=tcp_probe("mqtts"),
+            liveness=tcp_probe("mqtts", period=20, failures=6),
+        )
+        # Device hashes are public config; the service hashes change only with their (kept) salt.
+        annotations = {"ironlink.io/config-hash": config_hash(conf, acl, render_password_file(devices))}
+        template = pod_template(
+            self._labels,
+            [server],
+            user=MOSQUITTO_USER,
+            service_account=name,
+            volumes=volumes,
+            affinity=self._affinity(),
+            annotations=annotations,
+        )
+        spec: Manifest = {
+            "serviceName": name,
+            "replicas": broker.nodes,
+            "selector": {"matchLabels": self._pods},
+            "template": template,
+            "volumeClaimTemplates": [
+                volume_claim_template("data", broker.storage, config.cluster.storage_class)
+            ],
+        }
+        kube.stateful_set(name, self._labels, spec)

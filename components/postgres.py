@@ -1,0 +1,177 @@
+"""PostgreSQL for metadata: the device registry (EMQX reads it to authenticate devices) and, in HA
+phases, Grafana's shared database.
+
+A single-node StatefulSet on a PVC; availability comes from scheduled ``pg_dump`` backups to a
+protected volume. Only the pods that need it may connect (NetworkPolicy): the broker (EMQX's
+authenticator), Grafana and the backup job.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from components.backup import declare_backup
+from components.credentials import generated_password
+from components.kube import Kube, inherited_dependencies
+from components.render.kubernetes import (
+    ROLE_BROKER,
+    ROLE_GRAFANA,
+    ROLE_POSTGRES,
+    Manifest,
+    backup_peer,
+    container,
+    container_port,
+    env_list,
+    exec_probe,
+    ingress_policy_spec,
+    ingress_rule,
+    labels,
+    pod_peer,
+    pod_template,
+    role_selector,
+    scratch_volumes,
+    secret_env,
+    selector,
+    service_host,
+    volume_claim_template,
+)
+from components.render.postgres import EMQX_ROLE, GRAFANA_ROLE, PASSWORD_ENV, render_init_script
+from infra.config import PlatformConfig
+
+PORT = 5432
+USER = 999  # the official image's postgres user
+OWNER = "ironlink"
+DATA_DIR = "/var/lib/postgresql/data"
+
+
+class PostgresArgs(TypedDict):
+    config: PlatformConfig
+    """The region's config: ``postgres`` section (image, storage, resources, database, backups)."""
+    provider: k8s.Provider
+    """The region's Kubernetes provider (one per region, built by ``RegionalPlatform``)."""
+
+
+class Postgres(pulumi.ComponentResource):
+    host: str
+    """In-cluster DNS name of the Service."""
+    port: int
+    database: str
+    owner: str
+    """The database owner role (migrations, registry writes)."""
+    owner_password: pulumi.Output[str]
+    emqx_password: pulumi.Output[str]
+    """Password of the read-only ``emqx`` role (secret)."""
+    grafana_password: pulumi.Output[str]
+    """Password of the ``grafana`` role owning the ``grafana`` database (secret)."""
+    dsn: pulumi.Output[str]
+    """Owner DSN ``postgresql://…`` (secret), for the registry provider and migrations."""
+
+    def __init__(self, name: str, args: PostgresArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("ironlink:postgres:Postgres", name, None, opts)
+        config = args["config"]
+        section, namespace = config.postgres, config.cluster.namespace
+        kube = Kube(self, args["provider"], namespace, config.protect_stateful, inherited_dependencies(opts))
+        object_labels = labels("postgres", name, ROLE_POSTGRES)
+        pods = selector(object_labels)
+
+        # Passwords are baked into the data directory at first start: protected with the data.
+        self.owner_password = generated_password(
+            f"{name}-owner", parent=self, protect=config.protect_stateful
+        )
+        self.emqx_password = generated_password(f"{name}-emqx", parent=self, protect=config.protect_stateful)
+        self.grafana_password = generated_password(
+            f"{name}-grafana", parent=self, protect=config.protect_stateful
+        )
+        credentials = f"{name}-credentials"
+        kube.secret(
+            credentials,
+            object_labels,
+            {
+                "owner-password": self.owner_password,
+                EMQX_ROLE: self.emqx_password,
+                GRAFANA_ROLE: self.grafana_password,
+            },
+            stateful=True,
+        )
+        init = f"{name}-init"
+        kube.config_map(
+            init, object_labels, {"10-ironlink-roles.sh": render_init_script(section.database, OWNER)}
+        )
+
+        kube.service_account(name, object_labels)
+        env = [
+            *env_list(
+                {"POSTGRES_USER": OWNER, "POSTGRES_DB": section.database, "PGDATA": f"{DATA_DIR}/pgdata"}
+            ),
+            secret_env("POSTGRES_PASSWORD", credentials, "owner-password"),
+            *(secret_env(variable, credentials, role) for role, variable in PASSWORD_ENV.items()),
+        ]
+        volumes, mounts = scratch_volumes({"run": "/var/run/postgresql", "tmp": "/tmp"})
+        volumes.append({"name": "init", "configMap": {"name": init}})
+        mounts += [
+            {"name": "data", "mountPath": DATA_DIR},
+            {"name": "init", "mountPath": "/docker-entrypoint-initdb.d", "readOnly": True},
+        ]
+        ready = exec_probe(["pg_isready", "-h", "127.0.0.1", "-U", OWNER, "-d", section.database])
+        server = container(
+            "postgres",
+            section.image,
+            resources=section.resources,
+            env=env,
+            ports=[container_port("postgres", PORT)],
+            mounts=mounts,
+            readiness=ready,
+            liveness=exec_probe(ready["exec"]["command"], period=20, failures=6),
+        )
+        spec: Manifest = {
+            "serviceName": name,
+            "replicas": 1,
+            "selector": {"matchLabels": pods},
+            "template": pod_template(
+                object_labels, [server], user=USER, service_account=name, volumes=volumes
+            ),
+            "volumeClaimTemplates": [
+                volume_claim_template("data", section.storage, config.cluster.storage_class)
+            ],
+        }
+        kube.stateful_set(name, object_labels, spec)
+        ports = [{"name": "postgres", "port": PORT, "targetPort": "postgres", "protocol": "TCP"}]
+        kube.service(name, object_labels, {"type": "ClusterIP", "selector": pods, "ports": ports})
+
+        clients = [pod_peer(role_selector(ROLE_GRAFANA)), backup_peer(name)]
+        if config.broker.engine == "emqx":
+            clients.append(pod_peer(role_selector(ROLE_BROKER)))
+        kube.network_policy(
+            name, object_labels, ingress_policy_spec(pods, [ingress_rule([(PORT, "TCP")], clients)])
+        )
+
+        self.host, self.port, self.database, self.owner = (
+            service_host(name, namespace),
+            PORT,
+            section.database,
+            OWNER,
+        )
+        if section.backup_schedule:
+            declare_backup(
+                kube,
+                instance=name,
+                engine="postgres",
+                schedule=section.backup_schedule,
+                image=section.image,
+                dump_command=f'pg_dump -Fc -f "$target.dump" -h {self.host} -U {OWNER} {self.database}',
+                env=[secret_env("PGPASSWORD", credentials, "owner-password")],
+                user=USER,
+                storage=section.storage,
+                storage_class=config.cluster.storage_class,
+                resources=section.resources,
+                service_account=name,
+            )
+        self.dsn = pulumi.Output.secret(
+            pulumi.Output.concat(
+                "postgresql://", OWNER, ":", self.owner_password, f"@{self.host}:{PORT}/{self.database}"
+            )
+        )
+        self.register_outputs({"host": self.host, "dsn": self.dsn})

@@ -1,0 +1,137 @@
+"""One region of Ironlink, composed from one :class:`~infra.config.PlatformConfig`.
+
+The region owns the single Kubernetes provider (``cluster.context``), the namespace (Pod Security
+``restricted``, ingress denied by default), the certificate authority, and the platform's shared
+services: PostgreSQL (registry, HA Grafana), the shared InfluxDB, the MQTT broker, Grafana and the
+ingest worker. Per-tenant resources (InfluxDB orgs/buckets/tokens, Grafana orgs, registry rows,
+level-3 InfluxDB instances) are ``components.tenant.Tenant``'s, built on the attributes exposed
+here (``provider``, ``influxdb``, ``grafana``, ``postgres``, ``ingest_credential``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NotRequired, TypedDict
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from components.credentials import ServiceCredential, service_credential
+from components.grafana import Grafana, GrafanaArgs
+from components.influxdb import InfluxDB, InfluxDBArgs, influxdb_url
+from components.ingest_worker import IngestWorker, IngestWorkerArgs
+from components.mqtt_broker import MqttBroker, MqttBrokerArgs
+from components.pki import CertificateAuthority, CertificateAuthorityArgs
+from components.postgres import Postgres, PostgresArgs
+from components.render.kubernetes import default_deny_spec, namespace_labels, object_meta
+from infra.config import PlatformConfig
+from infra.tenancy import INGEST_SERVICE, SHARED_INFLUXDB, influxdb_instance
+
+
+class RegionalPlatformArgs(TypedDict):
+    config: PlatformConfig
+    """The validated stack config of the region."""
+    store_tokens: NotRequired[Mapping[str, pulumi.Input[str]]]
+    """Tenant id → InfluxDB write token for the ingest worker (from the tenants' components)."""
+
+
+def store_urls(config: PlatformConfig) -> dict[str, str]:
+    """InfluxDB instance name → in-cluster URL: the shared one and each level-3 tenant's."""
+    instances = {SHARED_INFLUXDB, *(influxdb_instance(config, tenant) for tenant in config.tenants)}
+    return {instance: influxdb_url(config.cluster.namespace, instance) for instance in sorted(instances)}
+
+
+class RegionalPlatform(pulumi.ComponentResource):
+    provider: k8s.Provider
+    namespace: str
+    ca: CertificateAuthority
+    postgres: Postgres
+    influxdb: InfluxDB
+    """The shared InfluxDB instance (tenants of isolation levels 1 and 2)."""
+    broker: MqttBroker
+    grafana: Grafana
+    worker: IngestWorker
+    ingest_credential: ServiceCredential
+    """``svc.ingest``'s broker password and ``$7$`` hash (the registry needs the hash for EMQX)."""
+
+    def __init__(
+        self, name: str, args: RegionalPlatformArgs, opts: pulumi.ResourceOptions | None = None
+    ) -> None:
+        super().__init__("ironlink:regional_platform:RegionalPlatform", name, None, opts)
+        config = args["config"]
+        self.namespace = config.cluster.namespace
+        here = pulumi.ResourceOptions(parent=self)
+        self.provider = k8s.Provider(
+            f"{name}-k8s", context=config.cluster.context, namespace=self.namespace, opts=here
+        )
+        on_cluster = pulumi.ResourceOptions(parent=self, provider=self.provider)
+        metadata: Any = object_meta(self.namespace, None, namespace_labels())
+        namespace = k8s.core.v1.Namespace(
+            self.namespace,
+            metadata=metadata,
+            opts=pulumi.ResourceOptions.merge(
+                on_cluster, pulumi.ResourceOptions(protect=config.protect_stateful)
+            ),
+        )
+        deny: Any = default_deny_spec()
+        deny_metadata: Any = object_meta(
+            "default-deny", self.namespace, {"app.kubernetes.io/part-of": "ironlink"}
+        )
+        k8s.networking.v1.NetworkPolicy(
+            "default-deny",
+            metadata=deny_metadata,
+            spec=deny,
+            opts=pulumi.ResourceOptions.merge(on_cluster, pulumi.ResourceOptions(depends_on=[namespace])),
+        )
+        inside = pulumi.ResourceOptions(parent=self, depends_on=[namespace])
+
+        self.ca = CertificateAuthority(f"{name}-ca", CertificateAuthorityArgs(config=config), here)
+        self.postgres = Postgres("postgres", PostgresArgs(config=config, provider=self.provider), inside)
+        self.influxdb = InfluxDB(
+            SHARED_INFLUXDB,
+            InfluxDBArgs(instance=SHARED_INFLUXDB, config=config, provider=self.provider),
+            inside,
+        )
+        self.ingest_credential = service_credential("svc-ingest", parent=self)
+        self.broker = MqttBroker(
+            config.broker.engine,
+            MqttBrokerArgs(
+                config=config,
+                provider=self.provider,
+                ca=self.ca,
+                registry=self.postgres,
+                service_accounts={INGEST_SERVICE: self.ingest_credential.password_hash},
+            ),
+            inside,
+        )
+        self.grafana = Grafana(
+            "grafana", GrafanaArgs(config=config, provider=self.provider, database=self.postgres), inside
+        )
+        client_certificate = (
+            self.ca.issue("ingest-client", common_name=INGEST_SERVICE, parent=self, client=True)
+            if config.broker.tls == "mtls"
+            else None
+        )
+        self.worker = IngestWorker(
+            "ingest",
+            IngestWorkerArgs(
+                config=config,
+                provider=self.provider,
+                mqtt_host=self.broker.host,
+                mqtt_port=self.broker.tls_port,
+                mqtt_password=self.ingest_credential.password,
+                ca_cert_pem=self.ca.cert_pem,
+                client_certificate=client_certificate,
+                store_urls=store_urls(config),
+                store_tokens=args.get("store_tokens") or {},
+            ),
+            inside,
+        )
+        self.register_outputs(
+            {
+                "namespace": self.namespace,
+                "broker_host": self.broker.public_host,
+                "grafana_url": self.grafana.public_url,
+                "ca_cert_pem": self.ca.cert_pem,
+            }
+        )

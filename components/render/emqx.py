@@ -1,0 +1,203 @@
+"""EMQX 5 configuration: ``emqx.conf`` (HOCON) and the environment of each cluster node.
+
+Pure functions; ``MqttBroker`` mounts the file and sets the environment. What the file enforces
+(EMQX allows everything by default, so each item closes a door):
+
+- devices connect over TLS on 8883 only; mutual TLS (``verify_peer`` + ``fail_if_no_peer_cert``,
+  CN as username) where the stack says ``broker.tls: mtls``; the plaintext listener is disabled
+  through ``EMQX_LISTENERS__TCP__DEFAULT__ENABLE=false`` unless ``broker.allow_plaintext``;
+  WebSocket listeners are off;
+- authentication against the device registry in PostgreSQL (``registry.queries``), with the
+  registry's PBKDF2-SHA512 hashes; authorization from the registry's ACL rows only, and
+  ``no_match = deny`` — no ``file`` source, whose default ends in ``{allow, all}``;
+- per-client ``messages_rate``/``bytes_rate`` and per-listener ``max_conn_rate`` from
+  ``broker.limits``; ``mqtt.max_packet_size``.
+
+Secrets (node cookie, dashboard and registry passwords) are not in the file: they are environment
+variables from a Kubernetes Secret (:data:`SECRET_ENV`), EMQX's env overrides beating the file.
+Nodes find each other through the Kubernetes API (``k8s`` discovery on the headless Service) and
+are named by their stable pod FQDN, since EMQX bakes node names into its data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from components.render.kubernetes import CLUSTER_DOMAIN
+from infra.config import PlatformConfig
+from registry.queries import EMQX_AUTHN_QUERY, EMQX_AUTHZ_QUERY, EMQX_PASSWORD_HASH
+
+MQTT_PORT = 1883
+MQTTS_PORT = 8883
+DASHBOARD_PORT = 18083
+EKKA_PORT = 4370
+RPC_PORT = 5370
+CERTS_DIR = "/opt/emqx/etc/certs"
+NODE_NAME = "emqx"
+APISERVER = "https://kubernetes.default.svc:443"
+STATUS_PATH = "/status"
+METRICS_PATH = "/api/v5/prometheus/stats"
+
+# Secret key → environment variable. Indexes are 1-based: the first (only) authenticator/source.
+SECRET_ENV = {
+    "cookie": "EMQX_NODE__COOKIE",
+    "dashboard-password": "EMQX_DASHBOARD__DEFAULT_PASSWORD",
+    "registry-password": "EMQX_AUTHENTICATION__1__PASSWORD",
+}
+# The authorizer reads the same registry with the same role.
+AUTHZ_PASSWORD_ENV = "EMQX_AUTHORIZATION__SOURCES__1__PASSWORD"
+
+
+@dataclass(frozen=True)
+class RegistryConnection:
+    """Where EMQX reads device credentials and ACL rows (the password comes from the environment)."""
+
+    host: str
+    port: int
+    database: str
+    username: str
+
+    @property
+    def server(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _rate_limits(config: PlatformConfig) -> dict[str, str]:
+    limits = config.broker.limits
+    values = {
+        "max_conn_rate": limits.max_conn_rate,
+        "messages_rate": limits.messages_rate,
+        "bytes_rate": limits.bytes_rate,
+    }
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def emqx_settings(
+    config: PlatformConfig, registry: RegistryConnection, certs_dir: str = CERTS_DIR
+) -> dict[str, Any]:
+    """The configuration tree written to ``emqx.conf``."""
+    mtls = config.broker.tls == "mtls"
+    limits = _rate_limits(config)
+    listeners: dict[str, Any] = {
+        "ssl": {
+            "default": {
+                "bind": f"0.0.0.0:{MQTTS_PORT}",
+                **limits,
+                "ssl_options": {
+                    "cacertfile": f"{certs_dir}/ca.crt",
+                    "certfile": f"{certs_dir}/tls.crt",
+                    "keyfile": f"{certs_dir}/tls.key",
+                    "versions": ["tlsv1.3", "tlsv1.2"],
+                    "verify": "verify_peer" if mtls else "verify_none",
+                    "fail_if_no_peer_cert": mtls,
+                },
+            }
+        },
+        "ws": {"default": {"enable": False}},
+        "wss": {"default": {"enable": False}},
+    }
+    if config.broker.allow_plaintext:
+        listeners["tcp"] = {"default": {"bind": f"0.0.0.0:{MQTT_PORT}", **limits}}
+    mqtt: dict[str, Any] = {"max_packet_size": config.broker.limits.max_packet_size}
+    if mtls:
+        mqtt["peer_cert_as_username"] = "cn"
+    database = {
+        "server": registry.server,
+        "database": registry.database,
+        "username": registry.username,
+        "pool_size": 8,
+        "ssl": {"enable": False},
+    }
+    return {
+        "cluster": {"name": "ironlink"},
+        "log": {"console": {"enable": True, "level": "warning"}, "file": {"enable": False}},
+        "dashboard": {"listeners": {"http": {"bind": DASHBOARD_PORT}}},
+        "mqtt": mqtt,
+        "listeners": listeners,
+        "authentication": [
+            {
+                "mechanism": "password_based",
+                "backend": "postgresql",
+                "enable": True,
+                **database,
+                "password_hash_algorithm": dict(EMQX_PASSWORD_HASH),
+                "query": EMQX_AUTHN_QUERY,
+            }
+        ],
+        "authorization": {
+            "no_match": "deny",
+            "deny_action": "ignore",
+            "cache": {"enable": True, "max_size": 32, "ttl": "1m"},
+            "sources": [{"type": "postgresql", "enable": True, **database, "query": EMQX_AUTHZ_QUERY}],
+        },
+    }
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _hocon(value: Any, indent: int) -> str:
+    pad = "  " * indent
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a quoted HOCON string: no substitution of ${username} inside
+    if isinstance(value, list):
+        if all(not isinstance(item, dict | list) for item in value):
+            return "[" + ", ".join(_hocon(item, indent) for item in value) + "]"
+        items = "".join(f"{pad}  {_hocon(item, indent + 1)}\n" for item in value)
+        return "[\n" + items + pad + "]"
+    if isinstance(value, Mapping):
+        return "{\n" + _hocon_fields(value, indent + 1) + pad + "}"
+    raise TypeError(f"cannot write {value!r} as HOCON")
+
+
+def _hocon_fields(tree: Mapping[str, Any], indent: int) -> str:
+    pad = "  " * indent
+    lines = []
+    for key, value in tree.items():
+        name = key if _BARE_KEY.match(key) else json.dumps(key)
+        operator = " " if isinstance(value, Mapping) else " = "
+        lines.append(f"{pad}{name}{operator}{_hocon(value, indent)}\n")
+    return "".join(lines)
+
+
+def render_hocon(tree: Mapping[str, Any]) -> str:
+    return _hocon_fields(tree, 0)
+
+
+def render_emqx_conf(config: PlatformConfig, registry: RegistryConnection, certs_dir: str = CERTS_DIR) -> str:
+    header = (
+        f"# Rendered by Ironlink for a phase {config.phase} stack in region {config.region}: do not edit.\n"
+    )
+    return header + render_hocon(emqx_settings(config, registry, certs_dir))
+
+
+def node_host(namespace: str, headless_service: str, pod: str = "$(POD_NAME)") -> str:
+    """A node's stable FQDN through the headless Service (``$(POD_NAME)`` is expanded by Kubernetes)."""
+    return f"{pod}.{headless_service}.{namespace}.{CLUSTER_DOMAIN}"
+
+
+def render_emqx_env(config: PlatformConfig, *, namespace: str, headless_service: str) -> dict[str, str]:
+    """Node identity, Kubernetes discovery and the plaintext switch, as environment variables.
+
+    Values are parsed as HOCON by EMQX, so a URL is quoted (``//`` would start a comment).
+    The pod must define ``POD_NAME`` before these (downward API).
+    """
+    return {
+        "EMQX_NAME": NODE_NAME,
+        "EMQX_HOST": node_host(namespace, headless_service),
+        "EMQX_CLUSTER__DISCOVERY_STRATEGY": "k8s",
+        "EMQX_CLUSTER__K8S__APISERVER": json.dumps(APISERVER),
+        "EMQX_CLUSTER__K8S__SERVICE_NAME": headless_service,
+        "EMQX_CLUSTER__K8S__NAMESPACE": namespace,
+        "EMQX_CLUSTER__K8S__ADDRESS_TYPE": "hostname",
+        "EMQX_CLUSTER__K8S__SUFFIX": CLUSTER_DOMAIN,
+        "EMQX_LISTENERS__TCP__DEFAULT__ENABLE": "true" if config.broker.allow_plaintext else "false",
+    }

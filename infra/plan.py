@@ -1,0 +1,353 @@
+"""Offline plan: run the real Pulumi program under the SDK's mock engine and record what it declares.
+
+No Pulumi CLI, no cloud, no credentials. Every registration is captured at the mock monitor —
+type, name, parent, inputs, and the ``protect`` flag, which the Mocks API does not pass on, so it is
+read from the ``RegisterResource`` request itself. Secret values are masked (``"[secret]"``) before
+anything is kept. Each call runs in a fresh context (settings, config and root stack are context
+variables in the SDK), so the planner can be called repeatedly in one process.
+
+The engine returns inputs as outputs, plus plausible values for the few outputs the program reads
+(random passwords, TLS keys and certificates): see :class:`PlanMocks`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextvars
+import hashlib
+import json
+import logging
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pulumi import Output
+from pulumi.runtime import mocks, rpc, settings
+from pulumi.runtime.config import set_all_config
+from pulumi.runtime.stack import run_pulumi_func
+from pulumi.runtime.sync_await import _sync_await
+
+from infra.config import NAMESPACE, PlatformConfig
+
+PROJECT = "ironlink"
+SECRET = "[secret]"
+_SECRET_SIG = rpc._special_secret_sig
+_SIG_KEY = rpc._special_sig_key
+STACK_TYPE = "pulumi:pulumi:Stack"
+
+
+# ----------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class PlannedResource:
+    """One declared resource. ``parent`` is the parent's URN (None for top-level resources)."""
+
+    urn: str
+    type: str
+    name: str
+    parent: str | None
+    inputs: dict[str, Any]
+    protect: bool
+    custom: bool
+
+    @property
+    def is_kubernetes_object(self) -> bool:
+        return self.custom and self.type.startswith("kubernetes:") and "apiVersion" in self.inputs
+
+    @property
+    def kind(self) -> str:
+        """``StatefulSet``, ``RandomPassword``, ``Provider``…: the last part of the type token."""
+        return "Provider" if self.type.startswith("pulumi:providers:") else self.type.rsplit(":", 1)[-1]
+
+    @property
+    def is_component(self) -> bool:
+        return self.type.startswith("ironlink:")
+
+    def get(self, path: str, default: Any = None) -> Any:
+        """A nested input by dotted path (``spec.template.spec.containers``); list indexes are numbers."""
+        value: Any = self.inputs
+        for part in path.split("."):
+            if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            elif isinstance(value, dict) and part in value:
+                value = value[part]
+            else:
+                return default
+        return value
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "name": self.name,
+            "parent": self.parent,
+            "inputs": self.inputs,
+            "protect": self.protect,
+        }
+
+
+@dataclass
+class Plan:
+    stack: str
+    resources: list[PlannedResource]
+    outputs: dict[str, Any] = field(default_factory=dict)
+    platform: Any = None
+    """The program's return value (the ``RegionalPlatform``), for tests of its Output attributes."""
+
+    def __post_init__(self) -> None:
+        self._by_urn = {resource.urn: resource for resource in self.resources}
+        self._children: dict[str | None, list[PlannedResource]] = {}
+        for resource in self.resources:
+            self._children.setdefault(resource.parent, []).append(resource)
+
+    def find(self, type: str | None = None, name: str | None = None) -> list[PlannedResource]:
+        """Resources whose type token ends with ``type`` (``StatefulSet``, ``apps/v1:StatefulSet``…)
+        and whose name is ``name``; either may be omitted."""
+        return [
+            r
+            for r in self.resources
+            if (type is None or r.type == type or r.type.endswith(":" + type) or r.type.endswith("/" + type))
+            and (name is None or r.name == name)
+        ]
+
+    def one(self, type: str, name: str) -> PlannedResource:
+        found = self.find(type, name)
+        if len(found) != 1:
+            names = sorted(r.name for r in self.find(type))
+            raise LookupError(
+                f"stack {self.stack!r}: expected one {type} {name!r}, found {len(found)} (have: {names})"
+            )
+        return found[0]
+
+    def by_urn(self, urn: str) -> PlannedResource:
+        return self._by_urn[urn]
+
+    def children(self, parent: PlannedResource | None) -> list[PlannedResource]:
+        return list(self._children.get(parent.urn if parent else None, []))
+
+    def descendants(self, parent: PlannedResource) -> Iterator[PlannedResource]:
+        for child in self.children(parent):
+            yield child
+            yield from self.descendants(child)
+
+    def component_of(self, resource: PlannedResource) -> PlannedResource | None:
+        """The nearest ancestor that is an Ironlink component."""
+        parent = resource.parent
+        while parent is not None:
+            owner = self.by_urn(parent)
+            if owner.is_component:
+                return owner
+            parent = owner.parent
+        return None
+
+    def manifests(self) -> list[dict[str, Any]]:
+        """The Kubernetes objects as they would be applied (secrets masked), ``kubectl``'s key order."""
+        head = ("apiVersion", "kind", "metadata")
+        return [
+            {**{key: r.inputs[key] for key in head if key in r.inputs}, **r.inputs}
+            for r in self.resources
+            if r.is_kubernetes_object
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stack": self.stack,
+            "resources": [resource.to_json() for resource in self.resources],
+            "outputs": self.outputs,
+        }
+
+
+# ------------------------------------------------------------------------------------ values
+def _is_secret(value: Any) -> bool:
+    return isinstance(value, dict) and value.get(_SIG_KEY) == _SECRET_SIG
+
+
+def _mask_all(value: Any) -> Any:
+    """Every leaf masked, the shape kept (a Secret's ``stringData`` keeps its keys)."""
+    if isinstance(value, dict):
+        return {key: _mask_all(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_mask_all(item) for item in value]
+    return SECRET
+
+
+def clean(value: Any) -> Any:
+    """Plain JSON from engine values: secrets masked, integral floats (the wire has only doubles) as ints."""
+    if _is_secret(value):
+        return _mask_all(clean(value.get("value")))
+    if isinstance(value, dict):
+        return {key: clean(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [clean(item) for item in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _digest(name: str, size: int) -> bytes:
+    out = b""
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{name}:{counter}".encode()).digest()
+        counter += 1
+    return out[:size]
+
+
+def _mock_password(name: str, length: int) -> str:
+    alphabet = string.ascii_letters + string.digits
+    return "".join(alphabet[byte % len(alphabet)] for byte in _digest(name, length))
+
+
+def _pem(label: str, name: str) -> str:
+    body = base64.b64encode(_digest(name, 48)).decode()
+    return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
+
+
+class PlanMocks(mocks.Mocks):
+    """Deterministic stand-ins for the outputs the program reads; everything else echoes inputs."""
+
+    def new_resource(self, args: mocks.MockResourceArgs) -> tuple[str, dict[str, Any]]:
+        outputs = dict(args.inputs)
+        name, typ = args.name, args.typ
+        if typ == "random:index/randomPassword:RandomPassword":
+            outputs["result"] = _mock_password(name, int(args.inputs.get("length", 32)))
+        elif typ == "random:index/randomBytes:RandomBytes":
+            raw = _digest(name, int(args.inputs.get("length", 16)))
+            outputs.update({"base64": base64.b64encode(raw).decode(), "hex": raw.hex()})
+        elif typ == "tls:index/privateKey:PrivateKey":
+            outputs.update(
+                {"privateKeyPem": _pem("PRIVATE KEY", name), "publicKeyPem": _pem("PUBLIC KEY", name)}
+            )
+        elif typ == "tls:index/certRequest:CertRequest":
+            outputs["certRequestPem"] = _pem("CERTIFICATE REQUEST", name)
+        elif typ in (
+            "tls:index/selfSignedCert:SelfSignedCert",
+            "tls:index/locallySignedCert:LocallySignedCert",
+        ):
+            outputs["certPem"] = _pem("CERTIFICATE", name)
+        return f"{name}-id", outputs
+
+    def call(self, args: mocks.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
+        return {}, None
+
+
+class RecordingMonitor(mocks.MockMonitor):
+    """The mock monitor, keeping each registration as the engine would receive it."""
+
+    def __init__(self, mocks_: mocks.Mocks) -> None:
+        super().__init__(mocks_)
+        self.recorded: list[PlannedResource] = []
+        self.stack_urn: str | None = None
+
+    def RegisterResource(self, request: Any) -> Any:
+        response = super().RegisterResource(request)
+        if request.type == STACK_TYPE:
+            self.stack_urn = response.urn
+            return response
+        parent = request.parent or None
+        self.recorded.append(
+            PlannedResource(
+                urn=response.urn,
+                type=request.type,
+                name=request.name,
+                parent=None if parent == self.stack_urn else parent,
+                inputs=clean(rpc.deserialize_properties(request.object)),
+                protect=bool(request.protect),
+                custom=bool(request.custom),
+            )
+        )
+        return response
+
+
+# ---------------------------------------------------------------------------------- planning
+def engine_config(config: PlatformConfig) -> dict[str, str]:
+    """The stack config as the engine hands it to the program (``ironlink:<key>`` → JSON text)."""
+    return {f"{NAMESPACE}:{key}": json.dumps(value) for key, value in config.model_dump(mode="json").items()}
+
+
+def build_plan(config: PlatformConfig, stack: str) -> Plan:
+    """Run ``infra.program`` for ``config`` under the mock engine; returns what it declared, in order."""
+    return run_program(engine_config(config), stack)
+
+
+def run_program(values: dict[str, str], stack: str, monitor: RecordingMonitor | None = None) -> Plan:
+    """Run ``infra.program`` with raw engine config ``values`` (what ``pulumi up`` would pass).
+
+    Raises what the program raises (e.g. ``StackConfigError``), after which ``monitor.recorded``
+    shows what had been declared; each call runs in its own context.
+    """
+    return contextvars.copy_context().run(_run, values, stack, monitor or RecordingMonitor(PlanMocks()))
+
+
+def _run(values: dict[str, str], stack: str, monitor: RecordingMonitor) -> Plan:
+    from infra import program
+
+    plan_mocks = monitor.mocks
+    settings.ROOT.set(None)
+    mocks.set_mocks(
+        plan_mocks,
+        project=PROJECT,
+        stack=stack,
+        preview=False,
+        monitor=monitor,
+        logger=logging.getLogger("ironlink.plan"),
+    )
+    set_all_config(values)
+    result: dict[str, Any] = {}
+
+    async def run() -> None:
+        result["platform"] = program.main()
+        result["outputs"] = await _stack_outputs()
+
+    _sync_await(run_pulumi_func(run))
+    return Plan(stack, tree_order(monitor.recorded), result.get("outputs", {}), result.get("platform"))
+
+
+async def _stack_outputs() -> dict[str, Any]:
+    """The program's exports (the mock engine finishes the stack before the program runs, so they
+    are read from the root stack rather than from a registration)."""
+    root: Any = settings.get_root_resource()
+    resolved: dict[str, Any] = {}
+    for key, value in root.outputs.items():
+        output = Output.from_input(value)
+        resolved[key] = SECRET if await output.is_secret() else clean(await output.future())
+    return resolved
+
+
+def tree_order(resources: list[PlannedResource]) -> list[PlannedResource]:
+    """Parents before their children, siblings by type then name: registration order is async,
+    this order is stable, so two plans of one stack diff cleanly."""
+    children: dict[str | None, list[PlannedResource]] = {}
+    for resource in resources:
+        children.setdefault(resource.parent, []).append(resource)
+    ordered: list[PlannedResource] = []
+
+    def visit(parent: str | None) -> None:
+        for child in sorted(children.get(parent, []), key=lambda r: (r.type, r.name)):
+            ordered.append(child)
+            visit(child.urn)
+
+    visit(None)
+    return ordered
+
+
+# ----------------------------------------------------------------------------------- writing
+def manifest_filename(manifest: dict[str, Any]) -> str:
+    metadata = manifest.get("metadata", {})
+    return f"{manifest['kind'].lower()}-{metadata.get('name', 'unnamed')}.yaml"
+
+
+def write_plan(plan: Plan, output_dir: Path) -> Path:
+    """Write ``<output_dir>/<stack>.json`` and one YAML manifest per Kubernetes object in
+    ``<output_dir>/<stack>/`` (manifests of a previous plan of the stack are removed first)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"{plan.stack}.json"
+    path.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    manifests_dir = output_dir / plan.stack
+    manifests_dir.mkdir(exist_ok=True)
+    for stale in manifests_dir.glob("*.yaml"):
+        stale.unlink()
+    for manifest in plan.manifests():
+        (manifests_dir / manifest_filename(manifest)).write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return path

@@ -1,0 +1,369 @@
+"""The canonical telemetry contract: payload versions, their mapping forward, and :func:`decode`.
+
+A machine publishes JSON to ``ironlink/<tenant>/<site>/<machine>/telemetry``. The payload names its
+``schema_version``; every version is mapped forward to the newest (:data:`CURRENT_SCHEMA_VERSION`),
+so the rest of the platform only ever sees a :class:`TelemetryV2`:
+
+- **v1** is the PoC gateway format: whole-second ``ts``, a list of ``signals`` that may carry the
+  vendor's signal names (``T_OIL``); the machine type comes from the registry.
+- **v2** is canonical: it declares its ``machine_type``, ``ts`` may carry sub-second precision and
+  ``metrics`` uses the catalog's canonical names only, within the catalog's bounds.
+
+:func:`decode` never raises on input: it answers :class:`Accepted` or :class:`Rejected` with a
+machine-readable :class:`Reason`, which the worker puts on the dead-letter topic. The JSON Schema
+files in ``ingest/schemas/`` are generated from these models (``python -m ingest.jsonschema``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from infra.config import MachineId, MachineTypeName, SiteId, TenantId
+from infra.tenancy import TELEMETRY_LEAF, TOPIC_ROOT
+from ingest.catalog import MACHINE_TYPES, MachineType, Metric
+
+CURRENT_SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (1, 2)
+# A telemetry message is a few hundred bytes; anything far larger is a broken or hostile sender.
+DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024
+# ``ts`` is epoch *seconds*: this range refuses milliseconds (13 digits) and nonsense dates.
+EPOCH_MIN = 946_684_800  # 2000-01-01T00:00:00Z
+EPOCH_MAX = 4_102_444_800  # 2100-01-01T00:00:00Z
+
+Status = Literal["running", "stopped", "fault"]
+MachineKey = tuple[str, str, str]  # (tenant_id, site_id, machine_id)
+
+
+class Reason(StrEnum):
+    """Why a message was dead-lettered (the ``reason`` of a dead letter, a metric label)."""
+
+    OVERSIZED = "oversized"
+    MALFORMED = "malformed"
+    UNKNOWN_SCHEMA_VERSION = "unknown_schema_version"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    INVALID_VALUE = "invalid_value"
+    UNKNOWN_FIELD = "unknown_field"
+    UNKNOWN_METRIC = "unknown_metric"
+    OUT_OF_BOUNDS = "out_of_bounds"
+    BAD_TOPIC = "bad_topic"
+    TOPIC_MISMATCH = "topic_mismatch"
+    UNKNOWN_MACHINE = "unknown_machine"
+    MACHINE_TYPE_MISMATCH = "machine_type_mismatch"
+    UNKNOWN_TENANT = "unknown_tenant"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    STORE_REJECTED = "store_rejected"
+    INTERNAL_ERROR = "internal_error"
+
+
+class ContractError(ValueError):
+    """A payload that parses but breaks a rule of the contract."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# ------------------------------------------------------------------------------------- models
+def check_metric(machine_type: MachineType, name: str, value: float) -> None:
+    """A canonical metric of ``machine_type`` within its bounds, or a pydantic error saying why."""
+    metric = machine_type.metric(name)
+    if metric is None:
+        canonical = machine_type.canonical_name(name)
+        hint = f"; v2 takes the canonical name {canonical!r}" if canonical else ""
+        raise PydanticCustomError(
+            "unknown_metric",
+            "'{name}' is not a metric of {machine_type}{hint}",
+            {"name": name, "machine_type": machine_type.name, "hint": hint},
+        )
+    if not metric.minimum <= value <= metric.maximum:
+        raise PydanticCustomError(
+            "out_of_bounds",
+            "{name}={value} is outside {minimum}..{maximum} {unit}",
+            {
+                "name": name,
+                "value": value,
+                "minimum": metric.minimum,
+                "maximum": metric.maximum,
+                "unit": metric.unit,
+            },
+        )
+
+
+def _signal_names(machine_type: MachineType) -> list[str]:
+    return [name for metric in machine_type.metrics for name in (metric.name, *metric.vendor_signals)]
+
+
+def _catalog_schema(schema: dict[str, Any]) -> None:
+    """Spell the catalog into the v2 JSON Schema: per machine type, its metrics, units and bounds."""
+    schema["allOf"] = [
+        {
+            "if": {"properties": {"machine_type": {"const": machine_type.name}}},
+            "then": {
+                "properties": {
+                    "metrics": {
+                        "additionalProperties": False,
+                        "properties": {
+                            metric.name: _metric_schema(metric) for metric in machine_type.metrics
+                        },
+                    }
+                }
+            },
+        }
+        for machine_type in MACHINE_TYPES.values()
+    ]
+
+
+def _metric_schema(metric: Metric) -> dict[str, Any]:
+    return {
+        "type": "number",
+        "minimum": metric.minimum,
+        "maximum": metric.maximum,
+        "description": f"{metric.unit}; vendor signals (v1): {', '.join(metric.vendor_signals)}",
+    }
+
+
+_MACHINE_TYPE_NAMES: list[JsonValue] = [*sorted(MACHINE_TYPES)]
+
+
+class _Payload(BaseModel):
+    """What every version shares. Strict (no "12" for 12, no extra keys): the contract is the moat,
+    and a field nobody validates today is a field nobody can rely on tomorrow."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    tenant_id: TenantId = Field(description="Tenant id; must equal the topic's tenant level.")
+    site_id: SiteId = Field(description="Site id; must equal the topic's site level.")
+    machine_id: MachineId = Field(description="Machine id; must equal the topic's machine level.")
+    status: Status = Field(description="Operating state of the machine at `ts`.")
+
+
+class Signal(BaseModel):
+    """One v1 signal: a canonical metric name or one of the vendor names the catalog maps."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    name: str = Field(min_length=1, max_length=64)
+    value: float
+
+
+class TelemetryV2(_Payload):
+    """Version 2, canonical: declared machine type, canonical metric names, sub-second ``ts``."""
+
+    model_config = ConfigDict(json_schema_extra=_catalog_schema)
+
+    schema_version: Literal[2]
+    machine_type: MachineTypeName = Field(
+        description="Catalog machine type; must match the registry where the machine is registered.",
+        json_schema_extra={"enum": _MACHINE_TYPE_NAMES},
+    )
+    ts: float = Field(ge=EPOCH_MIN, lt=EPOCH_MAX, description="Sample time, epoch seconds (UTC).")
+    metrics: dict[str, float] = Field(
+        min_length=1, description="Canonical metric name -> value, within the catalog's bounds."
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _within_catalog(cls, metrics: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        machine_type = MACHINE_TYPES.get(info.data.get("machine_type", ""))
+        if machine_type is not None:
+            for name, value in metrics.items():
+                check_metric(machine_type, name, value)
+        return metrics
+
+
+class TelemetryV1(_Payload):
+    """Version 1, the PoC gateway format: vendor signal names, whole seconds, no machine type."""
+
+    schema_version: Literal[1]
+    ts: int = Field(ge=EPOCH_MIN, lt=EPOCH_MAX, description="Sample time, whole epoch seconds (UTC).")
+    signals: list[Signal] = Field(min_length=1, max_length=256)
+
+    def to_v2(self, machine_type: str) -> TelemetryV2:
+        """Map forward: vendor signal names become canonical metric names of ``machine_type``.
+
+        Raises :class:`ContractError` for an unknown or repeated signal, ``ValidationError`` for a
+        value outside the catalog's bounds.
+        """
+        catalog = MACHINE_TYPES[machine_type]
+        metrics: dict[str, float] = {}
+        for index, signal in enumerate(self.signals):
+            name = catalog.canonical_name(signal.name)
+            if name is None:
+                raise ContractError(
+                    Reason.UNKNOWN_METRIC,
+                    f"signals[{index}].name: {signal.name!r} is not a signal of {machine_type} "
+                    f"(known: {', '.join(_signal_names(catalog))})",
+                )
+            if name in metrics:
+                raise ContractError(
+                    Reason.INVALID_VALUE, f"signals[{index}].name: {signal.name!r} repeats metric {name!r}"
+                )
+            metrics[name] = signal.value
+        return TelemetryV2(
+            schema_version=2,
+            tenant_id=self.tenant_id,
+            site_id=self.site_id,
+            machine_id=self.machine_id,
+            machine_type=machine_type,
+            ts=float(self.ts),
+            status=self.status,
+            metrics=metrics,
+        )
+
+
+Telemetry = Annotated[TelemetryV1 | TelemetryV2, Field(discriminator="schema_version")]
+_TELEMETRY: TypeAdapter[TelemetryV1 | TelemetryV2] = TypeAdapter(Telemetry)
+MODELS: dict[int, type[_Payload]] = {1: TelemetryV1, 2: TelemetryV2}
+
+
+# ------------------------------------------------------------------------------------- decode
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A valid message, mapped forward to the canonical version."""
+
+    telemetry: TelemetryV2
+    schema_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An invalid message: the reason is machine-readable, the detail names the field and value."""
+
+    reason: Reason
+    detail: str
+
+
+def parse_topic(topic: str) -> MachineKey | None:
+    """``(tenant, site, machine)`` of a telemetry topic, None for any other topic."""
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[0] != TOPIC_ROOT or parts[4] != TELEMETRY_LEAF or not all(parts[1:4]):
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+def decode(
+    topic: str,
+    payload: bytes,
+    *,
+    machine_types: Mapping[MachineKey, str] | None = None,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> Accepted | Rejected:
+    """Validate one message against the contract and map it forward to :class:`TelemetryV2`.
+
+    ``machine_types`` is the registry's view (machine → type): v1 payloads need it to resolve
+    their type, and a v2 payload's declared type must agree with it. Never raises on input.
+    """
+    if len(payload) > max_bytes:
+        return Rejected(Reason.OVERSIZED, f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    key = parse_topic(topic)
+    if key is None:
+        return Rejected(
+            Reason.BAD_TOPIC, f"topic {topic[:200]!r} is not {TOPIC_ROOT}/<tenant>/<site>/<machine>/telemetry"
+        )
+    try:
+        message = _TELEMETRY.validate_json(payload)
+    except ValidationError as error:
+        return _rejection(error, tagged=True)
+    mismatch = _topic_mismatch(key, message)
+    if mismatch:
+        return Rejected(Reason.TOPIC_MISMATCH, mismatch)
+    known = machine_types.get(key) if machine_types is not None else None
+    if isinstance(message, TelemetryV2):
+        if known is not None and known != message.machine_type:
+            return Rejected(
+                Reason.MACHINE_TYPE_MISMATCH,
+                f"machine_type: {message.machine_type!r} but the registry has {known!r} for this machine",
+            )
+        return Accepted(message, 2)
+    if known is None:
+        return Rejected(
+            Reason.UNKNOWN_MACHINE, f"machine {'/'.join(key)!r} is not registered (v1 needs its type)"
+        )
+    try:
+        return Accepted(message.to_v2(known), 1)
+    except ContractError as error:
+        return Rejected(error.reason, error.detail)
+    except ValidationError as error:
+        return _rejection(error, tagged=False)
+
+
+def _topic_mismatch(key: MachineKey, message: TelemetryV1 | TelemetryV2) -> str | None:
+    """A device may only speak for the machine its topic (and so its broker identity) names."""
+    for field, expected in zip(("tenant_id", "site_id", "machine_id"), key, strict=True):
+        value = getattr(message, field)
+        if value != expected:
+            return f"{field}: {value!r} does not match the topic's {expected!r}"
+    return None
+
+
+_REASON_OF_ERROR = {
+    "json_invalid": Reason.MALFORMED,
+    "dict_type": Reason.MALFORMED,
+    "union_tag_invalid": Reason.UNKNOWN_SCHEMA_VERSION,
+    "union_tag_not_found": Reason.UNKNOWN_SCHEMA_VERSION,
+    "missing": Reason.MISSING_FIELD,
+    "extra_forbidden": Reason.UNKNOWN_FIELD,
+    "unknown_metric": Reason.UNKNOWN_METRIC,
+    "out_of_bounds": Reason.OUT_OF_BOUNDS,
+}
+
+
+def _rejection(error: ValidationError, *, tagged: bool) -> Rejected:
+    """The first problem decides the reason; the detail names the field and the value found.
+    ``tagged``: the error came through the version union, whose tag leads every location."""
+    first = error.errors(include_url=False)[0]
+    kind = first["type"]
+    reason = _REASON_OF_ERROR.get(kind)
+    if reason is None:
+        reason = Reason.WRONG_TYPE if kind.endswith("_type") else Reason.INVALID_VALUE
+    if reason is Reason.UNKNOWN_SCHEMA_VERSION:
+        found = first["input"].get("schema_version") if isinstance(first["input"], dict) else None
+        supported = ", ".join(map(str, SCHEMA_VERSIONS))
+        detail = (
+            f"schema_version: {_short(found)} is not supported (supported: {supported})"
+            if kind == "union_tag_invalid"
+            else "schema_version: is required"
+        )
+    elif reason is Reason.MALFORMED:
+        detail = f"payload: {first['msg']}" + (
+            f" (got {_short(first['input'])})" if kind == "dict_type" else ""
+        )
+    elif kind == "value_error":  # our own validators name the value already
+        detail = f"{_location(first['loc'][1:] if tagged else first['loc'])}: {first['ctx']['error']}"
+    else:
+        detail = f"{_location(first['loc'][1:] if tagged else first['loc'])}: {first['msg']}"
+        if kind not in ("missing", "unknown_metric", "out_of_bounds"):
+            detail += f" (got {_short(first['input'])})"
+    if error.error_count() > 1:
+        detail += f" (+{error.error_count() - 1} more)"
+    return Rejected(reason, detail)
+
+
+def _location(parts: tuple[int | str, ...]) -> str:
+    """``signals[2].value`` for pydantic's ``("signals", 2, "value")`` (the version tag dropped)."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "payload"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

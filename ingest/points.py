@@ -1,0 +1,34 @@
+"""InfluxDB line protocol for canonical telemetry: the point the worker writes per message.
+
+One measurement, ``telemetry``; tags ``machine_id, machine_type, site_id, tenant_id``; fields: the
+canonical metrics (floats), ``status`` (string), ``status_code`` (integer: 0 stopped, 1 running,
+2 fault; numeric for VictoriaMetrics, which drops string fields) and the derived metrics; time in
+milliseconds *from the payload*, so a redelivered message rewrites the same point (same series,
+same timestamp) instead of adding one.
+
+Rendered here rather than through ``influxdb_client.Point``, which costs ~30 us a point on the
+worker's hot path: the contract has already restricted ids to DNS labels and metric names to the
+catalog, so nothing needs escaping. ``tests/test_ingest_points.py`` checks the output against
+``Point`` line for line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ingest.contract import TelemetryV2
+
+MEASUREMENT = "telemetry"
+STATUS_CODES = {"stopped": 0, "running": 1, "fault": 2}
+
+
+def to_line(sample: TelemetryV2, derived: Mapping[str, float]) -> str:
+    """The point of one sample (tags and fields sorted, as InfluxDB prefers them)."""
+    fields = {name: repr(float(value)) for name, value in (*sample.metrics.items(), *derived.items())}
+    fields["status"] = f'"{sample.status}"'
+    fields["status_code"] = f"{STATUS_CODES[sample.status]}i"
+    field_set = ",".join(f"{name}={fields[name]}" for name in sorted(fields))
+    return (
+        f"{MEASUREMENT},machine_id={sample.machine_id},machine_type={sample.machine_type},"
+        f"site_id={sample.site_id},tenant_id={sample.tenant_id} {field_set} {round(sample.ts * 1000)}"
+    )

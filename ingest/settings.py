@@ -1,0 +1,292 @@
+"""Worker settings: environment variables ``IRONLINK_<FIELD>`` on top of an optional settings file.
+
+Every field of :class:`WorkerSettings` is read from ``IRONLINK_<FIELD NAME IN CAPITALS>``
+(mappings as JSON), on top of ``IRONLINK_SETTINGS_FILE`` (JSON or YAML with the lower-case field
+names). Secrets never travel with the rest: the broker password comes from
+``IRONLINK_MQTT_PASSWORD`` only and the store tokens from the JSON file named by
+``IRONLINK_STORE_TOKENS_FILE`` (``{"<tenant>": "<token>"}``). :meth:`WorkerSettings.to_env` gives
+the non-secret environment of a deployment (the ``IngestWorker`` component, ``ironlink dev``), and
+:func:`worker_settings_for` derives it from the stack config, so tenants, buckets and subscription
+come from ``infra/tenancy.py`` and nowhere else.
+
+Bad settings raise :class:`SettingsError` naming each offending variable and value::
+
+    IRONLINK_MQTT_PORT: 'eighty' is invalid: input should be a valid integer
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+
+from infra.config import MachineTypeName, PlatformConfig, TenantId
+from infra.tenancy import INGEST_SERVICE, TELEMETRY_FILTER, ingest_subscription, store_routes
+from ingest.contract import DEFAULT_MAX_PAYLOAD_BYTES, MachineKey
+
+ENV_PREFIX = "IRONLINK_"
+SETTINGS_FILE_VAR = "IRONLINK_SETTINGS_FILE"
+_SECRETS = {"mqtt_password"}
+_JSON_FIELDS = {"store_urls", "tenants"}
+
+
+class SettingsError(ValueError):
+    """Every problem of the worker's settings, each naming its variable (or file key) and value."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        count = len(self.problems)
+        super().__init__(
+            f"worker settings have {count} problem{'s' if count != 1 else ''}:\n  "
+            + "\n  ".join(self.problems)
+        )
+
+
+class TenantRoute(BaseModel):
+    """Where one tenant's points go (``infra.tenancy.store_route``) and what the worker accepts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    instance: str = Field(description="InfluxDB instance name; its URL is in store_urls.")
+    org: str
+    bucket: str
+    messages_per_second: float | None = Field(
+        default=None, gt=0, description="Quota at the worker, counted on payload time; None = no quota."
+    )
+    machines: dict[str, MachineTypeName] = Field(
+        default_factory=dict, description="'<site>/<machine>' -> machine type, from the registry."
+    )
+
+
+class WorkerSettings(BaseModel):
+    """Everything ``python -m ingest`` needs; defaults suit a Phase A stack."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Broker. MQTT 5: its Receive Maximum is the only way to widen Mosquitto's window of
+    # unacknowledged deliveries beyond 20 (max_inflight_messages applies to 3.1.1 clients).
+    mqtt_host: str = Field(min_length=1)
+    mqtt_port: int = Field(default=8883, ge=1, le=65535)
+    mqtt_tls: bool = True
+    mqtt_ca_file: Path | None = Field(default=None, description="CA bundle of the broker's certificate.")
+    mqtt_cert_file: Path | None = Field(default=None, description="Client certificate (mTLS, CN svc.ingest).")
+    mqtt_key_file: Path | None = None
+    mqtt_username: str = INGEST_SERVICE
+    mqtt_password: SecretStr | None = Field(default=None, description="From IRONLINK_MQTT_PASSWORD only.")
+    mqtt_client_id: str | None = Field(
+        default=None,
+        description="Stable per replica so the session survives restarts; default user-hostname.",
+    )
+    mqtt_subscription: str = TELEMETRY_FILTER
+    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
+    mqtt_session_expiry_s: int = Field(
+        default=86_400, ge=60, description="How long the broker keeps queueing for a worker that is away."
+    )
+    mqtt_receive_maximum: int | None = Field(
+        default=None,
+        ge=1,
+        le=65_535,
+        description="Unacknowledged deliveries in flight; default 2 x batch_size.",
+    )
+
+    # Store: InfluxDB 2.x API (VictoriaMetrics in local dev and tests).
+    store_urls: dict[str, str] = Field(description="InfluxDB instance name -> URL.")
+    store_tokens_file: Path | None = Field(default=None, description="JSON {tenant: write token}.")
+    store_timeout_ms: int = Field(default=10_000, ge=100)
+    tenants: dict[TenantId, TenantRoute]
+
+    # Batching and retries.
+    batch_size: int = Field(default=500, ge=1, le=50_000)
+    flush_interval_ms: int = Field(default=1000, ge=10, le=60_000)
+    retry_initial_ms: int = Field(default=200, ge=10)
+    retry_max_ms: int = Field(default=30_000, ge=10)
+
+    # Contract and derived metrics.
+    max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=256)
+    dead_letter_payload_bytes: int = Field(
+        default=4096, ge=0, description="Payload bytes kept in a dead letter."
+    )
+    derived_window_s: int = Field(default=900, ge=10, description="Window of duty cycle and uptime %.")
+    derived_max_gap_s: int = Field(
+        default=60, ge=1, description="Longest silence credited to the last status."
+    )
+
+    # Operations.
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=9108, ge=0, le=65535)
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("tenants")
+    @classmethod
+    def _routes_have_urls(
+        cls, tenants: dict[str, TenantRoute], info: ValidationInfo
+    ) -> dict[str, TenantRoute]:
+        urls = info.data.get("store_urls", {})
+        for tenant, route in tenants.items():
+            if route.instance not in urls:
+                raise ValueError(
+                    f"tenant {tenant!r} writes to instance {route.instance!r}, which has no URL in store_urls"
+                )
+        return tenants
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt_client_id or f"{self.mqtt_username}-{socket.gethostname()}"
+
+    @property
+    def receive_maximum(self) -> int:
+        return self.mqtt_receive_maximum or min(65_535, 2 * self.batch_size)
+
+    def machine_types(self) -> dict[MachineKey, str]:
+        """The registry's machines as ``decode`` wants them."""
+        types: dict[MachineKey, str] = {}
+        for tenant_id, route in self.tenants.items():
+            for path, machine_type in route.machines.items():
+                site_id, _, machine_id = path.partition("/")
+                types[(tenant_id, site_id, machine_id)] = machine_type
+        return types
+
+    def store_tokens(self) -> dict[str, str]:
+        """Tenant → write token from ``store_tokens_file``; no file means no tokens (VictoriaMetrics)."""
+        if self.store_tokens_file is None:
+            return {}
+        where = f"IRONLINK_STORE_TOKENS_FILE ({self.store_tokens_file})"
+        try:
+            tokens = json.loads(self.store_tokens_file.read_text())
+        except OSError as error:
+            raise SettingsError([f"{where}: cannot be read: {error.strerror}"]) from error
+        except ValueError as error:
+            raise SettingsError([f"{where}: is not valid JSON: {error}"]) from error
+        if not isinstance(tokens, dict) or not all(isinstance(v, str) and v for v in tokens.values()):
+            raise SettingsError([f"{where}: must be a JSON object of tenant id -> non-empty token"])
+        missing = [tenant for tenant in self.tenants if tenant not in tokens]
+        if missing:
+            raise SettingsError([f"{where}: no token for tenant {tenant!r}" for tenant in missing])
+        return {tenant: tokens[tenant] for tenant in self.tenants}
+
+    def to_env(self) -> dict[str, str]:
+        """The non-secret settings as ``IRONLINK_*`` variables (what a Deployment sets)."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json", exclude=_SECRETS, exclude_none=True).items():
+            if name in _JSON_FIELDS:
+                text = json.dumps(value, separators=(",", ":"), sort_keys=True)
+            elif isinstance(value, bool):
+                text = str(value).lower()
+            else:
+                text = str(value)
+            env[ENV_PREFIX + name.upper()] = text
+        return env
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:
+        """Read ``IRONLINK_*`` from ``environ`` (default: the process) on top of the settings file."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        problems: list[str] = []
+        file = environ.get(SETTINGS_FILE_VAR)
+        if file:
+            values.update(_read_file(Path(file), problems))
+            origin.update({key: f"{SETTINGS_FILE_VAR} ({file}): {key}" for key in values})
+        for name in cls.model_fields:
+            variable = ENV_PREFIX + name.upper()
+            if variable not in environ:
+                continue
+            origin[name] = variable
+            text = environ[variable]
+            if name in _JSON_FIELDS:
+                try:
+                    values[name] = json.loads(text)
+                except ValueError as error:
+                    problems.append(f"{variable}: {_show(text)} is not valid JSON ({error})")
+                    values.pop(name, None)
+            else:
+                values[name] = text
+        if not problems:
+            try:
+                return cls.model_validate(values)
+            except ValidationError as error:
+                problems.extend(_describe(error, origin))
+        raise SettingsError(problems)
+
+
+def _read_file(path: Path, problems: list[str]) -> dict[str, Any]:
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as error:
+        problems.append(f"{SETTINGS_FILE_VAR}: {str(path)!r} cannot be read: {error.strerror}")
+        return {}
+    except yaml.YAMLError as error:
+        problems.append(f"{SETTINGS_FILE_VAR}: {str(path)!r} is not valid JSON or YAML: {error}")
+        return {}
+    if not isinstance(document, dict):
+        problems.append(f"{SETTINGS_FILE_VAR}: {str(path)!r} must hold a mapping of setting -> value")
+        return {}
+    return document
+
+
+def _describe(error: ValidationError, origin: Mapping[str, str]) -> list[str]:
+    problems = []
+    for item in error.errors(include_url=False):
+        location = [str(part) for part in item["loc"]] or ["settings"]
+        field = location[0]
+        where = origin.get(field, ENV_PREFIX + field.upper())
+        where += "".join(f".{part}" for part in location[1:])
+        if item["type"] == "missing":
+            problems.append(f"{where}: is required")
+        elif item["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown setting")
+        elif item["type"] == "value_error":
+            problems.append(f"{where}: {item['ctx']['error']}")
+        else:
+            message = item["msg"][0].lower() + item["msg"][1:]
+            problems.append(f"{where}: {_show(item.get('input'))} is invalid: {message}")
+    return problems
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def worker_settings_for(
+    config: PlatformConfig,
+    *,
+    mqtt_host: str,
+    mqtt_port: int,
+    store_urls: Mapping[str, str],
+    **overrides: Any,
+) -> WorkerSettings:
+    """The worker's settings for a stack: routes and quotas per tenant, the registry's machines,
+    the subscription for the stack's broker engine, batching from ``ingest:``. ``overrides`` are
+    further :class:`WorkerSettings` fields (TLS file paths, ``http_port``, ...)."""
+    routes = store_routes(config)
+    tenants = {
+        tenant.id: TenantRoute(
+            instance=routes[tenant.id].instance,
+            org=routes[tenant.id].org,
+            bucket=routes[tenant.id].bucket,
+            messages_per_second=config.quota_of(tenant).messages_per_second,
+            machines={f"{site.id}/{machine.id}": machine.type for site, machine in tenant.machines},
+        )
+        for tenant in config.tenants
+    }
+    return WorkerSettings.model_validate(
+        {
+            "mqtt_host": mqtt_host,
+            "mqtt_port": mqtt_port,
+            "mqtt_subscription": ingest_subscription(config),
+            "store_urls": dict(store_urls),
+            "tenants": tenants,
+            "batch_size": config.ingest.batch_size,
+            "flush_interval_ms": config.ingest.flush_interval_ms,
+            **overrides,
+        }
+    )

@@ -1,0 +1,562 @@
+"""Phase A on one machine: the stack's broker, registry, store and worker as local processes.
+
+:class:`DevPlatform` turns a validated stack (``stacks/Pulumi.dev.yaml``) into four supervised
+processes of real Debian binaries, started in dependency order and kept under one state folder
+(:mod:`localdev.state`):
+
+============  ==========================================================  ===================
+process       what it runs                                                account (as root)
+============  ==========================================================  ===================
+postgres      PostgreSQL 15, the registry: migrations + the stack's rows  postgres
+victoria-...  VictoriaMetrics, the store (InfluxDB v2 write path)         _victoria-metrics
+mosquitto     Mosquitto, TLS on 8883 only, files rendered like the        mosquitto (it drops
+              ``MqttBroker`` component's                                  privileges itself)
+ingest        the ingest worker (``python -m ingest``) as ``svc.ingest``  ironlink, or nobody
+============  ==========================================================  ===================
+
+``up`` converges: a running process whose command line, environment and config files are
+unchanged is left alone, a dead one is started again, and one whose configuration changed (an
+edited stack file) is restarted. ``down`` stops them in reverse order and waits until no process of
+theirs is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+import psycopg
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
+
+from components.render.mosquitto import (
+    BrokerAccount,
+    MosquittoPaths,
+    device_accounts,
+    render_acl_file,
+    render_mosquitto_conf,
+    render_password_file,
+)
+from infra.config import PlatformConfig
+from infra.tenancy import INGEST_SERVICE, store_routes, tenant_service_username
+from ingest.settings import worker_settings_for
+from localdev import pki, servers
+from localdev.state import (
+    Credentials,
+    Layout,
+    Ports,
+    generated_devices,
+    load_json_secret,
+    make_dir,
+    with_device_credentials,
+    write_public,
+    write_secret,
+)
+from localdev.supervisor import PidFiles, ProcessRecord, fingerprint, server_pid, stop
+from localdev.victoria import StoreUnavailableError, VictoriaMetrics
+from registry import store as registry
+from registry.access import service_usernames
+
+LOOPBACK = "127.0.0.1"
+# Start order: what the worker needs comes first; ``down`` goes the other way.
+PROCESSES = ("postgres", "victoria-metrics", "mosquitto", "ingest")
+# The accounts servers run as when ``ironlink dev`` runs as root (unused otherwise).
+ACCOUNTS = {
+    "postgres": "postgres",
+    "victoria-metrics": "_victoria-metrics",
+    "mosquitto": "mosquitto",
+    "ingest": "ironlink",
+}
+# How each server shuts down cleanly: PostgreSQL's "fast" shutdown is SIGINT (SIGTERM waits for
+# every client to disconnect).
+STOP_SIGNALS = {
+    "postgres": signal.SIGINT,
+    "victoria-metrics": signal.SIGTERM,
+    "mosquitto": signal.SIGTERM,
+    "ingest": signal.SIGTERM,
+}
+# The worker's per-tenant dead-letter counter (``ingest`` exposes it on ``/metrics``).
+DEAD_LETTER_METRIC = "ironlink_ingest_messages_rejected"
+PORT_FIELDS = {
+    "postgres": "postgres",
+    "victoria-metrics": "victoria_metrics",
+    "mosquitto": "mqtt",
+    "ingest": "worker",
+}
+Notify = Callable[[str, str], None]
+
+
+def _quiet(process: str, event: str) -> None:
+    """The default progress callback: says nothing."""
+
+
+class PlatformError(RuntimeError):
+    """The dev platform cannot start or answer; the message says which process and why."""
+
+
+@dataclass(frozen=True)
+class ProcessHealth:
+    """One process as ``status`` shows it."""
+
+    name: str
+    pid: int | None
+    alive: bool
+    port: int
+    listening: bool
+    user: str | None
+
+
+@dataclass(frozen=True)
+class TenantActivity:
+    """One tenant as ``status`` shows it: what reached the store, and what the worker refused."""
+
+    tenant_id: str
+    name: str
+    machines: int
+    machines_seen: int
+    messages_per_second: float
+    last_seen: datetime | None
+    dead_lettered: int | None
+
+
+@dataclass(frozen=True)
+class PlatformStatus:
+    processes: list[ProcessHealth]
+    tenants: list[TenantActivity]
+    store_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return all(p.alive and p.listening for p in self.processes)
+
+
+@dataclass
+class _Spec:
+    """How to run one process: the server (not started), the files it reads, how to stop it."""
+
+    name: str
+    port: int
+    server: servers.Server
+    files: list[Path] = field(default_factory=list)
+    stop_signal: int = signal.SIGTERM
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.server.command(), self.server.env, self.files)
+
+
+class DevPlatform:
+    """The dev platform of one stack in one state folder."""
+
+    def __init__(self, config: PlatformConfig, state_dir: Path, stack: str = "dev") -> None:
+        self.config = config
+        self.stack = stack
+        self.layout = Layout.at(state_dir)
+        self.pids = PidFiles(self.layout.run)
+        self.warnings: list[str] = []
+        self._worker_account: tuple[str | None] | None = None
+
+    # ------------------------------------------------------------------------------ accounts
+    def account(self, process: str) -> str | None:
+        """The unprivileged account ``process`` runs as; None when we are not root (then: as us)."""
+        if process == "ingest":
+            return self._ingest_account()
+        return servers.service_user(ACCOUNTS[process])
+
+    def _ingest_account(self) -> str | None:
+        """The worker's account, if it can run this Python at all.
+
+        The worker is this project's own Python: an interpreter the account cannot reach (pyenv
+        under a 0700 ``/root``) keeps the worker running as root, with a warning saying why.
+        """
+        if self._worker_account is None:
+            account = servers.service_user(ACCOUNTS["ingest"])
+            if account is not None:
+                probe = subprocess.run(
+                    ["runuser", "-u", account, "--", sys.executable, "-c", "import ingest.settings"],
+                    capture_output=True,
+                    text=True,
+                    cwd=self.layout.root,
+                    check=False,
+                )
+                if probe.returncode != 0:
+                    reason = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+                    self.warnings.append(
+                        f"ingest runs as root: {account!r} cannot run {sys.executable} ({reason}); "
+                        "a virtualenv made from a system Python (/usr/bin/python3) lets it drop privileges"
+                    )
+                    account = None
+            self._worker_account = (account,)
+        return self._worker_account[0]
+
+    @property
+    def ports(self) -> Ports:
+        ports = Ports.load(self.layout)
+        if ports is None:
+            raise PlatformError(f"{self.layout.root} holds no dev platform: run 'ironlink dev up' first")
+        return ports
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials.load(self.layout)
+
+    @property
+    def store(self) -> VictoriaMetrics:
+        return VictoriaMetrics(f"http://{LOOPBACK}:{self.ports.victoria_metrics}")
+
+    @property
+    def ca_file(self) -> Path:
+        return self.layout.ca_cert
+
+    def registry_dsn(self, dbname: str | None = None) -> str:
+        return (
+            f"host={self.layout.postgres_sockets} port={self.ports.postgres} user=postgres "
+            f"dbname={dbname or self.config.postgres.database}"
+        )
+
+    # ------------------------------------------------------------------------------- prepare
+    def prepare(self) -> None:
+        """Create the folder, ports, credentials, PKI and rendered files (idempotent)."""
+        make_dir(self.layout.root)
+        for folder in (self.layout.logs, self.layout.run, self.layout.pki):
+            make_dir(folder)
+        Ports.load_or_choose(self.layout)
+        credentials = self.credentials
+        if credentials.ensure([*generated_devices(self.config), *service_usernames(self.config)]):
+            credentials.save(self.layout)
+        self._prepare_pki()
+        self._render_mosquitto(credentials)
+        self._write_store_tokens()
+
+    def _prepare_pki(self) -> None:
+        if not (self.layout.ca_cert.exists() and self.layout.ca_key.exists()):
+            ca = pki.make_ca("Ironlink dev CA")
+            write_secret(self.layout.ca_key, ca.key_pem)
+            write_public(self.layout.ca_cert, ca.cert_pem)
+        paths = self.mosquitto_paths
+        if not (Path(paths.certfile).exists() and Path(paths.keyfile).exists()):
+            ca = pki.Issued(self.layout.ca_cert.read_bytes(), self.layout.ca_key.read_bytes())
+            server = pki.issue_server_cert(ca)
+            make_dir(self.layout.mosquitto)
+            write_secret(Path(paths.keyfile), server.key_pem, self.account("mosquitto"))
+            write_public(Path(paths.certfile), server.cert_pem)
+
+    @property
+    def mosquitto_paths(self) -> MosquittoPaths:
+        folder = self.layout.mosquitto
+        return MosquittoPaths(
+            cafile=str(self.layout.ca_cert),
+            certfile=str(folder / "server.pem"),
+            keyfile=str(folder / "server.key"),
+            password_file=str(folder / "passwd"),
+            acl_file=str(folder / "acl"),
+            persistence_dir=str(folder / "data") + "/",
+        )
+
+    @property
+    def mosquitto_conf(self) -> Path:
+        return self.layout.mosquitto / "mosquitto.conf"
+
+    def _render_mosquitto(self, credentials: Credentials) -> None:
+        owner = self.account("mosquitto")
+        paths = self.mosquitto_paths
+        make_dir(self.layout.mosquitto)
+        make_dir(Path(paths.persistence_dir), 0o700, owner)
+        config = with_device_credentials(self.config, credentials)
+        accounts = [
+            *device_accounts(config),
+            *(
+                BrokerAccount(name, credentials.accounts[name].password_hash)
+                for name in service_usernames(config)
+            ),
+        ]
+        conf = render_mosquitto_conf(config, paths, tls_port=self.ports.mqtt, bind_address=LOOPBACK)
+        write_public(self.mosquitto_conf, conf)
+        write_secret(Path(paths.password_file), render_password_file(accounts), owner)
+        write_secret(Path(paths.acl_file), render_acl_file(config), owner)
+
+    def _write_store_tokens(self) -> None:
+        """One write token per tenant. VictoriaMetrics ignores tokens, but the worker reads them as
+        it reads InfluxDB's, so pointing the store URL at an InfluxDB 2.x needs only real tokens here.
+        The folder and file belong to whichever account the worker runs as this time."""
+        owner = self.account("ingest") or pwd.getpwuid(os.geteuid()).pw_name
+        make_dir(self.layout.ingest, 0o700, owner)
+        tenants = {tenant.id for tenant in self.config.tenants}
+        if set(load_json_secret(self.layout.store_tokens_file)) != tenants:
+            tokens = {tenant: secrets.token_urlsafe(32) for tenant in sorted(tenants)}
+            write_secret(self.layout.store_tokens_file, json.dumps(tokens, indent=2) + "\n", owner)
+        servers.hand_over(self.layout.ingest, owner)
+
+    # --------------------------------------------------------------------------------- specs
+    def _spec(self, name: str) -> _Spec:
+        return {
+            "postgres": self._postgres_spec,
+            "victoria-metrics": self._victoria_metrics_spec,
+            "mosquitto": self._mosquitto_spec,
+            "ingest": self._ingest_spec,
+        }[name]()
+
+    def _postgres_spec(self) -> _Spec:
+        user = self.account("postgres")
+        server = servers.postgres(
+            self.layout.postgres_data,
+            self.ports.postgres,
+            self.layout.postgres_sockets,
+            self.layout.log("postgres"),
+            user,
+        )
+        return _Spec("postgres", self.ports.postgres, server)
+
+    def _victoria_metrics_spec(self) -> _Spec:
+        data = self.layout.victoria_metrics
+        server = servers.victoria_metrics(
+            data, self.ports.victoria_metrics, self.layout.log("victoria-metrics")
+        )
+        return _Spec(
+            "victoria-metrics",
+            self.ports.victoria_metrics,
+            replace(server, user=self.account("victoria-metrics")),
+        )
+
+    def _mosquitto_spec(self) -> _Spec:
+        paths = self.mosquitto_paths
+        server = servers.mosquitto(self.mosquitto_conf, self.ports.mqtt, self.layout.log("mosquitto"))
+        # Mosquitto block-buffers ``log_dest stdout`` into a file: line-buffer it so the log is live.
+        server = replace(server, argv=[servers.find_binary("stdbuf"), "-oL", *server.argv])
+        files = [self.mosquitto_conf, *map(Path, (paths.cafile, paths.certfile, paths.keyfile))]
+        return _Spec(
+            "mosquitto", self.ports.mqtt, server, [*files, Path(paths.password_file), Path(paths.acl_file)]
+        )
+
+    def _ingest_spec(self) -> _Spec:
+        ports = self.ports
+        store_url = f"http://{LOOPBACK}:{ports.victoria_metrics}"
+        settings = worker_settings_for(
+            self.config,
+            mqtt_host=LOOPBACK,
+            mqtt_port=ports.mqtt,
+            store_urls={route.instance: store_url for route in store_routes(self.config).values()},
+            mqtt_ca_file=self.layout.ca_cert,
+            store_tokens_file=self.layout.store_tokens_file,
+            http_host=LOOPBACK,
+            http_port=ports.worker,
+        )
+        password = self.credentials.password(INGEST_SERVICE)
+        if password is None:
+            raise PlatformError(f"{self.layout.credentials_file}: has no credential for {INGEST_SERVICE}")
+        server = servers.Server(
+            name="ingest",
+            argv=[sys.executable, "-m", "ingest"],
+            ready=lambda: servers.http_ok(f"http://{LOOPBACK}:{ports.worker}/readyz"),
+            log_path=self.layout.log("ingest"),
+            user=self.account("ingest"),
+            env={**settings.to_env(), "IRONLINK_MQTT_PASSWORD": password},
+            cwd=self.layout.root,
+        )
+        return _Spec("ingest", ports.worker, server, [self.layout.ca_cert, self.layout.store_tokens_file])
+
+    def _before_start(self, name: str) -> None:
+        """Give each server its folders (as root: to its account) just before it starts."""
+        if name == "postgres" and not (self.layout.postgres_data / "PG_VERSION").exists():
+            make_dir(self.layout.postgres)
+            servers.init_postgres(self.layout.postgres_data, self.account("postgres"))
+        elif name == "victoria-metrics":
+            make_dir(self.layout.victoria_metrics, 0o700, self.account("victoria-metrics"))
+        elif name == "mosquitto":
+            make_dir(Path(self.mosquitto_paths.persistence_dir), 0o700, self.account("mosquitto"))
+
+    # ------------------------------------------------------------------------------------ up
+    def up(self, notify: Notify = _quiet) -> dict[str, str]:
+        """Start what is not running (in dependency order), restart what changed; returns what was
+        done per process: ``running`` (left alone), ``started``, ``restarted`` or ``reconfigured``."""
+        for binary in ("postgres", "initdb", "pg_isready", "victoria-metrics", "mosquitto"):
+            servers.find_binary(binary)
+        notify("state", "preparing")
+        self.prepare()
+        notify("state", "ready")
+        outcomes: dict[str, str] = {}
+        for name in PROCESSES:
+            notify(name, "starting")
+            outcomes[name] = self._ensure(name)
+            notify(name, outcomes[name])
+            if name == "postgres":
+                notify("registry", "syncing")
+                notify("registry", self.sync_registry())
+        return outcomes
+
+    def _ensure(self, name: str) -> str:
+        record = self.pids.read(name)
+        spec = self._spec(name)
+        if record is not None and record.alive:
+            if record.fingerprint == spec.fingerprint:
+                return "running"
+            stop(record, STOP_SIGNALS[name])
+            outcome = "reconfigured"
+        else:
+            if record is not None:
+                stop(record, signal.SIGKILL)  # clears what a crashed server left in its group
+            outcome = "restarted" if record is not None else "started"
+        self.pids.remove(name)
+        if servers.port_open(spec.port):
+            spec = self._move(name, spec.port)
+        self._before_start(name)
+        try:
+            spec.server.start(detach=True)
+        except (TimeoutError, RuntimeError) as error:
+            raise PlatformError(f"{name} did not start: {error}") from error
+        leader = spec.server.pid
+        assert leader is not None
+        pid = server_pid(leader, through_runuser=spec.server.user is not None)
+        user = self.account(name) or pwd.getpwuid(os.geteuid()).pw_name
+        self.pids.write(ProcessRecord.of(name, pid, leader, spec.port, spec.fingerprint, user))
+        return outcome
+
+    def _move(self, name: str, busy: int) -> _Spec:
+        """Another program holds ``name``'s port: MQTT's is the contract (refuse), others move."""
+        if name == "mosquitto":
+            raise PlatformError(
+                f"port {busy} is in use by another program (a system Mosquitto? 'systemctl stop mosquitto'); "
+                "the dev broker needs it for MQTT over TLS"
+            )
+        ports = self.ports.model_copy(update={PORT_FIELDS[name]: servers.free_port()})
+        ports.save(self.layout)
+        return self._spec(name)
+
+    # ------------------------------------------------------------------------------ registry
+    def sync_registry(self) -> str:
+        """Migrations, the stack's tenants with every device credential, and the service accounts."""
+        database = self.config.postgres.database
+        with psycopg.connect(self.registry_dsn("postgres"), autocommit=True) as admin:
+            if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is None:
+                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+        credentials = self.credentials
+        config = with_device_credentials(self.config, credentials)
+        actor = registry.default_actor()
+        with psycopg.connect(self.registry_dsn(), autocommit=True) as conn:
+            changes = [
+                change
+                for result in registry.sync_platform(conn, config, actor=actor)
+                for change in result.changes
+            ]
+            rows = conn.execute("SELECT username, credential FROM service_accounts").fetchall()
+            stored: dict[str, str] = dict(rows)
+            for tenant_id, username in [
+                (None, INGEST_SERVICE),
+                *((t.id, tenant_service_username(t.id)) for t in config.tenants),
+            ]:
+                wanted = credentials.accounts[username].password_hash
+                if stored.get(username) != wanted:
+                    registry.issue_service_credential(
+                        conn, username, wanted, actor=actor, tenant_id=tenant_id
+                    )
+                    changes.append(f"credential.issued {username}")
+        return f"synced ({len(changes)} changes)" if changes else "in sync"
+
+    # ---------------------------------------------------------------------------------- down
+    def down(self, notify: Notify = _quiet) -> dict[str, str]:
+        return down(self.layout.root, notify)
+
+    # -------------------------------------------------------------------------------- status
+    def processes(self) -> list[ProcessHealth]:
+        ports = Ports.load(self.layout)
+        health = []
+        for name in PROCESSES:
+            record = self.pids.read(name)
+            port = record.port if record else (getattr(ports, PORT_FIELDS[name]) if ports else 0)
+            alive = record is not None and record.alive
+            health.append(
+                ProcessHealth(
+                    name=name,
+                    pid=record.pid if record else None,
+                    alive=alive,
+                    port=port,
+                    listening=alive and servers.port_open(port),
+                    user=record.user if record else None,
+                )
+            )
+        return health
+
+    def status(self) -> PlatformStatus:
+        processes = self.processes()
+        running = {p.name for p in processes if p.alive and p.listening}
+        dead_letters = self.dead_lettered() if "ingest" in running else None
+        try:
+            activity = self.store.activity() if "victoria-metrics" in running else {}
+            store_error = None if "victoria-metrics" in running else "victoria-metrics is not running"
+        except StoreUnavailableError as error:
+            activity, store_error = {}, str(error)
+        tenants = []
+        for tenant in self.config.tenants:
+            seen = activity.get(tenant.id)
+            tenants.append(
+                TenantActivity(
+                    tenant_id=tenant.id,
+                    name=tenant.name,
+                    machines=sum(1 for _ in tenant.machines),
+                    machines_seen=seen.machines if seen else 0,
+                    messages_per_second=seen.messages_per_second if seen else 0.0,
+                    last_seen=seen.last_seen if seen else None,
+                    dead_lettered=None if dead_letters is None else dead_letters.get(tenant.id, 0),
+                )
+            )
+        return PlatformStatus(processes, tenants, store_error)
+
+    def dead_lettered(self) -> dict[str, int] | None:
+        """Messages the worker dead-lettered since it started, per tenant (its ``/metrics``);
+        None when the worker does not answer."""
+        try:
+            with urllib.request.urlopen(
+                f"http://{LOOPBACK}:{self.ports.worker}/metrics", timeout=2
+            ) as response:
+                text = response.read().decode()
+        except (urllib.error.URLError, OSError):
+            return None
+        counts: dict[str, int] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name == DEAD_LETTER_METRIC:
+                for sample in family.samples:
+                    if sample.name.endswith("_total") and "tenant" in sample.labels:
+                        tenant = sample.labels["tenant"]
+                        counts[tenant] = counts.get(tenant, 0) + int(sample.value)
+        return counts
+
+
+def down(state_dir: Path, notify: Notify = _quiet) -> dict[str, str]:
+    """Stop every process of the platform in ``state_dir`` (reverse start order) and wait until
+    none of theirs is left. Needs no stack: it must work even while the stack file is broken."""
+    pids = PidFiles(Layout.at(state_dir).run)
+    outcomes: dict[str, str] = {}
+    for name in reversed(PROCESSES):
+        record = pids.read(name)
+        if record is None:
+            outcomes[name] = "not started"
+            continue
+        notify(name, "stopping")
+        was_running = record.alive
+        stop(record, STOP_SIGNALS[name])
+        pids.remove(name)
+        outcomes[name] = "stopped" if was_running else "was not running"
+        notify(name, outcomes[name])
+    return outcomes
+
+
+def purge(state_dir: Path) -> None:
+    """Forget everything (credentials, CA, registry and store data); refused while anything runs."""
+    layout = Layout.at(state_dir)
+    pids = PidFiles(layout.run)
+    running = [name for name in PROCESSES if (record := pids.read(name)) is not None and record.alive]
+    if running:
+        raise PlatformError(f"{', '.join(running)} still running: run 'ironlink dev down' first")
+    shutil.rmtree(layout.root, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""Who may publish or subscribe to what: the one rule set behind both brokers.
+
+Mosquitto's ACL file (:func:`components.render.mosquitto.render_acl_file`) and EMQX's PostgreSQL
+authorization rows (``acl_rules``, written by :mod:`registry.store`) are both rendered from
+:func:`access_rules`, so the two brokers cannot drift apart. Everything not listed is denied: the
+Mosquitto ACL file grants nothing else and EMQX runs with ``no_match = deny``.
+
+- a device publishes only to its own telemetry topic and reads nothing;
+- ``svc.ingest`` reads every telemetry topic (also through ``$share/<group>/...``: both brokers
+  authorize a shared subscription by its topic filter) and publishes dead letters under ``dlq/``;
+- ``svc.<tenant>`` reads only its tenant's telemetry and dead letters;
+- nobody reads ``$SYS/#`` (broker internals are scraped as metrics, not subscribed to).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from infra.config import PlatformConfig, Tenant
+from infra.tenancy import (
+    DEAD_LETTER_ROOT,
+    INGEST_SERVICE,
+    TELEMETRY_FILTER,
+    device_username,
+    telemetry_topic,
+    tenant_dead_letter_filter,
+    tenant_service_username,
+    tenant_topic_filter,
+)
+
+Action = Literal["publish", "subscribe"]
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """One allow rule; ``tenant_id`` is None for platform services (``svc.ingest``)."""
+
+    username: str
+    action: Action
+    topic: str
+    tenant_id: str | None = None
+
+
+def device_rules(tenant: Tenant) -> Iterator[AccessRule]:
+    for site, machine in tenant.machines:
+        username = device_username(tenant.id, site.id, machine.id)
+        yield AccessRule(username, "publish", telemetry_topic(tenant.id, site.id, machine.id), tenant.id)
+
+
+def tenant_service_rules(tenant: Tenant) -> Iterator[AccessRule]:
+    username = tenant_service_username(tenant.id)
+    yield AccessRule(username, "subscribe", tenant_topic_filter(tenant.id), tenant.id)
+    yield AccessRule(username, "subscribe", tenant_dead_letter_filter(tenant.id), tenant.id)
+
+
+def tenant_rules(tenant: Tenant) -> list[AccessRule]:
+    """Every rule that belongs to one tenant (removed with it)."""
+    return [*device_rules(tenant), *tenant_service_rules(tenant)]
+
+
+def platform_rules() -> list[AccessRule]:
+    """Rules of the platform's own services, which span tenants."""
+    return [
+        AccessRule(INGEST_SERVICE, "subscribe", TELEMETRY_FILTER),
+        AccessRule(INGEST_SERVICE, "publish", f"{DEAD_LETTER_ROOT}/#"),
+    ]
+
+
+def access_rules(config: PlatformConfig) -> list[AccessRule]:
+    return [*platform_rules(), *(rule for tenant in config.tenants for rule in tenant_rules(tenant))]
+
+
+def service_usernames(config: PlatformConfig) -> list[str]:
+    """The service identities a platform needs credentials for: the worker and one per tenant."""
+    return [INGEST_SERVICE, *(tenant_service_username(tenant.id) for tenant in config.tenants)]

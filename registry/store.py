@@ -1,0 +1,405 @@
+"""Registry operations: the only place that writes the registry's SQL.
+
+The tenant CLI, ``ironlink dev`` and the Pulumi registry provider all call these functions, so a
+tenant reaches the database (and EMQX, which reads it) the same way whoever provisions it. Each
+operation runs in one transaction (a savepoint when the caller already opened one) and records
+what it changed in ``audit_events``. Constraint violations come back as :class:`RegistryError`
+naming the offending field and value.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from infra.config import PlatformConfig, Tenant
+from infra.tenancy import device_username
+from registry.access import AccessRule, platform_rules, tenant_rules
+from registry.migrate import apply_migrations
+
+_ID_RULE = "lowercase letters, digits, '-'; starting and ending with a letter or digit"
+_HASH_RULE = "is not a '$7$101$<salt>$<hash>' PBKDF2-SHA512 hash with 101 iterations"
+# Each named constraint of the migrations: the column it guards and what its violation means.
+CONSTRAINTS: dict[str, tuple[str, str]] = {
+    "tenants_pkey": ("id", "already exists in the registry"),
+    "tenants_id_format": ("id", f"is not a valid tenant id ({_ID_RULE}; at most 32 characters)"),
+    "tenants_id_reserved": ("id", "is reserved: svc.ingest is the ingest worker's broker identity"),
+    "tenants_name_present": ("name", "must not be empty"),
+    "tenants_tier_present": ("tier", "must not be empty"),
+    "tenants_isolation_level": ("isolation", "is not an isolation level (1, 2 or 3)"),
+    "sites_pkey": ("id", "is already used by another site of this tenant"),
+    "sites_id_format": ("id", f"is not a valid site id ({_ID_RULE}; at most 32 characters)"),
+    "machines_pkey": ("id", "is already used by another machine of this site"),
+    "machines_id_format": ("id", f"is not a valid machine id ({_ID_RULE}; at most 48 characters)"),
+    "machines_type_format": ("type", "is not a machine type name (lowercase letters, digits, '_')"),
+    "devices_credential_format": ("password_hash", _HASH_RULE),
+    "service_accounts_username_format": ("username", "is not a service username ('svc.<id>')"),
+    "service_accounts_credential_format": ("password_hash", _HASH_RULE),
+    "audit_events_action_format": ("action", "is not an audit action ('<noun>.<verb>', lowercase)"),
+    "audit_events_actor_present": ("actor", "must name who acted"),
+}
+
+
+class RegistryError(ValueError):
+    """A registry write was refused; the message names the field and value."""
+
+
+@contextmanager
+def _refusals(where: str, row: Mapping[str, object]) -> Iterator[None]:
+    """Turn a constraint violation while writing ``row`` into a :class:`RegistryError` such as
+    ``tenants[acme].sites.id: 'Plant 1' is not a valid site id (...)``."""
+    try:
+        yield
+    except psycopg.errors.IntegrityError as error:
+        column, message = CONSTRAINTS.get(error.diag.constraint_name or "", ("", ""))
+        if column in row:
+            raise RegistryError(f"{where}.{column}: {row[column]!r} {message}") from error
+        raise RegistryError(f"{where}: {error.diag.message_primary or error}") from error
+
+
+def _refuse_duplicates(where: str, ids: Iterable[str]) -> None:
+    seen: set[str] = set()
+    for item in ids:
+        if item in seen:
+            raise RegistryError(f"{where}.id: {item!r} is used twice")
+        seen.add(item)
+
+
+def _shown(credential: str) -> str:
+    """A credential as error messages show it: its head only."""
+    return credential[:12] + "..."
+
+
+def default_actor() -> str:
+    """Who is acting, for the audit trail: ``user@host``."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+# ------------------------------------------------------------------------------------------ audit
+@dataclass(frozen=True)
+class AuditEvent:
+    id: int
+    occurred_at: datetime
+    actor: str
+    action: str
+    tenant_id: str | None
+    subject: str
+    details: dict[str, Any]
+
+
+def record_event(
+    conn: psycopg.Connection,
+    *,
+    actor: str,
+    action: str,
+    subject: str,
+    tenant_id: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> int:
+    """Append one event (``action`` is ``<noun>.<verb>``, e.g. ``credential.issued``)."""
+    with conn.transaction(), _refusals("audit_event", {"actor": actor, "action": action}):
+        row = conn.execute(
+            "INSERT INTO audit_events (actor, action, tenant_id, subject, details)"
+            " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+            (actor, action, tenant_id, subject, Jsonb(details or {})),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def audit_events(conn: psycopg.Connection, *, tenant_id: str | None = None) -> list[AuditEvent]:
+    """Events in the order they happened, optionally of one tenant."""
+    query = "SELECT id, occurred_at, actor, action, tenant_id, subject, details FROM audit_events"
+    params: tuple[Any, ...] = ()
+    if tenant_id is not None:
+        query += " WHERE tenant_id = %s"
+        params = (tenant_id,)
+    return [AuditEvent(*row) for row in conn.execute(query + " ORDER BY id", params)]
+
+
+# ---------------------------------------------------------------------------------------- tenants
+@dataclass
+class SyncResult:
+    """What one sync changed, as the audit actions it recorded (``site.added plant-2``...)."""
+
+    tenant_id: str
+    created: bool = False
+    changes: list[str] = field(default_factory=list)
+
+
+class _Recorder:
+    def __init__(self, conn: psycopg.Connection, actor: str, tenant_id: str, result: SyncResult) -> None:
+        self.conn, self.actor, self.tenant_id, self.result = conn, actor, tenant_id, result
+
+    def __call__(self, action: str, subject: str, **details: Any) -> None:
+        record_event(
+            self.conn,
+            actor=self.actor,
+            action=action,
+            subject=subject,
+            tenant_id=self.tenant_id,
+            details=details,
+        )
+        self.result.changes.append(f"{action} {subject}")
+
+
+def tenant_ids(conn: psycopg.Connection) -> list[str]:
+    return [row[0] for row in conn.execute("SELECT id FROM tenants ORDER BY id")]
+
+
+def sync_tenant(
+    conn: psycopg.Connection, tenant: Tenant, *, isolation: int, actor: str, must_be_new: bool = False
+) -> SyncResult:
+    """Make the registry hold exactly ``tenant``: its row, sites, machines, credentials and rules.
+
+    Idempotent (a second call changes nothing and records nothing). Sites and machines missing
+    from ``tenant`` are removed with their credentials. A machine's credential is (re)issued when
+    its ``password_hash`` differs from the stored one; a revoked credential stays revoked until a
+    new hash is issued. ``must_be_new`` refuses a tenant the registry already has.
+    """
+    _refuse_duplicates(f"tenants[{tenant.id}].sites", (site.id for site in tenant.sites))
+    for site in tenant.sites:
+        _refuse_duplicates(f"tenants[{tenant.id}].sites[{site.id}].machines", (m.id for m in site.machines))
+    result = SyncResult(tenant.id)
+    with conn.transaction():
+        record = _Recorder(conn, actor, tenant.id, result)
+        _sync_tenant_row(conn, tenant, isolation, must_be_new, record)
+        _sync_sites(conn, tenant, record)
+        _sync_machines(conn, tenant, record)
+        _sync_credentials(conn, tenant, record)
+        _replace_rules(conn, tenant.id, tenant_rules(tenant))
+    return result
+
+
+def _sync_tenant_row(
+    conn: psycopg.Connection, tenant: Tenant, isolation: int, must_be_new: bool, record: _Recorder
+) -> None:
+    row = conn.execute("SELECT name, tier, isolation FROM tenants WHERE id = %s", (tenant.id,)).fetchone()
+    wanted = (tenant.name, tenant.tier, isolation)
+    if row is not None and must_be_new:
+        raise RegistryError(f"tenant.id: {tenant.id!r} {CONSTRAINTS['tenants_pkey'][1]}")
+    with _refusals(
+        "tenant", {"id": tenant.id, "name": tenant.name, "tier": tenant.tier, "isolation": isolation}
+    ):
+        if row is None:
+            conn.execute(
+                "INSERT INTO tenants (id, name, tier, isolation) VALUES (%s, %s, %s, %s)",
+                (tenant.id, *wanted),
+            )
+            record.result.created = True
+            record("tenant.created", tenant.id, name=tenant.name, tier=tenant.tier, isolation=isolation)
+        elif tuple(row) != wanted:
+            conn.execute(
+                "UPDATE tenants SET name = %s, tier = %s, isolation = %s, updated_at = now() WHERE id = %s",
+                (*wanted, tenant.id),
+            )
+            before = dict(zip(("name", "tier", "isolation"), row, strict=True))
+            record("tenant.updated", tenant.id, before=before, after=dict(zip(before, wanted, strict=True)))
+
+
+def _sync_sites(conn: psycopg.Connection, tenant: Tenant, record: _Recorder) -> None:
+    stored = dict(conn.execute("SELECT id, name FROM sites WHERE tenant_id = %s", (tenant.id,)).fetchall())
+    for site in tenant.sites:
+        if site.id not in stored:
+            with _refusals(f"tenants[{tenant.id}].sites", {"id": site.id}):
+                conn.execute(
+                    "INSERT INTO sites (tenant_id, id, name) VALUES (%s, %s, %s)",
+                    (tenant.id, site.id, site.name),
+                )
+            stored[site.id] = site.name
+            record("site.added", site.id, name=site.name)
+        elif stored[site.id] != site.name:
+            conn.execute(
+                "UPDATE sites SET name = %s WHERE tenant_id = %s AND id = %s", (site.name, tenant.id, site.id)
+            )
+            stored[site.id] = site.name
+    for site_id in sorted(set(stored) - {site.id for site in tenant.sites}):
+        conn.execute("DELETE FROM sites WHERE tenant_id = %s AND id = %s", (tenant.id, site_id))
+        record("site.removed", site_id)
+
+
+def _sync_machines(conn: psycopg.Connection, tenant: Tenant, record: _Recorder) -> None:
+    rows = conn.execute(
+        "SELECT site_id, id, type FROM machines WHERE tenant_id = %s", (tenant.id,)
+    ).fetchall()
+    stored = {(site_id, machine_id): kind for site_id, machine_id, kind in rows}
+    wanted = set()
+    for site, machine in tenant.machines:
+        key = (site.id, machine.id)
+        subject = f"{site.id}/{machine.id}"
+        wanted.add(key)
+        if key not in stored:
+            with _refusals(
+                f"tenants[{tenant.id}].sites[{site.id}].machines", {"id": machine.id, "type": machine.type}
+            ):
+                conn.execute(
+                    "INSERT INTO machines (tenant_id, site_id, id, type) VALUES (%s, %s, %s, %s)",
+                    (tenant.id, site.id, machine.id, machine.type),
+                )
+            stored[key] = machine.type
+            record("machine.added", subject, type=machine.type)
+        elif stored[key] != machine.type:
+            with _refusals(f"tenants[{tenant.id}].sites[{site.id}].machines", {"type": machine.type}):
+                conn.execute(
+                    "UPDATE machines SET type = %s WHERE tenant_id = %s AND site_id = %s AND id = %s",
+                    (machine.type, tenant.id, site.id, machine.id),
+                )
+            record("machine.updated", subject, before={"type": stored[key]}, after={"type": machine.type})
+    for site_id, machine_id in sorted(set(stored) - wanted):
+        conn.execute(
+            "DELETE FROM machines WHERE tenant_id = %s AND site_id = %s AND id = %s",
+            (tenant.id, site_id, machine_id),
+        )
+        record("machine.removed", f"{site_id}/{machine_id}")
+
+
+def _sync_credentials(conn: psycopg.Connection, tenant: Tenant, record: _Recorder) -> None:
+    stored: dict[str, str] = dict(
+        conn.execute("SELECT username, credential FROM devices WHERE tenant_id = %s", (tenant.id,)).fetchall()
+    )
+    for site, machine in tenant.machines:
+        username = device_username(tenant.id, site.id, machine.id)
+        if machine.password_hash is None or stored.get(username) == machine.password_hash:
+            continue
+        _store_device_credential(conn, tenant.id, site.id, machine.id, machine.password_hash)
+        record("credential.issued", username, rotated=username in stored)
+
+
+_UPSERT_DEVICE = (
+    "INSERT INTO devices (username, tenant_id, site_id, machine_id, credential) VALUES (%s, %s, %s, %s, %s)"
+    " ON CONFLICT (username) DO UPDATE"
+    " SET credential = EXCLUDED.credential, issued_at = now(), revoked_at = NULL"
+)
+
+
+def _store_device_credential(
+    conn: psycopg.Connection, tenant_id: str, site_id: str, machine_id: str, credential: str
+) -> str:
+    username = device_username(tenant_id, site_id, machine_id)
+    where = f"tenants[{tenant_id}].sites[{site_id}].machines[{machine_id}]"
+    try:
+        with _refusals(where, {"password_hash": _shown(credential)}):
+            conn.execute(_UPSERT_DEVICE, (username, tenant_id, site_id, machine_id, credential))
+    except RegistryError as error:
+        if isinstance(error.__cause__, psycopg.errors.ForeignKeyViolation):
+            raise RegistryError(f"{where}: machine is not in the registry (sync its tenant first)") from error
+        raise
+    return username
+
+
+def _replace_rules(conn: psycopg.Connection, tenant_id: str | None, rules: Sequence[AccessRule]) -> None:
+    if tenant_id is None:
+        conn.execute("DELETE FROM acl_rules WHERE tenant_id IS NULL")
+    else:
+        conn.execute("DELETE FROM acl_rules WHERE tenant_id = %s", (tenant_id,))
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO acl_rules (username, tenant_id, permission, action, topic)"
+            " VALUES (%s, %s, 'allow', %s, %s)",
+            [(rule.username, rule.tenant_id, rule.action, rule.topic) for rule in rules],
+        )
+
+
+def remove_tenant(conn: psycopg.Connection, tenant_id: str, *, actor: str) -> bool:
+    """Delete a tenant with its sites, machines, credentials and rules; False if it was not there."""
+    with conn.transaction():
+        counts = conn.execute(
+            "SELECT (SELECT count(*) FROM sites WHERE tenant_id = %(t)s),"
+            " (SELECT count(*) FROM machines WHERE tenant_id = %(t)s),"
+            " (SELECT count(*) FROM devices WHERE tenant_id = %(t)s),"
+            " (SELECT count(*) FROM service_accounts WHERE tenant_id = %(t)s)",
+            {"t": tenant_id},
+        ).fetchone()
+        deleted = conn.execute("DELETE FROM tenants WHERE id = %s", (tenant_id,)).rowcount
+        if not deleted:
+            return False
+        assert counts is not None
+        details = dict(
+            zip(("sites", "machines", "device_credentials", "service_accounts"), counts, strict=True)
+        )
+        record_event(
+            conn,
+            actor=actor,
+            action="tenant.removed",
+            subject=tenant_id,
+            tenant_id=tenant_id,
+            details=details,
+        )
+    return True
+
+
+def sync_platform(conn: psycopg.Connection, config: PlatformConfig, *, actor: str) -> list[SyncResult]:
+    """Make the registry match a whole stack: every tenant, the platform's rules, and no others."""
+    apply_migrations(conn)
+    with conn.transaction():
+        results = [
+            sync_tenant(conn, t, isolation=config.isolation_of(t), actor=actor) for t in config.tenants
+        ]
+        _replace_rules(conn, None, platform_rules())
+        for stale in sorted(set(tenant_ids(conn)) - {t.id for t in config.tenants}):
+            remove_tenant(conn, stale, actor=actor)
+            results.append(SyncResult(stale, changes=[f"tenant.removed {stale}"]))
+    return results
+
+
+# ------------------------------------------------------------------------------------ credentials
+def issue_service_credential(
+    conn: psycopg.Connection, username: str, credential: str, *, actor: str, tenant_id: str | None = None
+) -> bool:
+    """Store (or rotate) a service account's ``$7$`` credential; False when it was already stored.
+
+    Idempotent, so ``ironlink dev`` and the Pulumi provider can call it on every run; like a
+    device's, a revoked credential is not revived by issuing the same hash again.
+    """
+    with conn.transaction():
+        with _refusals("service_account", {"username": username, "password_hash": _shown(credential)}):
+            row = conn.execute(
+                "INSERT INTO service_accounts AS s (username, tenant_id, credential) VALUES (%s, %s, %s)"
+                " ON CONFLICT (username) DO UPDATE"
+                " SET credential = EXCLUDED.credential, tenant_id = EXCLUDED.tenant_id,"
+                " issued_at = now(), revoked_at = NULL"
+                " WHERE (s.credential, s.tenant_id)"
+                " IS DISTINCT FROM (EXCLUDED.credential, EXCLUDED.tenant_id)"
+                " RETURNING username",
+                (username, tenant_id, credential),
+            ).fetchone()
+        if row is None:
+            return False
+        record_event(conn, actor=actor, action="credential.issued", subject=username, tenant_id=tenant_id)
+    return True
+
+
+def issue_device_credential(
+    conn: psycopg.Connection, tenant_id: str, site_id: str, machine_id: str, credential: str, *, actor: str
+) -> str:
+    """Store (or rotate) a registered machine's ``$7$`` credential; returns the device username."""
+    with conn.transaction():
+        username = _store_device_credential(conn, tenant_id, site_id, machine_id, credential)
+        record_event(conn, actor=actor, action="credential.issued", subject=username, tenant_id=tenant_id)
+    return username
+
+
+def revoke_credential(conn: psycopg.Connection, username: str, *, actor: str) -> bool:
+    """Revoke a device's or service's credential: it can no longer log in through EMQX."""
+    with conn.transaction():
+        for table in ("devices", "service_accounts"):
+            query = sql.SQL(
+                "UPDATE {} SET revoked_at = now() WHERE username = %s AND revoked_at IS NULL"
+                " RETURNING tenant_id"
+            ).format(sql.Identifier(table))
+            row = conn.execute(query, (username,)).fetchone()
+            if row is not None:
+                record_event(
+                    conn, actor=actor, action="credential.revoked", subject=username, tenant_id=row[0]
+                )
+                return True
+    return False

@@ -1,0 +1,394 @@
+"""What each phase really changes, asserted on the plan of every stack (the real program under the
+mock engine). Each test is a policy; a failure names the stack and the resource that broke it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pulumi.runtime.sync_await import _sync_await
+from pyhocon import ConfigFactory
+
+from components.influxdb import influxdb_url
+from components.render.kubernetes import ROLE_BACKUP, ROLE_BROKER, ROLE_GRAFANA, ROLE_INGEST
+from infra.plan import SECRET, Plan, PlannedResource
+from infra.tenancy import INGEST_SERVICE, influxdb_instance
+from ingest.settings import WorkerSettings
+from tests.pulumi_mocks import (
+    PLANS,
+    STACKS,
+    broker,
+    env_of,
+    pod_spec,
+    stack_config,
+    stack_plan,
+    stacks_of,
+    workloads,
+)
+
+pytestmark = PLANS
+
+PHASE_A, PHASE_B, PHASE_C = stacks_of("A"), stacks_of("B"), stacks_of("C")
+# Resources that hold or guard data: protected where the stack protects stateful resources.
+STATEFUL = [
+    ("StatefulSet", "postgres"),
+    ("StatefulSet", "influxdb"),
+    ("Secret", "postgres-credentials"),
+    ("Secret", "influxdb-auth"),
+    ("Namespace", "ironlink"),
+    ("SelfSignedCert", None),
+]
+
+
+def names(resources: list[PlannedResource]) -> list[str]:
+    return [f"{r.kind} {r.name}" for r in resources]
+
+
+def emqx_conf(plan: Plan) -> Any:
+    return ConfigFactory.parse_string(plan.one("ConfigMap", "emqx-config").get("data")["emqx.conf"])
+
+
+# ---------------------------------------------------------------------------------- phase A
+@pytest.mark.parametrize("stack", PHASE_A)
+def test_phase_a_runs_one_mosquitto_reachable_only_over_tls(stack: str) -> None:
+    plan = stack_plan(stack)
+    brokers = [
+        w for w in workloads(plan) if w.get("metadata.labels")["app.kubernetes.io/component"] == ROLE_BROKER
+    ]
+    assert names(brokers) == ["StatefulSet mosquitto"], f"{stack}: phase A has exactly one Mosquitto"
+    assert brokers[0].get("spec.replicas") == 1
+    service = plan.one("Service", "mosquitto")
+    assert [p["port"] for p in service.get("spec.ports")] == [8883], (
+        f"{stack}: Service mosquitto must expose only 8883"
+    )
+    conf = plan.one("ConfigMap", "mosquitto-config").get("data")["mosquitto.conf"]
+    assert "listener 8883" in conf and "listener 1883" not in conf, f"{stack}: mosquitto.conf opens 1883"
+    assert "allow_anonymous false" in conf
+
+
+@pytest.mark.parametrize("stack", PHASE_A)
+def test_phase_a_has_no_disruption_budgets_and_protects_nothing(stack: str) -> None:
+    plan = stack_plan(stack)
+    assert names(plan.find("PodDisruptionBudget")) == [], f"{stack}: phase A declares PDBs"
+    assert names([r for r in plan.resources if r.protect]) == [], f"{stack}: phase A protects resources"
+    assert plan.find("HorizontalPodAutoscaler") == []
+
+
+@pytest.mark.parametrize("stack", PHASE_A)
+def test_mosquitto_password_file_holds_the_worker_identity_as_a_secret(stack: str) -> None:
+    plan = stack_plan(stack)
+    assert plan.one("Secret", "mosquitto-passwd").get("stringData") == {"passwd": SECRET}
+    # the real (unmasked) file: what the component computed from the worker's generated password
+    acl = plan.one("ConfigMap", "mosquitto-config").get("data")["acl"]
+    assert f"user {INGEST_SERVICE}" in acl
+
+
+# ---------------------------------------------------------------------------------- phase B
+@pytest.mark.parametrize("stack", PHASE_B + PHASE_C)
+def test_phases_b_and_c_run_emqx(stack: str) -> None:
+    plan = stack_plan(stack)
+    assert plan.find("StatefulSet", "mosquitto") == [], f"{stack}: Mosquitto outside phase A"
+    node = broker(plan)
+    assert node.get("spec.template.spec.containers.0.image").startswith("emqx/emqx:5.")
+    assert node.get("spec.replicas") == stack_config(stack).broker.nodes
+
+
+@pytest.mark.parametrize("stack", PHASE_B + PHASE_C)
+@pytest.mark.parametrize(("kind", "name"), STATEFUL)
+def test_stateful_resources_are_protected_in_b_and_c(stack: str, kind: str, name: str | None) -> None:
+    for resource in stack_plan(stack).find(kind, name):
+        assert resource.protect, f"{stack}: {resource.kind} {resource.name} holds data and must be protected"
+
+
+@pytest.mark.parametrize("stack", PHASE_B + PHASE_C)
+def test_broker_statefulset_and_backup_volumes_are_protected(stack: str) -> None:
+    plan = stack_plan(stack)
+    assert broker(plan).protect, f"{stack}: StatefulSet {broker(plan).name} must be protected"
+    backups = plan.find("PersistentVolumeClaim")
+    assert {"influxdb-backup", "postgres-backup"} <= {r.name for r in backups}
+    assert all(r.protect for r in backups), (
+        f"{stack}: unprotected volumes {names([r for r in backups if not r.protect])}"
+    )
+
+
+@pytest.mark.parametrize("stack", PHASE_B + PHASE_C)
+def test_stateless_resources_stay_unprotected(stack: str) -> None:
+    plan = stack_plan(stack)
+    for kind in ("Deployment", "Service", "ConfigMap", "NetworkPolicy", "PodDisruptionBudget"):
+        protected = [r for r in plan.find(kind) if r.protect]
+        assert protected == [], f"{stack}: {names(protected)} are protected but hold no data"
+
+
+@pytest.mark.parametrize("stack", PHASE_B + PHASE_C)
+def test_the_worker_autoscales_within_the_configured_bounds(stack: str) -> None:
+    plan = stack_plan(stack)
+    bounds = stack_config(stack).ingest.autoscaling
+    assert bounds is not None
+    hpa = plan.one("HorizontalPodAutoscaler", "ingest")
+    assert hpa.get("spec.scaleTargetRef") == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "ingest"}
+    assert (hpa.get("spec.minReplicas"), hpa.get("spec.maxReplicas")) == (
+        bounds.min_replicas,
+        bounds.max_replicas,
+    )
+    assert hpa.get("spec.metrics.0.resource.target.averageUtilization") == bounds.target_cpu_percent
+    assert plan.one("Deployment", "ingest").get("spec.replicas") is None, (
+        "the HPA, not pulumi up, owns the replicas"
+    )
+
+
+@pytest.mark.parametrize("stack", PHASE_B + PHASE_C)
+def test_databases_are_backed_up_on_schedule(stack: str) -> None:
+    plan, config = stack_plan(stack), stack_config(stack)
+    for name, schedule in (
+        ("influxdb", config.influxdb.backup_schedule),
+        ("postgres", config.postgres.backup_schedule),
+    ):
+        job = plan.one("CronJob", f"{name}-backup")
+        assert job.get("spec.schedule") == schedule and job.get("spec.concurrencyPolicy") == "Forbid"
+
+
+# ---------------------------------------------------------------------------------- phase C
+@pytest.mark.parametrize("stack", PHASE_C)
+def test_phase_c_broker_survives_a_node_drain(stack: str) -> None:
+    plan = stack_plan(stack)
+    node = broker(plan)
+    assert node.get("spec.replicas") >= 3, f"{stack}: StatefulSet emqx needs 3+ nodes"
+    budget = plan.one("PodDisruptionBudget", "emqx")
+    assert budget.get("spec.minAvailable") >= 2, f"{stack}: PodDisruptionBudget emqx must keep 2+ nodes"
+    assert budget.get("spec.selector.matchLabels") == node.get("spec.selector.matchLabels")
+    terms = node.get(
+        "spec.template.spec.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+    )
+    assert terms and terms[0]["topologyKey"] == "kubernetes.io/hostname", (
+        f"{stack}: emqx nodes may share a host"
+    )
+
+
+@pytest.mark.parametrize("stack", PHASE_C)
+def test_phase_c_devices_need_a_client_certificate(stack: str) -> None:
+    plan = stack_plan(stack)
+    ssl = emqx_conf(plan)["listeners.ssl.default.ssl_options"]
+    assert (ssl["verify"], ssl["fail_if_no_peer_cert"]) == ("verify_peer", True), (
+        f"{stack}: ConfigMap emqx-config"
+    )
+    worker_files = plan.one("Secret", "ingest-credentials").get("stringData")
+    assert {"tls.crt", "tls.key", "ca.crt"} <= set(worker_files), (
+        f"{stack}: the worker has no client certificate"
+    )
+    client = plan.one("CertRequest", "ingest-client-csr")
+    assert client.get("subject.commonName") == INGEST_SERVICE
+
+
+@pytest.mark.parametrize("stack", PHASE_C)
+def test_phase_c_grafana_is_ha_on_postgres(stack: str) -> None:
+    plan = stack_plan(stack)
+    grafana = plan.one("Deployment", "grafana")
+    assert grafana.get("spec.replicas") >= 2
+    env = env_of(grafana)
+    assert env["GF_DATABASE_TYPE"] == "postgres" and env["GF_DATABASE_HOST"].startswith("postgres.")
+    assert env["GF_DATABASE_PASSWORD"] == {
+        "secretKeyRef": {"key": "database-password", "name": "grafana-credentials"}
+    }
+    gossip = plan.one("Service", "grafana-gossip")
+    assert gossip.get("spec.clusterIP") == "None"
+    assert {(p["port"], p["protocol"]) for p in gossip.get("spec.ports")} == {(9094, "TCP"), (9094, "UDP")}
+    assert plan.one("PodDisruptionBudget", "grafana").get("spec.maxUnavailable") == 1
+
+
+@pytest.mark.parametrize("stack", PHASE_A + PHASE_B)
+def test_below_phase_c_grafana_keeps_sqlite_on_a_volume(stack: str) -> None:
+    plan = stack_plan(stack)
+    assert "GF_DATABASE_TYPE" not in env_of(plan.one("Deployment", "grafana"))
+    assert plan.find("Service", "grafana-gossip") == []
+    assert plan.one("Deployment", "grafana").get("spec.strategy.type") == "Recreate"
+
+
+@pytest.mark.parametrize("stack", PHASE_C)
+def test_phase_c_keeps_device_addresses_at_the_broker(stack: str) -> None:
+    assert stack_plan(stack).one("Service", "emqx").get("spec.externalTrafficPolicy") == "Local"
+
+
+# ------------------------------------------------------------------------------ every stack
+@pytest.mark.parametrize("stack", PHASE_B + PHASE_C)
+def test_emqx_cluster_discovery_and_plaintext_switch(stack: str) -> None:
+    plan = stack_plan(stack)
+    env = env_of(broker(plan))
+    assert env["EMQX_CLUSTER__DISCOVERY_STRATEGY"] == "k8s"
+    assert env["EMQX_LISTENERS__TCP__DEFAULT__ENABLE"] == "false", (
+        f"{stack}: StatefulSet emqx enables plaintext"
+    )
+    assert env["EMQX_NODE__COOKIE"] == {"secretKeyRef": {"key": "cookie", "name": "emqx-secrets"}}
+    headless = plan.one("Service", "emqx-headless")
+    assert headless.get("spec.clusterIP") == "None" and headless.get("spec.publishNotReadyAddresses") is True
+    role = plan.one("Role", "emqx-discovery")
+    assert role.get("rules") == [
+        {"apiGroups": [""], "resources": ["endpoints"], "verbs": ["get", "watch", "list"]}
+    ]
+    assert emqx_conf(plan)["authorization.no_match"] == "deny"
+    assert [p["port"] for p in plan.one("Service", "emqx").get("spec.ports")] == [8883]
+
+
+def ingress_sources(plan: Plan, name: str) -> tuple[set[tuple[str, str]], bool]:
+    """The (label, value) pairs of every pod allowed into ``name``, and whether anything else is."""
+    policy = plan.one("NetworkPolicy", name)
+    peers = [peer for rule in policy.get("spec.ingress") for peer in rule.get("from", [None])]
+    labels = {
+        item for peer in peers if peer for item in peer.get("podSelector", {}).get("matchLabels", {}).items()
+    }
+    return labels, any(peer is None or "podSelector" not in peer for peer in peers)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_namespace_denies_ingress_by_default(stack: str) -> None:
+    policy = stack_plan(stack).one("NetworkPolicy", "default-deny")
+    assert policy.get("spec") == {"podSelector": {}, "policyTypes": ["Ingress"]}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_only_the_worker_grafana_broker_and_backups_reach_the_databases(stack: str) -> None:
+    plan = stack_plan(stack)
+    allowed_roles = {ROLE_INGEST, ROLE_GRAFANA, ROLE_BROKER, ROLE_BACKUP}
+    for database in ["postgres", *(i.name for i in plan.find("InfluxDB"))]:
+        labels, open_to_all = ingress_sources(plan, database)
+        assert not open_to_all, f"{stack}: NetworkPolicy {database} lets any pod in"
+        roles = {value for key, value in labels if key == "app.kubernetes.io/component"}
+        assert roles and roles <= allowed_roles, (
+            f"{stack}: NetworkPolicy {database} admits {roles - allowed_roles}"
+        )
+    influx_roles = {v for k, v in ingress_sources(plan, "influxdb")[0] if k == "app.kubernetes.io/component"}
+    assert {ROLE_INGEST, ROLE_GRAFANA} <= influx_roles and ROLE_BROKER not in influx_roles
+    postgres_roles = {
+        v for k, v in ingress_sources(plan, "postgres")[0] if k == "app.kubernetes.io/component"
+    }
+    assert ROLE_INGEST not in postgres_roles, f"{stack}: the worker has no business in the registry database"
+    assert (ROLE_BROKER in postgres_roles) == (stack_config(stack).broker.engine == "emqx")
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_devices_reach_only_the_broker_tls_port(stack: str) -> None:
+    plan = stack_plan(stack)
+    open_rules = [
+        (policy.name, rule)
+        for policy in plan.find("NetworkPolicy")
+        for rule in policy.get("spec.ingress", [])
+        if "from" not in rule
+    ]
+    for name, rule in open_rules:
+        ports = tuple(p["port"] for p in rule["ports"])
+        assert (name, ports) in {(broker(plan).name, (8883,)), ("grafana", (3000,))}, (
+            f"{stack}: NetworkPolicy {name} opens {ports} to anyone"
+        )
+    assert any(name == broker(plan).name for name, _ in open_rules), (
+        f"{stack}: devices cannot reach the broker"
+    )
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_pod_runs_non_root_on_a_read_only_root_filesystem(stack: str) -> None:
+    plan = stack_plan(stack)
+    for workload in workloads(plan):
+        spec = pod_spec(workload)
+        where = f"{stack}: {workload.kind} {workload.name}"
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] > 0, (
+            where
+        )
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True, (
+                f"{where}: container {container['name']} writes its root"
+            )
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"] == {"drop": ["ALL"]}, where
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_only_emqx_gets_a_kubernetes_api_token(stack: str) -> None:
+    plan = stack_plan(stack)
+    with_token = [w.name for w in workloads(plan) if pod_spec(w)["automountServiceAccountToken"]]
+    assert with_token == (["emqx"] if stack_config(stack).broker.engine == "emqx" else [])
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_requests_and_limits_come_from_the_config(stack: str) -> None:
+    plan, config = stack_plan(stack), stack_config(stack)
+    sections: dict[str, Any] = {
+        "postgres": config.postgres,
+        "influxdb": config.influxdb,
+        "grafana": config.grafana,
+        "ingest": config.ingest,
+        broker(plan).name: config.broker,
+    }
+    for name, section in sections.items():
+        workload = plan.find("StatefulSet", name) or plan.find("Deployment", name)
+        resources = pod_spec(workload[0])["containers"][0]["resources"]
+        assert resources["requests"] == section.resources.requests.model_dump(), f"{stack}: {name} requests"
+        assert resources["limits"] == section.resources.limits.model_dump(), f"{stack}: {name} limits"
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_secret_values_never_appear_in_the_plan(stack: str) -> None:
+    plan = stack_plan(stack)
+    for secret in plan.find("Secret"):
+        values = secret.get("stringData")
+        assert values and set(values.values()) == {SECRET}, f"{stack}: Secret {secret.name} shows a value"
+    for password in plan.find("RandomPassword"):
+        assert "result" not in password.inputs
+    for workload in workloads(plan):
+        for container in pod_spec(workload)["containers"]:
+            for entry in container.get("env", []):
+                name = entry["name"]
+                if name.endswith(("PASSWORD", "TOKEN", "COOKIE")):
+                    assert "valueFrom" in entry, f"{stack}: {workload.name} sets {name} in plain text"
+
+
+@pytest.mark.parametrize("stack", [*PHASE_A[:1], *PHASE_C[:1]])
+def test_generated_credentials_are_pulumi_secrets(stack: str) -> None:
+    platform = stack_plan(stack).platform
+    outputs = {
+        "grafana admin password": platform.grafana.admin_password,
+        "influxdb operator token": platform.influxdb.admin_token,
+        "postgres owner password": platform.postgres.owner_password,
+        "postgres dsn": platform.postgres.dsn,
+        "ingest broker password": platform.ingest_credential.password,
+        "ingest broker hash": platform.ingest_credential.password_hash,
+        "CA private key": platform.ca.private_key_pem,
+    }
+    for what, output in outputs.items():
+        assert _sync_await(output.is_secret()), f"{stack}: the {what} is not a Pulumi secret"
+    assert not _sync_await(platform.ca.cert_pem.is_secret()), "the CA certificate is public"
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_worker_reads_its_deployment_environment_and_reaches_every_store(stack: str) -> None:
+    plan, config = stack_plan(stack), stack_config(stack)
+    deployment = plan.one("Deployment", "ingest")
+    env = env_of(deployment)
+    assert env["IRONLINK_MQTT_PASSWORD"] == {
+        "secretKeyRef": {"key": "mqtt-password", "name": "ingest-credentials"}
+    }
+    plain = {name: value for name, value in env.items() if isinstance(value, str)}
+    settings = WorkerSettings.from_env(
+        {**plain, "IRONLINK_MQTT_PASSWORD": "x"}
+    )  # what `python -m ingest` reads
+    assert settings.mqtt_host == f"{broker(plan).name}.{config.cluster.namespace}.svc.cluster.local"
+    assert set(settings.tenants) == {tenant.id for tenant in config.tenants}
+    instances = {influxdb_instance(config, tenant) for tenant in config.tenants} | {"influxdb"}
+    assert set(settings.store_urls) == instances, f"{stack}: the worker cannot reach every InfluxDB instance"
+    # Level-3 instances are declared by their tenants' components, under the same naming rule.
+    assert settings.store_urls == {i: influxdb_url(config.cluster.namespace, i) for i in instances}
+    shared = plan.one("Service", "influxdb").get("spec.ports.0.port")
+    assert settings.store_urls["influxdb"].endswith(
+        f"influxdb.{config.cluster.namespace}.svc.cluster.local:{shared}"
+    )
+    mounted = pod_spec(deployment)["containers"][0]["volumeMounts"]
+    secrets_dir = next(m["mountPath"] for m in mounted if m["name"] == "credentials")
+    files = set(plan.one("Secret", "ingest-credentials").get("stringData"))
+    assert (
+        str(settings.store_tokens_file) == f"{secrets_dir}/store-tokens.json" and "store-tokens.json" in files
+    )
+    assert settings.mqtt_ca_file is not None and settings.mqtt_ca_file.name in files
+    mtls = config.broker.tls == "mtls"
+    assert (settings.mqtt_cert_file is not None) == mtls, f"{stack}: client certificate only under mutual TLS"
+    http = pod_spec(deployment)["containers"][0]["ports"][0]["containerPort"]
+    assert http == settings.http_port, f"{stack}: probes must hit the worker's HTTP port"
