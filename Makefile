@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STACK ?= dev
 # Real servers the integration tests start themselves (never mocked): see tests/services.py.
 DEBIAN_PACKAGES := mosquitto mosquitto-clients postgresql victoria-metrics prometheus openssl
+# ps and ss, which pytest-testinfra's process and socket checks run (tests/infra/).
+DEBIAN_PACKAGES += procps iproute2
 
 .PHONY: deps system-deps plan plan-all test lint bench clean
 

@@ -11,14 +11,20 @@ once to load the SDKs, then times ``infra.plan.build_plan`` for the generated st
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from infra.config import PlatformConfig, parse_platform
+# `python bench/plan.py` puts bench/ first on sys.path, where bench/ingest.py would shadow the
+# `ingest` package that the program imports.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+
+from infra.config import PlatformConfig, parse_platform  # noqa: E402
 
 TIERS = ("basic", "standard", "premium")
 MACHINE_TYPES = ("cnc_mill", "hydraulic_press", "conveyor")
@@ -91,13 +97,15 @@ def main() -> None:
             f"{row['peak_rss_mib']:>13.1f} {per_tenant * 1000:>7.2f}ms"
         )
     base = rows[0]
-    for previous, row in zip(rows, rows[1:], strict=False):
+    for previous, row in itertools.pairwise(rows):
         print(
             f"t{row['tenants']}/t{previous['tenants']} = {row['seconds'] / previous['seconds']:.2f}"
             f" (x{row['tenants'] / previous['tenants']:.0f} tenants)"
         )
     if len(rows) > 1:
-        print(f"t{rows[-1]['tenants']}/t{base['tenants']} = {rows[-1]['seconds'] / base['seconds']:.2f} vs the baseline")
+        ratio = rows[-1]["seconds"] / base["seconds"]
+        last, first = rows[-1]["tenants"], base["tenants"]
+        print(f"t{last}/t{first} = {ratio:.2f} against the {first}-tenant baseline")
 
 
 if __name__ == "__main__":

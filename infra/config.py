@@ -93,6 +93,8 @@ def _is_union_tag(part: str | int) -> bool:
 
 # ------------------------------------------------------------------------------- value formats
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+# The same rule as a pattern string, for JSON Schema and pydantic-core (ingest/contract.py).
+DNS_LABEL_PATTERN = _DNS_LABEL.pattern
 _QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
 _RATE = re.compile(r"^\d+(\.\d+)?(KB|MB|GB)?/(s|m|h)$")
 _SIZE = re.compile(r"^\d+(KB|MB)?$")
@@ -389,7 +391,11 @@ PHASE_PRESETS: dict[str, dict[str, Any]] = {
             "storage": "5Gi",
             "resources": _compute("100m", "256Mi", "500m", "1Gi"),
         },
-        "grafana": {"image": _IMAGES["grafana"], "replicas": 1, "resources": _compute("100m", "128Mi", "500m", "512Mi")},
+        "grafana": {
+            "image": _IMAGES["grafana"],
+            "replicas": 1,
+            "resources": _compute("100m", "128Mi", "500m", "512Mi"),
+        },
         "ingest": {
             "image": _IMAGES["ingest"],
             "replicas": 1,
@@ -428,7 +434,11 @@ PHASE_PRESETS: dict[str, dict[str, Any]] = {
             "resources": _compute("250m", "512Mi", "1", "2Gi"),
             "backup_schedule": "30 2 * * *",
         },
-        "grafana": {"image": _IMAGES["grafana"], "replicas": 1, "resources": _compute("200m", "256Mi", "1", "1Gi")},
+        "grafana": {
+            "image": _IMAGES["grafana"],
+            "replicas": 1,
+            "resources": _compute("200m", "256Mi", "1", "1Gi"),
+        },
         "ingest": {
             "image": _IMAGES["ingest"],
             "replicas": 2,
@@ -468,7 +478,11 @@ PHASE_PRESETS: dict[str, dict[str, Any]] = {
             "resources": _compute("1", "2Gi", "2", "4Gi"),
             "backup_schedule": "0 */6 * * *",
         },
-        "grafana": {"image": _IMAGES["grafana"], "replicas": 2, "resources": _compute("500m", "512Mi", "2", "2Gi")},
+        "grafana": {
+            "image": _IMAGES["grafana"],
+            "replicas": 2,
+            "resources": _compute("500m", "512Mi", "2", "2Gi"),
+        },
         "ingest": {
             "image": _IMAGES["ingest"],
             "replicas": 3,
@@ -511,19 +525,29 @@ def _rule_broker_cluster(s: Sections) -> Iterator[Problem]:
     broker: Broker = s["broker"]
     if s["phase"] == "C" and (broker.engine != "emqx" or broker.nodes < 3):
         if broker.engine != "emqx":
-            yield Problem(_path(["broker", "engine"]), f"{broker.engine!r} cannot cluster; phase C needs 'emqx'")
+            yield Problem(
+                _path(["broker", "engine"]), f"{broker.engine!r} cannot cluster; phase C needs 'emqx'"
+            )
         if broker.nodes < 3:
-            yield Problem(_path(["broker", "nodes"]), f"{broker.nodes} is too few; phase C needs a cluster of 3+ nodes")
+            yield Problem(
+                _path(["broker", "nodes"]), f"{broker.nodes} is too few; phase C needs a cluster of 3+ nodes"
+            )
     if broker.engine == "mosquitto" and broker.nodes != 1:
-        yield Problem(_path(["broker", "nodes"]), f"{broker.nodes} nodes: Mosquitto does not cluster, use 1 or 'emqx'")
+        yield Problem(
+            _path(["broker", "nodes"]), f"{broker.nodes} nodes: Mosquitto does not cluster, use 1 or 'emqx'"
+        )
     if broker.engine == "emqx" and broker.nodes % 2 == 0:
-        yield Problem(_path(["broker", "nodes"]), f"{broker.nodes} is even; an EMQX open-source cluster needs an odd size")
+        yield Problem(
+            _path(["broker", "nodes"]),
+            f"{broker.nodes} is even; an EMQX open-source cluster needs an odd size",
+        )
     if broker.engine == "mosquitto":
         for name in ("messages_rate", "bytes_rate", "max_conn_rate"):
             if getattr(broker.limits, name) is not None:
                 yield Problem(
                     _path(["broker", "limits", name]),
-                    f"{getattr(broker.limits, name)!r} cannot be enforced by Mosquitto (use engine 'emqx' or unset it)",
+                    f"{getattr(broker.limits, name)!r} cannot be enforced by Mosquitto "
+                    "(use engine 'emqx' or unset it)",
                 )
 
 
@@ -536,7 +560,8 @@ def _rule_single_node_influxdb(s: Sections) -> Iterator[Problem]:
     if s["influxdb"].replicas != 1:
         yield Problem(
             _path(["influxdb", "replicas"]),
-            f"{s['influxdb'].replicas} replicas: InfluxDB 2.x OSS does not cluster; use backups, or isolation level 3",
+            f"{s['influxdb'].replicas} replicas: InfluxDB 2.x OSS does not cluster; "
+            "use backups, or isolation level 3",
         )
 
 
@@ -553,39 +578,55 @@ def _rule_autoscaling(s: Sections) -> Iterator[Problem]:
     if not bounds.min_replicas <= ingest.replicas <= bounds.max_replicas:
         yield Problem(
             _path(["ingest", "replicas"]),
-            f"{ingest.replicas} is outside the autoscaling bounds {bounds.min_replicas}..{bounds.max_replicas}",
+            f"{ingest.replicas} is outside the autoscaling bounds "
+            f"{bounds.min_replicas}..{bounds.max_replicas}",
         )
 
 
 def _rule_tenants(s: Sections) -> Iterator[Problem]:
     tiers = s["influxdb"].retention_tiers if "influxdb" in s else None
-    default_isolation = s.get("default_isolation")
     quota: TenantQuota | None = s["broker"].tenant_quota if "broker" in s else None
     seen: dict[str, int] = {}
     for index, tenant in s["tenants"]:
         if tenant.id in seen:
-            yield Problem(_path(["tenants", index, "id"]), f"{tenant.id!r} is already used by tenants[{seen[tenant.id]}]")
+            yield Problem(
+                _path(["tenants", index, "id"]),
+                f"{tenant.id!r} is already used by tenants[{seen[tenant.id]}]",
+            )
         seen.setdefault(tenant.id, index)
         if tiers is not None and tenant.tier not in tiers:
             yield Problem(
                 _path(["tenants", index, "tier"]),
                 f"{tenant.tier!r} is not a retention tier (known: {', '.join(sorted(tiers))})",
             )
-        level = tenant.isolation if tenant.isolation is not None else default_isolation
-        if "phase" in s and level is not None and level > MAX_ISOLATION[s["phase"]]:
-            where = ["tenants", index, "isolation"] if tenant.isolation is not None else ["default_isolation"]
-            yield Problem(_path(where), f"{level} is not available in phase {s['phase']} (level 3 needs phase C)")
+        if "phase" in s and tenant.isolation is not None and tenant.isolation > MAX_ISOLATION[s["phase"]]:
+            yield Problem(
+                _path(["tenants", index, "isolation"]),
+                f"{tenant.isolation} is not available in phase {s['phase']} (level 3 needs phase C)",
+            )
         yield from _unique_ids(tenant.sites, ["tenants", index, "sites"])
         for site_index, site in enumerate(tenant.sites):
             yield from _unique_ids(site.machines, ["tenants", index, "sites", site_index, "machines"])
-        limit = (tenant.quota or quota).max_devices if (tenant.quota or quota) else None
+        effective_quota = tenant.quota or quota
+        limit = effective_quota.max_devices if effective_quota else None
         count = sum(len(site.machines) for site in tenant.sites)
         if limit is not None and count > limit:
-            yield Problem(_path(["tenants", index, "sites"]), f"{count} machines exceed the tenant quota of {limit} devices")
+            yield Problem(
+                _path(["tenants", index, "sites"]),
+                f"{count} machines exceed the tenant quota of {limit} devices",
+            )
 
 
 # Tenant ids whose derived names would be the platform's own: svc.<tenant> == svc.ingest, the worker.
 RESERVED_TENANT_IDS = frozenset({"ingest"})
+
+
+def _rule_default_isolation(s: Sections) -> Iterator[Problem]:
+    if s["default_isolation"] > MAX_ISOLATION[s["phase"]]:
+        yield Problem(
+            _path(["default_isolation"]),
+            f"{s['default_isolation']} is not available in phase {s['phase']} (level 3 needs phase C)",
+        )
 
 
 def _rule_reserved_tenant_ids(s: Sections) -> Iterator[Problem]:
@@ -601,7 +642,9 @@ def _unique_ids(items: Iterable[Site | Machine], where: list[str | int]) -> Iter
     seen: dict[str, int] = {}
     for index, item in enumerate(items):
         if item.id in seen:
-            yield Problem(_path([*where, index, "id"]), f"{item.id!r} is already used by {where[-1]}[{seen[item.id]}]")
+            yield Problem(
+                _path([*where, index, "id"]), f"{item.id!r} is already used by {where[-1]}[{seen[item.id]}]"
+            )
         seen.setdefault(item.id, index)
 
 
@@ -615,6 +658,7 @@ _RULES: list[tuple[tuple[str, ...], Callable[[Sections], Iterator[Problem]]]] = 
     (("ingest",), _rule_autoscaling),
     (("tenants",), _rule_tenants),
     (("tenants",), _rule_reserved_tenant_ids),
+    (("phase", "default_isolation"), _rule_default_isolation),
 ]
 
 
@@ -644,7 +688,7 @@ def parse_platform(raw: Mapping[str, Any], stack: str | None = None) -> Platform
         if name not in merged or name == "tenants":
             continue
         try:
-            sections[name] = TypeAdapter(field.annotation).validate_python(merged[name])
+            sections[name] = TypeAdapter(field.annotation or Any).validate_python(merged[name])
         except ValidationError as error:
             problems.extend(_problems_from(error, (name,)))
 

@@ -8,6 +8,7 @@ names and checks bounds with it, and the simulator draws realistic values from i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,22 @@ class MachineType:
     temperature_metric: str | None = None
 
     def metric(self, name: str) -> Metric | None:
-        return next((m for m in self.metrics if m.name == name), None)
+        return self._by_name.get(name)
 
     def canonical_name(self, signal: str) -> str | None:
         """Canonical metric name for a canonical or vendor signal name, None when unknown."""
-        for metric in self.metrics:
-            if signal == metric.name or signal in metric.vendor_signals:
-                return metric.name
-        return None
+        return self._by_signal.get(signal)
+
+    # Lookups by name: the worker asks these for every metric of every message.
+    @cached_property
+    def _by_name(self) -> dict[str, Metric]:
+        return {metric.name: metric for metric in self.metrics}
+
+    @cached_property
+    def _by_signal(self) -> dict[str, str]:
+        return {
+            signal: metric.name for metric in self.metrics for signal in (metric.name, *metric.vendor_signals)
+        }
 
 
 MACHINE_TYPES: dict[str, MachineType] = {

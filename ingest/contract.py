@@ -33,7 +33,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from infra.config import MachineId, MachineTypeName, SiteId, TenantId
+from infra.config import DNS_LABEL_PATTERN, MachineTypeName
 from infra.tenancy import TELEMETRY_LEAF, TOPIC_ROOT
 from ingest.catalog import MACHINE_TYPES, MachineType, Metric
 
@@ -144,13 +144,25 @@ _MACHINE_TYPE_NAMES: list[JsonValue] = [*sorted(MACHINE_TYPES)]
 
 class _Payload(BaseModel):
     """What every version shares. Strict (no "12" for 12, no extra keys): the contract is the moat,
-    and a field nobody validates today is a field nobody can rely on tomorrow."""
+    and a field nobody validates today is a field nobody can rely on tomorrow. Ids follow the stack
+    config's rules (``infra.config.TenantId`` & co.), checked in pydantic-core rather than Python
+    because every message pays for them; they also keep tags safe to write unescaped."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
-    tenant_id: TenantId = Field(description="Tenant id; must equal the topic's tenant level.")
-    site_id: SiteId = Field(description="Site id; must equal the topic's site level.")
-    machine_id: MachineId = Field(description="Machine id; must equal the topic's machine level.")
+    tenant_id: str = Field(
+        pattern=DNS_LABEL_PATTERN,
+        max_length=32,
+        description="Tenant id; must equal the topic's tenant level.",
+    )
+    site_id: str = Field(
+        pattern=DNS_LABEL_PATTERN, max_length=32, description="Site id; must equal the topic's site level."
+    )
+    machine_id: str = Field(
+        pattern=DNS_LABEL_PATTERN,
+        max_length=48,
+        description="Machine id; must equal the topic's machine level.",
+    )
     status: Status = Field(description="Operating state of the machine at `ts`.")
 
 
@@ -184,7 +196,9 @@ class TelemetryV2(_Payload):
         machine_type = MACHINE_TYPES.get(info.data.get("machine_type", ""))
         if machine_type is not None:
             for name, value in metrics.items():
-                check_metric(machine_type, name, value)
+                metric = machine_type.metric(name)
+                if metric is None or not metric.minimum <= value <= metric.maximum:
+                    check_metric(machine_type, name, value)
         return metrics
 
 
@@ -306,8 +320,14 @@ def decode(
 
 def _topic_mismatch(key: MachineKey, message: TelemetryV1 | TelemetryV2) -> str | None:
     """A device may only speak for the machine its topic (and so its broker identity) names."""
-    for field, expected in zip(("tenant_id", "site_id", "machine_id"), key, strict=True):
-        value = getattr(message, field)
+    if (message.tenant_id, message.site_id, message.machine_id) == key:
+        return None
+    for field, value, expected in zip(
+        ("tenant_id", "site_id", "machine_id"),
+        (message.tenant_id, message.site_id, message.machine_id),
+        key,
+        strict=True,
+    ):
         if value != expected:
             return f"{field}: {value!r} does not match the topic's {expected!r}"
     return None

@@ -34,6 +34,8 @@ class _Machine:
     last_status: str
     last_temperature: float | None
     spans: deque[_Span] = field(default_factory=deque)
+    # Seconds per status within the window, kept in step with ``spans`` (O(1) per sample).
+    seconds: dict[str, float] = field(default_factory=lambda: {"running": 0.0, "stopped": 0.0, "fault": 0.0})
 
 
 class DerivedMetrics:
@@ -55,12 +57,11 @@ class DerivedMetrics:
             return {}
         self._credit(machine, sample.ts)
         derived: dict[str, float] = {}
-        observed = sum(span.end - span.start for span in machine.spans)
+        seconds = machine.seconds
+        observed = seconds["running"] + seconds["stopped"] + seconds["fault"]
         if observed > 0:
-            running = sum(span.end - span.start for span in machine.spans if span.status == "running")
-            fault = sum(span.end - span.start for span in machine.spans if span.status == "fault")
-            derived["duty_cycle_pct"] = 100.0 * running / observed
-            derived["uptime_pct"] = 100.0 * (observed - fault) / observed
+            derived["duty_cycle_pct"] = min(100.0, 100.0 * seconds["running"] / observed)
+            derived["uptime_pct"] = max(0.0, 100.0 * (observed - seconds["fault"]) / observed)
         if temperature is not None and machine.last_temperature is not None:
             derived["temp_delta_c"] = temperature - machine.last_temperature
         machine.last_ts, machine.last_status = sample.ts, sample.status
@@ -71,13 +72,16 @@ class DerivedMetrics:
     def _credit(self, machine: _Machine, now: float) -> None:
         """Credit ``[last_ts, now)`` (capped) to the last status and drop what left the window."""
         start = max(machine.last_ts, now - self.max_gap_s)
-        spans = machine.spans
-        if spans and spans[-1].status == machine.last_status and spans[-1].end == machine.last_ts == start:
+        spans, seconds = machine.spans, machine.seconds
+        seconds[machine.last_status] += now - start
+        if spans and spans[-1].status == machine.last_status and spans[-1].end == start:
             spans[-1].end = now
         else:
             spans.append(_Span(start, now, machine.last_status))
         horizon = now - self.window_s
         while spans and spans[0].end <= horizon:
-            spans.popleft()
+            gone = spans.popleft()
+            seconds[gone.status] -= gone.end - gone.start
         if spans and spans[0].start < horizon:
+            seconds[spans[0].status] -= horizon - spans[0].start
             spans[0].start = horizon

@@ -23,12 +23,12 @@ STATUS_CODES = {"stopped": 0, "running": 1, "fault": 2}
 
 
 def to_line(sample: TelemetryV2, derived: Mapping[str, float]) -> str:
-    """The point of one sample (tags and fields sorted, as InfluxDB prefers them)."""
-    fields = {name: repr(float(value)) for name, value in (*sample.metrics.items(), *derived.items())}
-    fields["status"] = f'"{sample.status}"'
-    fields["status_code"] = f"{STATUS_CODES[sample.status]}i"
-    field_set = ",".join(f"{name}={fields[name]}" for name in sorted(fields))
+    """The point of one sample. Values are floats already (the contract is strict), whose ``str``
+    is the shortest exact form line protocol reads as a float."""
+    metrics = ",".join([f"{name}={value}" for name, value in sample.metrics.items()])
+    extra = "".join([f",{name}={value}" for name, value in derived.items()])
     return (
         f"{MEASUREMENT},machine_id={sample.machine_id},machine_type={sample.machine_type},"
-        f"site_id={sample.site_id},tenant_id={sample.tenant_id} {field_set} {round(sample.ts * 1000)}"
+        f"site_id={sample.site_id},tenant_id={sample.tenant_id} {metrics}{extra},"
+        f'status="{sample.status}",status_code={STATUS_CODES[sample.status]}i {round(sample.ts * 1000)}'
     )

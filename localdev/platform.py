@@ -102,6 +102,13 @@ def _quiet(process: str, event: str) -> None:
     """The default progress callback: says nothing."""
 
 
+def python() -> str:
+    """This environment's interpreter under one stable name (``python`` and ``python3`` are the same
+    program, but a different name would count as a changed command line and restart the worker)."""
+    canonical = Path(sys.executable).with_name("python3")
+    return str(canonical) if canonical.exists() else sys.executable
+
+
 class PlatformError(RuntimeError):
     """The dev platform cannot start or answer; the message says which process and why."""
 
@@ -185,7 +192,7 @@ class DevPlatform:
             account = servers.service_user(ACCOUNTS["ingest"])
             if account is not None:
                 probe = subprocess.run(
-                    ["runuser", "-u", account, "--", sys.executable, "-c", "import ingest.settings"],
+                    ["runuser", "-u", account, "--", python(), "-c", "import ingest.settings"],
                     capture_output=True,
                     text=True,
                     cwd=self.layout.root,
@@ -194,7 +201,7 @@ class DevPlatform:
                 if probe.returncode != 0:
                     reason = (probe.stderr.strip().splitlines() or ["no output"])[-1]
                     self.warnings.append(
-                        f"ingest runs as root: {account!r} cannot run {sys.executable} ({reason}); "
+                        f"ingest runs as root: {account!r} cannot run {python()} ({reason}); "
                         "a virtualenv made from a system Python (/usr/bin/python3) lets it drop privileges"
                     )
                     account = None
@@ -358,7 +365,7 @@ class DevPlatform:
             raise PlatformError(f"{self.layout.credentials_file}: has no credential for {INGEST_SERVICE}")
         server = servers.Server(
             name="ingest",
-            argv=[sys.executable, "-m", "ingest"],
+            argv=[python(), "-m", "ingest"],
             ready=lambda: servers.http_ok(f"http://{LOOPBACK}:{ports.worker}/readyz"),
             log_path=self.layout.log("ingest"),
             user=self.account("ingest"),

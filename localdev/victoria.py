@@ -162,16 +162,24 @@ def wait_for_points(
     *,
     since: float | None = None,
     timeout: float = 15.0,
+    settle: float = 1.5,
 ) -> list[MachinePoints]:
-    """Flush and read (points since ``since``, epoch seconds) until every (tenant, site, machine) in
-    ``expected`` has points, or ``timeout`` runs out. The worker batches its writes
-    (``ingest.flush_interval_ms``), so the last messages land a moment after the simulator stops.
+    """Points since ``since`` (epoch seconds), read once every (tenant, site, machine) in
+    ``expected`` has some and nothing new arrived for ``settle`` seconds, or at ``timeout``.
+
+    The worker batches its writes (``ingest.flush_interval_ms``), so the last messages land a
+    moment after the simulator stops.
     """
     deadline = time.monotonic() + timeout
+    previous, stable_since = -1, time.monotonic()
     while True:
         store.force_flush()
         points = store.points_by_machine(since=since)
         seen = {(p.tenant_id, p.site_id, p.machine_id) for p in points if p.points}
-        if expected <= seen or time.monotonic() > deadline:
+        total = sum(p.points for p in points)
+        if total != previous:
+            previous, stable_since = total, time.monotonic()
+        settled = time.monotonic() - stable_since >= settle
+        if (expected <= seen and settled) or time.monotonic() > deadline:
             return points
-        time.sleep(0.5)
+        time.sleep(0.25)

@@ -44,6 +44,10 @@ def names(resources: list[PlannedResource]) -> list[str]:
     return [f"{r.kind} {r.name}" for r in resources]
 
 
+def node_selector(plan: Plan) -> dict[str, str]:
+    return dict(broker(plan).get("spec.selector.matchLabels"))
+
+
 def emqx_conf(plan: Plan) -> Any:
     return ConfigFactory.parse_string(plan.one("ConfigMap", "emqx-config").get("data")["emqx.conf"])
 
@@ -226,6 +230,10 @@ def test_emqx_cluster_discovery_and_plaintext_switch(stack: str) -> None:
     ]
     assert emqx_conf(plan)["authorization.no_match"] == "deny"
     assert [p["port"] for p in plan.one("Service", "emqx").get("spec.ports")] == [8883]
+    rpc = emqx_conf(plan)["rpc.tcp_server_port"]
+    cluster_rule = plan.one("NetworkPolicy", "emqx").get("spec.ingress")[1]
+    assert {p["port"] for p in cluster_rule["ports"]} == {4370, rpc}, f"{stack}: nodes are cut off"
+    assert cluster_rule["from"] == [{"podSelector": {"matchLabels": node_selector(plan)}}]
 
 
 def ingress_sources(plan: Plan, name: str) -> tuple[set[tuple[str, str]], bool]:

@@ -135,6 +135,11 @@ def test_nodes_discover_each_other_through_the_kubernetes_api_by_stable_names() 
     assert not set(env) & set(emqx.SECRET_ENV.values()), "secrets are not rendered into plain env"
 
 
+def test_the_inter_node_rpc_port_is_pinned_to_what_the_network_policy_opens() -> None:
+    rpc = parsed_conf(config("C"))["rpc"]
+    assert (rpc["port_discovery"], rpc["tcp_server_port"]) == ("manual", emqx.RPC_PORT)
+
+
 # ------------------------------------------------------------------------------ Kubernetes
 def test_every_container_is_hardened_whatever_the_caller_passes() -> None:
     spec = container("x", "img", resources=config("A").grafana.resources)

@@ -35,7 +35,9 @@ MQTT_PORT = 1883
 MQTTS_PORT = 8883
 DASHBOARD_PORT = 18083
 EKKA_PORT = 4370
-RPC_PORT = 5370
+# gen_rpc between nodes: pinned (the Docker image's 5369), so the NetworkPolicy opens the right port
+# whatever the image's default discovery (packages use 5370 and "stateless").
+RPC_PORT = 5369
 CERTS_DIR = "/opt/emqx/etc/certs"
 NODE_NAME = "emqx"
 APISERVER = "https://kubernetes.default.svc:443"
@@ -114,6 +116,7 @@ def emqx_settings(
     }
     return {
         "cluster": {"name": "ironlink"},
+        "rpc": {"port_discovery": "manual", "tcp_server_port": RPC_PORT},
         "log": {"console": {"enable": True, "level": "warning"}, "file": {"enable": False}},
         "dashboard": {"listeners": {"http": {"bind": DASHBOARD_PORT}}},
         "mqtt": mqtt,
