@@ -50,6 +50,16 @@ DEMO_SECONDS ?= 20
 demo: deps
 	$(BIN)/python -m localdev.demo --stack $(STACK) --duration $(DEMO_SECONDS) $(if $(KEEP),--keep)
 
+.PHONY: ingest-schemas ingest-image
+# Regenerate ingest/schemas/*.json from the payload models (tests/test_contract_schemas.py checks them).
+ingest-schemas: $(VENV)/.installed
+	$(BIN)/python -m ingest.jsonschema
+
+# The worker's image (needs a Docker daemon): what the IngestWorker component deploys.
+INGEST_IMAGE ?= ghcr.io/ironlink/ingest:0.1.0
+ingest-image:
+	docker build -f ingest/Dockerfile -t $(INGEST_IMAGE) .
+
 bench: deps
 	$(BIN)/python bench/plan.py
 	$(BIN)/python bench/ingest.py

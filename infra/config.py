@@ -169,6 +169,8 @@ def _password_hash(value: str) -> str:
 
 
 PasswordHash = Annotated[str, AfterValidator(_password_hash)]
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+EmailAddress = Annotated[str, AfterValidator(_pattern("email address", _EMAIL, "ops@example.com"))]
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -308,6 +310,8 @@ class Tenant(Section):
     isolation: IsolationLevel | None = None
     quota: TenantQuota | None = None
     sites: list[Site] = []
+    alert_emails: list[EmailAddress] = []
+    """Who Grafana notifies of the tenant's alerts (none: alerts show in Grafana only)."""
 
     @property
     def machines(self) -> Iterator[tuple[Site, Machine]]:

@@ -7,6 +7,7 @@ disagree. All functions are pure.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from infra.config import PlatformConfig, Tenant
@@ -101,3 +102,49 @@ def store_route(config: PlatformConfig, tenant: Tenant) -> StoreRoute:
 
 def store_routes(config: PlatformConfig) -> dict[str, StoreRoute]:
     return {tenant.id: store_route(config, tenant) for tenant in config.tenants}
+
+
+# ------------------------------------------------------------------------------------- Grafana
+GRAFANA_UID_MAX = 40  # Grafana refuses longer uids
+
+
+def grafana_uid(*parts: str) -> str:
+    """A Grafana uid from name parts (``acme-fleet``); one that would pass Grafana's 40 characters
+    keeps its head and a hash of the whole, so that two long names never share a uid."""
+    uid = "-".join(parts)
+    if len(uid) <= GRAFANA_UID_MAX:
+        return uid
+    digest = hashlib.sha256(uid.encode()).hexdigest()[:8]
+    return f"{uid[: GRAFANA_UID_MAX - len(digest) - 1].rstrip('-')}-{digest}"
+
+
+@dataclass(frozen=True)
+class GrafanaNames:
+    """Where one tenant lives in Grafana."""
+
+    org: str | None
+    """The tenant's own org (levels 2 and 3); None: the shared org (level 1)."""
+    team: str | None
+    """Level 1 only: the team whose members may see the tenant's folder in the shared org."""
+    folder_uid: str
+    folder_title: str
+    datasource_uid: str
+    datasource_name: str
+    rule_group: str
+    contact_point: str
+
+
+def grafana_names(config: PlatformConfig, tenant: Tenant) -> GrafanaNames:
+    """Org and team names carry the tenant id, so two tenants with the same display name never clash
+    (Grafana wants unique org names, and unique team and datasource names within an org)."""
+    own_org = config.isolation_of(tenant) >= 2
+    return GrafanaNames(
+        org=f"{tenant.name} ({tenant.id})" if own_org else None,
+        team=None if own_org else f"tenant-{tenant.id}",
+        folder_uid=grafana_uid(tenant.id, "telemetry"),
+        folder_title=tenant.name,
+        datasource_uid=grafana_uid(tenant.id, "influxdb"),
+        datasource_name=f"InfluxDB {tenant.id}",
+        rule_group=f"{tenant.id}-telemetry",
+        contact_point=f"{tenant.id}-operations",
+    )

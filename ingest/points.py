@@ -8,8 +8,8 @@ same timestamp) instead of adding one.
 
 Rendered here rather than through ``influxdb_client.Point``, which costs ~30 us a point on the
 worker's hot path: the contract has already restricted ids to DNS labels and metric names to the
-catalog, so nothing needs escaping. ``tests/test_ingest_points.py`` checks the output against
-``Point`` line for line.
+catalog, so nothing needs escaping. ``tests/test_ingest_pipeline.py`` checks that a line reads as
+the same point as ``Point``'s.
 """
 
 from __future__ import annotations

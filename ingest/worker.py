@@ -85,9 +85,12 @@ class Worker:
         self._epoch = 0
         self._confirmations = threading.Condition()
         self._confirmed: dict[int, bool] = {}
-        self._unacked = 0
+        # Single-writer counters (network thread, main thread): their difference is the backlog.
+        self._delivered = 0
+        self._settled = 0
         self._batch_limit = min(settings.batch_size, settings.receive_maximum)
         self._received = {tenant: self.metrics.received.labels(tenant) for tenant in settings.tenants}
+        self.metrics.unacked.set_function(lambda: self.unacked)
         self.client = self._client()
 
     # ---------------------------------------------------------------------------- broker side
@@ -129,7 +132,8 @@ class Worker:
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, code: ReasonCode, _p: Any) -> None:
         self._connected.clear()
         self.metrics.connected.set(0)
-        log.warning("broker_disconnected", reason=str(code), unacked=self._unacked)
+        level = log.info if self._stop.is_set() else log.warning
+        level("broker_disconnected", reason=str(code), unacked=self.unacked)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: list[ReasonCode], _p: Any) -> None:
         if any(code.is_failure for code in codes):
@@ -140,6 +144,7 @@ class Worker:
             log.info("subscribed", topic=self.settings.mqtt_subscription)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        self._delivered += 1
         self._inbox.put(
             Delivery(
                 message.mid, message.qos, message.topic, bytes(message.payload), time.time(), self._epoch
@@ -152,6 +157,11 @@ class Worker:
             self._confirmations.notify_all()
 
     # ----------------------------------------------------------------------------- main loop
+    @property
+    def unacked(self) -> int:
+        """Deliveries not acknowledged yet: queued here, in the batch, or being written."""
+        return self._delivered - self._settled
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
@@ -192,7 +202,7 @@ class Worker:
             self.client.loop_stop()
             self.store.close()
             health.stop()
-            log.info("worker_stopped", unacked=self._unacked)
+            log.info("worker_stopped", unacked=self.unacked)
 
     def _due(self, batch: Batch) -> bool:
         return time.monotonic() - batch.started >= self.settings.flush_interval_ms / 1000
@@ -210,7 +220,6 @@ class Worker:
     def _handle(self, delivery: Delivery, batch: Batch) -> None:
         if not batch:
             batch.started = time.monotonic()
-        self._unacked += 1
         batch.deliveries.append(delivery)
         outcome = self.pipeline.process(delivery.topic, delivery.payload, delivery.received_at)
         if isinstance(outcome, Point):
@@ -243,8 +252,7 @@ class Worker:
             if delivery.epoch == self._epoch and delivery.mid not in acknowledged:
                 acknowledged.add(delivery.mid)
                 self.client.ack(delivery.mid, delivery.qos)
-        self._unacked -= len(batch)
-        self.metrics.unacked.set(self._unacked)
+        self._settled += len(batch)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.flush_seconds.observe(time.monotonic() - batch.started)
 

@@ -64,7 +64,7 @@ from localdev.state import (
     write_public,
     write_secret,
 )
-from localdev.supervisor import PidFiles, ProcessRecord, fingerprint, server_pid, stop
+from localdev.supervisor import PidFiles, ProcessRecord, fingerprint, listening, server_pid, stop
 from localdev.victoria import StoreUnavailableError, VictoriaMetrics
 from registry import store as registry
 from registry.access import service_usernames
@@ -392,6 +392,9 @@ class DevPlatform:
             servers.find_binary(binary)
         notify("state", "preparing")
         self.prepare()
+        broker = self.pids.read("mosquitto")
+        if not (broker and broker.alive) and servers.port_open(self.ports.mqtt):
+            raise self._mqtt_port_taken()  # before anything starts, so nothing is left half-up
         notify("state", "ready")
         outcomes: dict[str, str] = {}
         for name in PROCESSES:
@@ -417,7 +420,7 @@ class DevPlatform:
             outcome = "restarted" if record is not None else "started"
         self.pids.remove(name)
         if servers.port_open(spec.port):
-            spec = self._move(name, spec.port)
+            spec = self._move(name)
         self._before_start(name)
         try:
             spec.server.start(detach=True)
@@ -430,16 +433,19 @@ class DevPlatform:
         self.pids.write(ProcessRecord.of(name, pid, leader, spec.port, spec.fingerprint, user))
         return outcome
 
-    def _move(self, name: str, busy: int) -> _Spec:
+    def _move(self, name: str) -> _Spec:
         """Another program holds ``name``'s port: MQTT's is the contract (refuse), others move."""
         if name == "mosquitto":
-            raise PlatformError(
-                f"port {busy} is in use by another program (a system Mosquitto? 'systemctl stop mosquitto'); "
-                "the dev broker needs it for MQTT over TLS"
-            )
+            raise self._mqtt_port_taken()
         ports = self.ports.model_copy(update={PORT_FIELDS[name]: servers.free_port()})
         ports.save(self.layout)
         return self._spec(name)
+
+    def _mqtt_port_taken(self) -> PlatformError:
+        return PlatformError(
+            f"port {self.ports.mqtt} is in use by another program (a system Mosquitto? 'systemctl stop "
+            "mosquitto'; another dev platform? 'ironlink dev down --state-dir ...'): the dev broker needs it"
+        )
 
     # ------------------------------------------------------------------------------ registry
     def sync_registry(self) -> str:
@@ -489,7 +495,7 @@ class DevPlatform:
                     pid=record.pid if record else None,
                     alive=alive,
                     port=port,
-                    listening=alive and servers.port_open(port),
+                    listening=alive and listening(port),
                     user=record.user if record else None,
                 )
             )

@@ -140,6 +140,22 @@ def server_pid(leader: int, through_runuser: bool, timeout: float = 5.0) -> int:
     raise RuntimeError(f"runuser (pid {leader}) started no server within {timeout:.0f}s")
 
 
+def listening(port: int) -> bool:
+    """True when some socket listens on TCP ``port`` (read from ``/proc/net``: unlike a test
+    connection, this leaves no "client disconnected" line in the server's log)."""
+    wanted = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[1].endswith(wanted) and fields[3] == "0A":  # local_address, st == LISTEN
+                return True
+    return False
+
+
 def fingerprint(argv: Sequence[str], env: Mapping[str, str], files: Iterable[Path]) -> str:
     """Digest of what a server was started with; a change means ``up`` must restart it."""
     digest = hashlib.sha256()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -169,3 +170,13 @@ def test_the_fingerprint_follows_config_file_contents(tmp_path: Path) -> None:
     assert supervisor.fingerprint(["server", "-c", str(config)], {"A": "2"}, [config]) != before
     config.write_text("listener 8884\n")
     assert supervisor.fingerprint(["server", "-c", str(config)], {"A": "1"}, [config]) != before
+
+
+def test_listening_reads_the_kernel_table_without_connecting() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        assert not supervisor.listening(port), "bound is not listening"
+        server.listen()
+        assert supervisor.listening(port)
+    assert not supervisor.listening(port)

@@ -1,0 +1,117 @@
+"""A tenant's registry rows (tenant, sites, machines, device credentials, topic rules) as a Pulumi
+resource, written through :mod:`registry.store`: the same SQL and audit trail as ``ironlink tenant``
+and ``ironlink dev``::
+
+    RegistryTenant("acme-registry", dsn=postgres.dsn, tenant=tenant, isolation=2, actor="pulumi:prod")
+
+Create and update are :func:`registry.store.sync_tenant` (idempotent: it adopts rows a local tool
+already wrote and records one audit event per change); delete is :func:`registry.store.remove_tenant`.
+Only the tenant id forces a replacement. Migrations are applied before each write, as every other
+writer does. The provider holds nothing but its class: each operation connects with the ``dsn``
+input (a secret).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import pulumi
+from pulumi.dynamic import (
+    CheckFailure,
+    CheckResult,
+    CreateResult,
+    DiffResult,
+    ReadResult,
+    Resource,
+    ResourceProvider,
+    UpdateResult,
+)
+from pydantic import ValidationError
+
+from components.providers import plan_diff
+from infra.config import Tenant
+from registry import store
+from registry.migrate import apply_migrations
+
+CONNECT_TIMEOUT_S = 15
+
+
+@contextmanager
+def _registry(props: Mapping[str, Any]) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(props["dsn"], autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        apply_migrations(conn)
+        yield conn
+
+
+class RegistryTenantProvider(ResourceProvider):
+    def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
+        failures = [CheckFailure(key, "is required") for key in ("dsn", "actor") if not news.get(key)]
+        try:
+            tenant = Tenant.model_validate(news.get("tenant"))
+        except ValidationError as error:
+            failures += [
+                CheckFailure(
+                    ".".join(["tenant", *(str(part) for part in item["loc"])]),
+                    f"{item.get('input')!r}: {item['msg']}",
+                )
+                for item in error.errors(include_url=False)
+            ]
+        else:
+            if tenant.id != news.get("tenant_id"):
+                failures.append(CheckFailure("tenant_id", f"{news.get('tenant_id')!r} is not {tenant.id!r}"))
+        if news.get("isolation") not in (1, 2, 3):
+            failures.append(CheckFailure("isolation", f"{news.get('isolation')!r} is not 1, 2 or 3"))
+        return CheckResult(news, failures)
+
+    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        # A new dsn (a rotated password, another database) is an update: the sync is idempotent.
+        return plan_diff(olds, news, replace=("tenant_id",), update=("tenant", "isolation", "dsn"))
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        self._sync(props)
+        return CreateResult(props["tenant_id"], dict(props))
+
+    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        with _registry(props) as conn:
+            present = id_ in store.tenant_ids(conn)
+        return ReadResult(id_, dict(props)) if present else ReadResult("", {})
+
+    def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        self._sync(news)
+        return UpdateResult(dict(news))
+
+    def delete(self, id_: str, props: dict[str, Any]) -> None:
+        with _registry(props) as conn:
+            store.remove_tenant(conn, id_, actor=props["actor"])
+
+    @staticmethod
+    def _sync(props: Mapping[str, Any]) -> None:
+        tenant = Tenant.model_validate(props["tenant"])
+        with _registry(props) as conn:
+            store.sync_tenant(conn, tenant, isolation=int(props["isolation"]), actor=props["actor"])
+
+
+class RegistryTenant(Resource, module="registry", name="Tenant"):
+    """The registry rows of one tenant; its ``id`` is the tenant id."""
+
+    def __init__(
+        self,
+        resource_name: str,
+        *,
+        dsn: pulumi.Input[str],
+        tenant: Tenant,
+        isolation: int,
+        actor: str,
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        props = {
+            "dsn": pulumi.Output.secret(dsn),
+            "tenant_id": tenant.id,
+            "tenant": tenant.model_dump(mode="json"),
+            "isolation": isolation,
+            "actor": actor,
+        }
+        super().__init__(RegistryTenantProvider(), resource_name, props, opts)

@@ -1,0 +1,107 @@
+"""Worker settings: derived from the stack config, carried as environment, refused with names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from infra.tenancy import TELEMETRY_FILTER, shared_subscription, store_routes
+from ingest.settings import SettingsError, WorkerSettings, worker_settings_for
+from tests.fixtures.ingest import platform
+
+URLS = {"influxdb": "http://influxdb.ironlink.svc:8086"}
+
+
+def settings(**overrides: object) -> WorkerSettings:
+    return worker_settings_for(platform(), mqtt_host="broker", mqtt_port=8883, store_urls=URLS, **overrides)
+
+
+def test_settings_follow_the_stack_routes_quotas_and_machines() -> None:
+    config = platform()
+    subject = settings()
+    routes = store_routes(config)
+    for tenant in config.tenants:
+        route = subject.tenants[tenant.id]
+        assert (route.instance, route.org, route.bucket) == (
+            routes[tenant.id].instance,
+            routes[tenant.id].org,
+            routes[tenant.id].bucket,
+        )
+        assert route.messages_per_second == config.quota_of(tenant).messages_per_second
+    assert subject.machine_types()[("acme", "plant-1", "mill-01")] == "cnc_mill"
+    assert (subject.batch_size, subject.flush_interval_ms) == (
+        config.ingest.batch_size,
+        config.ingest.flush_interval_ms,
+    )
+    assert subject.receive_maximum == 2 * config.ingest.batch_size
+
+
+def test_mosquitto_stacks_subscribe_plainly_and_emqx_stacks_share_the_subscription() -> None:
+    assert settings().mqtt_subscription == TELEMETRY_FILTER
+    phase_b = platform(phase="B")
+    emqx = worker_settings_for(phase_b, mqtt_host="b", mqtt_port=8883, store_urls=URLS)
+    assert emqx.mqtt_subscription == shared_subscription(phase_b.ingest.share_group)
+
+
+def test_the_environment_round_trips_and_carries_no_secret() -> None:
+    subject = settings(mqtt_password="s3cret", mqtt_ca_file=Path("/etc/ironlink/ca.pem"))
+    env = subject.to_env()
+    assert all(name.startswith("IRONLINK_") for name in env)
+    assert "s3cret" not in json.dumps(env) and "IRONLINK_MQTT_PASSWORD" not in env
+    assert env["IRONLINK_MQTT_CA_FILE"] == "/etc/ironlink/ca.pem"
+    restored = WorkerSettings.from_env({**env, "IRONLINK_MQTT_PASSWORD": "s3cret"})
+    assert restored == subject
+
+
+def test_bad_variables_are_named_with_their_values() -> None:
+    env = settings().to_env()
+    env.update(IRONLINK_MQTT_PORT="eighty", IRONLINK_BATCH_SIZE="0", IRONLINK_LOG_LEVEL="loud")
+    with pytest.raises(SettingsError) as caught:
+        WorkerSettings.from_env(env)
+    text = str(caught.value)
+    assert "IRONLINK_MQTT_PORT: 'eighty' is invalid" in text
+    assert "IRONLINK_BATCH_SIZE: '0' is invalid" in text
+    assert "IRONLINK_LOG_LEVEL: 'loud' is invalid" in text
+    assert len(caught.value.problems) == 3
+
+
+def test_a_tenant_without_a_store_url_and_bad_json_are_refused() -> None:
+    env = settings().to_env()
+    with pytest.raises(SettingsError, match=r"IRONLINK_TENANTS: tenant 'acme' writes to instance 'influxdb'"):
+        WorkerSettings.from_env({**env, "IRONLINK_STORE_URLS": '{"influxdb-acme": "http://x"}'})
+    with pytest.raises(SettingsError, match=r"IRONLINK_STORE_URLS: '\{oops' is not valid JSON"):
+        WorkerSettings.from_env({**env, "IRONLINK_STORE_URLS": "{oops"})
+    with pytest.raises(SettingsError, match=r"IRONLINK_MQTT_HOST: is required"):
+        WorkerSettings.from_env({k: v for k, v in env.items() if k != "IRONLINK_MQTT_HOST"})
+
+
+def test_a_settings_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
+    env = settings().to_env()
+    file = tmp_path / "ingest.yaml"
+    file.write_text(f"mqtt_host: from-file\nhttp_port: 9999\nstore_urls: {env['IRONLINK_STORE_URLS']}\n")
+    rest = {
+        k: v
+        for k, v in env.items()
+        if k not in ("IRONLINK_MQTT_HOST", "IRONLINK_HTTP_PORT", "IRONLINK_STORE_URLS")
+    }
+    loaded = WorkerSettings.from_env(
+        {**rest, "IRONLINK_SETTINGS_FILE": str(file), "IRONLINK_HTTP_PORT": "9100"}
+    )
+    assert (loaded.mqtt_host, loaded.http_port) == ("from-file", 9100)
+    file.write_text("http_port: [")
+    with pytest.raises(SettingsError, match=r"IRONLINK_SETTINGS_FILE: .* is not valid JSON or YAML"):
+        WorkerSettings.from_env({**env, "IRONLINK_SETTINGS_FILE": str(file)})
+
+
+def test_store_tokens_come_from_the_tokens_file_for_every_tenant(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"acme": "token-a", "globex": "token-g", "other": "x"}))
+    assert settings(store_tokens_file=tokens).store_tokens() == {"acme": "token-a", "globex": "token-g"}
+    tokens.write_text(json.dumps({"acme": "token-a"}))
+    with pytest.raises(SettingsError, match="no token for tenant 'globex'"):
+        settings(store_tokens_file=tokens).store_tokens()
+    with pytest.raises(SettingsError, match="cannot be read"):
+        settings(store_tokens_file=tmp_path / "missing.json").store_tokens()
+    assert settings().store_tokens() == {}, "no file: no tokens (VictoriaMetrics needs none)"

@@ -1,0 +1,201 @@
+"""The worker against a real Mosquitto and a real VictoriaMetrics: what lands, what is dead-lettered,
+and that no accepted message is lost when the store, the broker or the worker itself goes away.
+
+The worker runs as ``python -m ingest`` (a process that can be SIGKILLed); each test has its own
+broker (``tests/fixtures/ingest/mosquitto.conf``, persistence on) and its own VictoriaMetrics,
+which it stops to simulate an outage. Points are read back through ``/api/v1/export``.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from localdev import servers
+from tests.conftest import MosquittoFactory
+from tests.fixtures.ingest import (
+    ACME_MILL,
+    ACME_PRESS,
+    ACME_PRESS_2,
+    Mqtt,
+    WorkerProcess,
+    broker_config,
+    platform,
+    series,
+    start_store,
+    topic,
+    v1,
+    v2,
+    wait_stored,
+)
+
+pytestmark = pytest.mark.integration
+
+
+class Platform:
+    """Broker, store and worker of one test; ``device`` publishes, ``dead_letters`` listens."""
+
+    def __init__(self, folder: Path, start_mosquitto: MosquittoFactory, **worker: Any) -> None:
+        self.broker, self.mqtt_port = start_mosquitto(broker_config(folder / "mosquitto"))
+        self.store, self.store_url = start_store(folder)
+        self.worker = WorkerProcess.for_platform(
+            platform(), self.mqtt_port, self.store_url, folder, **worker
+        ).start()
+        self.device = Mqtt(self.mqtt_port, "device")
+        self.dead_letters = Mqtt(self.mqtt_port, "dead-letter-reader")
+        self.dead_letters.subscribe("dlq/#")
+
+    def publish_series(self, machine: tuple[str, str, str], start: int, count: int) -> list[int]:
+        """``count`` v2 messages one second apart; their point timestamps in ms."""
+        for offset in range(count):
+            self.device.publish(topic(machine), v2(machine, start + offset))
+        return [(start + offset) * 1000 for offset in range(count)]
+
+    def close(self) -> None:
+        self.device.close()
+        self.dead_letters.close()
+        if self.worker.process is not None and self.worker.process.poll() is None:
+            self.worker.stop(signal.SIGKILL)
+        self.store.stop()
+
+
+@pytest.fixture
+def live(
+    server_root: Path, start_mosquitto: MosquittoFactory, request: pytest.FixtureRequest
+) -> Iterator[Platform]:
+    folder = server_root / f"ingest-{request.node.name}-{time.monotonic_ns()}"
+    folder.mkdir()
+    stack = Platform(folder, start_mosquitto, **getattr(request, "param", {}))
+    yield stack
+    stack.close()
+
+
+def test_v1_and_v2_land_as_the_same_canonical_point(live: Platform) -> None:
+    ts = int(time.time()) - 60
+    live.device.publish(topic(ACME_PRESS), v1(ACME_PRESS, ts, T_OIL=51.5, systemPressure=210.0))
+    live.device.publish(topic(ACME_PRESS_2), v2(ACME_PRESS_2, ts, oil_temp_c=51.5, pressure_bar=210.0))
+    wait_stored(live.store_url, ACME_PRESS, [ts * 1000])
+    wait_stored(live.store_url, ACME_PRESS_2, [ts * 1000])
+
+    from_v1, from_v2 = series(live.store_url, ACME_PRESS), series(live.store_url, ACME_PRESS_2)
+    assert from_v1 == from_v2
+    assert from_v1["telemetry_oil_temp_c"] == {ts * 1000: 51.5}, "vendor signal T_OIL must land as oil_temp_c"
+    assert from_v1["telemetry_pressure_bar"] == {ts * 1000: 210.0}
+    assert from_v1["telemetry_status_code"] == {ts * 1000: 1.0}
+
+
+def test_bad_payloads_reach_the_dead_letter_topic_with_their_reason_and_the_worker_keeps_going(
+    live: Platform,
+) -> None:
+    ts = int(time.time()) - 60
+    good = v2(ACME_PRESS, ts).decode()
+    bad = {
+        "malformed": b"{not json",
+        "oversized": b'{"padding": "' + b"x" * 20_000 + b'"}',
+        "wrong_type": good.replace(f'"ts": {ts}', '"ts": "yesterday"').encode(),
+        "out_of_bounds": v2(ACME_PRESS, ts, oil_temp_c=900.0),
+        "topic_mismatch": good.replace('"tenant_id": "acme"', '"tenant_id": "globex"').encode(),
+        "unknown_schema_version": good.replace('"schema_version": 2', '"schema_version": 3').encode(),
+    }
+    for payload in bad.values():
+        live.device.publish(topic(ACME_PRESS), payload)
+    live.device.publish(topic(ACME_MILL), v2(ACME_MILL, ts, spindle_speed_rpm=12000.0))
+
+    letters = live.dead_letters.collect(len(bad))
+    reasons = {letter["reason"]: (dlq_topic, letter) for dlq_topic, letter in letters}
+    assert sorted(reasons) == sorted(bad)
+    for reason, (dlq_topic, letter) in reasons.items():
+        assert dlq_topic == f"dlq/{topic(ACME_PRESS)}", reason
+        assert letter["topic"] == topic(ACME_PRESS)
+        assert letter["payload_bytes"] == len(bad[reason])
+        assert letter["received_at"].startswith(time.strftime("%Y-", time.gmtime()))
+    assert reasons["oversized"][1]["truncated"] is True
+    assert reasons["malformed"][1]["payload"] == "{not json"
+    assert (
+        "900" in reasons["out_of_bounds"][1]["detail"]
+        and "oil_temp_c" in reasons["out_of_bounds"][1]["detail"]
+    )
+    assert "'globex'" in reasons["topic_mismatch"][1]["detail"]
+
+    assert wait_stored(live.store_url, ACME_MILL, [ts * 1000]) == {ts * 1000: 1.0}, (
+        "the worker must keep going"
+    )
+    assert live.worker.alive()
+    assert (
+        live.worker.metric("ironlink_ingest_messages_rejected_total", tenant="acme", reason="out_of_bounds")
+        == 1
+    )
+    assert series(live.store_url, ACME_PRESS) == {}, "nothing of a rejected message may reach the store"
+
+
+def test_a_30_second_store_outage_loses_nothing(live: Platform) -> None:
+    start = int(time.time()) - 600
+    before = live.publish_series(ACME_PRESS, start, 5)
+    wait_stored(live.store_url, ACME_PRESS, before)
+
+    live.store.stop()
+    outage_started = time.monotonic()
+    during = []
+    for second in range(30):
+        during += live.publish_series(ACME_PRESS, start + 100 + 2 * second, 2)
+        time.sleep(max(0.0, outage_started + second + 1 - time.monotonic()))
+    assert not servers.http_ok(f"{live.worker.url}/readyz"), "a worker that cannot write is not ready"
+    assert live.worker.metric("ironlink_ingest_unacked_messages") == len(during), "held, not acknowledged"
+    assert live.worker.metric("ironlink_ingest_store_write_errors_total", tenant="acme") > 0
+    live.store.start()
+
+    points = wait_stored(live.store_url, ACME_PRESS, before + during, timeout=30)
+    assert set(before + during) <= points.keys(), f"lost {sorted(set(before + during) - points.keys())}"
+    servers.wait_until(lambda: servers.http_ok(f"{live.worker.url}/readyz"), 10, "ready again")
+    assert live.worker.metric("ironlink_ingest_points_written_total", tenant="acme") >= len(before + during)
+
+
+@pytest.mark.parametrize("live", [{"mqtt_receive_maximum": 5}], indirect=True)
+def test_a_broker_restart_loses_nothing(live: Platform) -> None:
+    """With the store down the worker holds 5 deliveries (its window) and the broker queues the
+    rest; both survive a Mosquitto restart (persisted session), and so does what comes after."""
+    start = int(time.time()) - 600
+    live.store.stop()
+    before = live.publish_series(ACME_PRESS, start, 15)
+    servers.wait_until(lambda: live.worker.metric("ironlink_ingest_unacked_messages") == 5, 10, "window full")
+    live.device.close()
+    live.dead_letters.close()
+    live.broker.stop()
+    live.broker.start()
+    servers.wait_until(
+        lambda: live.worker.metric("ironlink_ingest_broker_connected") == 1, 20, "worker reconnect"
+    )
+    live.device = Mqtt(live.mqtt_port, "device")
+    live.dead_letters = Mqtt(live.mqtt_port, "dead-letter-reader")
+    after = live.publish_series(ACME_PRESS, start + 100, 10)
+    live.store.start()
+
+    points = wait_stored(live.store_url, ACME_PRESS, before + after)
+    assert set(before + after) <= points.keys(), f"lost {sorted(set(before + after) - points.keys())}"
+
+
+def test_a_worker_killed_with_sigkill_and_restarted_loses_nothing(live: Platform) -> None:
+    """Deliveries the worker held when killed were never acknowledged, so the broker redelivers
+    them to the restarted worker's persistent session, with everything queued meanwhile."""
+    start = int(time.time()) - 600
+    live.store.stop()
+    held = live.publish_series(ACME_PRESS, start, 10)
+    servers.wait_until(
+        lambda: live.worker.metric("ironlink_ingest_store_write_errors_total") > 0, 10, "write"
+    )
+    assert live.worker.stop(signal.SIGKILL) == -signal.SIGKILL
+    queued = live.publish_series(ACME_PRESS, start + 100, 10)
+    live.store.start()
+    live.worker.start()
+
+    points = wait_stored(live.store_url, ACME_PRESS, held + queued)
+    assert set(held + queued) <= points.keys(), f"lost {sorted(set(held + queued) - points.keys())}"
+    servers.wait_until(
+        lambda: live.worker.metric("ironlink_ingest_unacked_messages") == 0, 10, "all acknowledged"
+    )
+    assert live.worker.stop(signal.SIGTERM) == 0, "SIGTERM is a clean exit after flushing"
