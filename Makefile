@@ -45,10 +45,12 @@ lint: $(VENV)/.installed
 .PHONY: demo
 # Phase A end to end on this machine (localdev/demo.py): `ironlink dev up`, ~20 s of simulated
 # telemetry from every machine of $(STACK), what landed per tenant, then `ironlink dev down`.
-# KEEP=1 leaves the platform running; DEMO_SECONDS changes the simulation's length.
+# KEEP=1 leaves the platform running; DEMO_SECONDS changes the simulation's length; STATE_DIR
+# moves the platform's folder (its servers' accounts must be able to enter it).
 DEMO_SECONDS ?= 20
+STATE_DIR ?= .ironlink/dev
 demo: deps
-	$(BIN)/python -m localdev.demo --stack $(STACK) --duration $(DEMO_SECONDS) $(if $(KEEP),--keep)
+	$(BIN)/python -m localdev.demo --stack $(STACK) --state-dir $(STATE_DIR) --duration $(DEMO_SECONDS) $(if $(KEEP),--keep)
 
 .PHONY: ingest-schemas ingest-image
 # Regenerate ingest/schemas/*.json from the payload models (tests/test_contract_schemas.py checks them).

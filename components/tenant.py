@@ -149,7 +149,7 @@ class Tenant(pulumi.ComponentResource):
         )
         raw, downsampled = (
             InfluxBucket(
-                f"{name}-{bucket}",
+                bucket,  # already the tenant's own name (infra.tenancy.store_route)
                 connection=connection,
                 org_id=org.id,
                 name=bucket,
@@ -232,7 +232,7 @@ class Tenant(pulumi.ComponentResource):
             )
         for uid, body in tenant_dashboards(view).items():
             oss.Dashboard(
-                f"{name}-dashboard-{uid}",
+                uid,  # carries the tenant id (dashboards.tenant)
                 config_json=body,
                 folder=folder.uid,
                 org_id=org_id,

@@ -71,7 +71,7 @@ def platform_rules(metrics: WorkerMetrics | None = None) -> dict[str, Any]:
             f"max({series(m.connected)}) == 0",
             BROKER_DOWN_FOR,
             "critical",
-            "No ingest worker is connected to the MQTT broker: telemetry is not being ingested.",
+            "No ingest worker is connected to the MQTT broker.",
         ),
         _alert(
             "IronlinkIngestWorkerAbsent",

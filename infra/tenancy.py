@@ -135,14 +135,15 @@ class GrafanaNames:
 
 
 def grafana_names(config: PlatformConfig, tenant: Tenant) -> GrafanaNames:
-    """Org and team names carry the tenant id, so two tenants with the same display name never clash
-    (Grafana wants unique org names, and unique team and datasource names within an org)."""
+    """Names in a place shared with other tenants carry the tenant id, so two tenants with the same
+    display name never clash (Grafana wants unique org names, and unique team, folder and datasource
+    names within an org)."""
     own_org = config.isolation_of(tenant) >= 2
     return GrafanaNames(
         org=f"{tenant.name} ({tenant.id})" if own_org else None,
         team=None if own_org else f"tenant-{tenant.id}",
         folder_uid=grafana_uid(tenant.id, "telemetry"),
-        folder_title=tenant.name,
+        folder_title=tenant.name if own_org else f"{tenant.name} ({tenant.id})",
         datasource_uid=grafana_uid(tenant.id, "influxdb"),
         datasource_name=f"InfluxDB {tenant.id}",
         rule_group=f"{tenant.id}-telemetry",

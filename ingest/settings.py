@@ -92,7 +92,7 @@ class WorkerSettings(BaseModel):
         default=None,
         ge=1,
         le=65_535,
-        description="Unacknowledged deliveries in flight; default 2 x batch_size.",
+        description="Unacknowledged deliveries in flight; default 4 x batch_size (pipelining).",
     )
 
     # Store: InfluxDB 2.x API (VictoriaMetrics in local dev and tests).
@@ -142,7 +142,7 @@ class WorkerSettings(BaseModel):
 
     @property
     def receive_maximum(self) -> int:
-        return self.mqtt_receive_maximum or min(65_535, 2 * self.batch_size)
+        return self.mqtt_receive_maximum or min(65_535, 4 * self.batch_size)
 
     def machine_types(self) -> dict[MachineKey, str]:
         """The registry's machines as ``decode`` wants them."""

@@ -51,7 +51,9 @@ class Store:
     def write(self, tenant_id: str, lines: list[str]) -> None:
         """Write one tenant's lines; raises whatever the client raises when it did not succeed."""
         route = self._routes[tenant_id]
-        self._apis[tenant_id].write(bucket=route.bucket, org=route.org, record=lines, write_precision=_MS)
+        # One joined string: the client would serialize a list line by line, at twice the cost.
+        body = "\n".join(lines)
+        self._apis[tenant_id].write(bucket=route.bucket, org=route.org, record=body, write_precision=_MS)
 
     def close(self) -> None:
         for client in self._clients.values():

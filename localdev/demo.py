@@ -22,7 +22,7 @@ from infra.config import StackConfigError, UnknownStackError, load_stack
 from infra.tenancy import device_username
 from localdev import platform as devplatform
 from localdev import simulator, views
-from localdev.platform import DevPlatform, PlatformError
+from localdev.platform import DevPlatform, PlatformError, UnsupportedStackError
 from localdev.servers import MissingPackageError
 from localdev.state import DEFAULT_STATE_DIR, StateError
 from localdev.victoria import wait_for_points
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = _arguments(argv)
     try:
         platform = DevPlatform(load_stack(arguments.stack), arguments.state_dir, arguments.stack)
-    except (StackConfigError, UnknownStackError) as error:
+    except (StackConfigError, UnknownStackError, UnsupportedStackError) as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False)
         return 2
     ok = False

@@ -35,6 +35,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 
 import psycopg
@@ -65,7 +66,7 @@ from localdev.state import (
     write_secret,
 )
 from localdev.supervisor import PidFiles, ProcessRecord, fingerprint, listening, server_pid, stop
-from localdev.victoria import StoreUnavailableError, VictoriaMetrics
+from localdev.victoria import StoreUnavailableError, TenantSeen, VictoriaMetrics
 from registry import store as registry
 from registry.access import service_usernames
 
@@ -140,6 +141,8 @@ class TenantActivity:
 
 @dataclass(frozen=True)
 class PlatformStatus:
+    """What ``ironlink dev status`` shows (and prints as JSON with ``--json``)."""
+
     processes: list[ProcessHealth]
     tenants: list[TenantActivity]
     store_error: str | None = None
@@ -151,62 +154,73 @@ class PlatformStatus:
 
 @dataclass
 class _Spec:
-    """How to run one process: the server (not started), the files it reads, how to stop it."""
+    """How to run one process: the server (not started), its port and the files it reads."""
 
-    name: str
     port: int
     server: servers.Server
     files: list[Path] = field(default_factory=list)
-    stop_signal: int = signal.SIGTERM
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.server.command(), self.server.env, self.files)
 
 
+class UnsupportedStackError(ValueError):
+    """The stack asks for something the local platform does not run; the message names the setting."""
+
+
 class DevPlatform:
     """The dev platform of one stack in one state folder."""
 
     def __init__(self, config: PlatformConfig, state_dir: Path, stack: str = "dev") -> None:
+        if config.broker.engine != "mosquitto":
+            raise UnsupportedStackError(
+                f"ironlink:broker.engine: {config.broker.engine!r} in stack {stack!r}: the dev platform runs "
+                "Mosquitto (phase A); use a phase A stack such as 'dev'"
+            )
+        if config.broker.tls == "mtls":
+            raise UnsupportedStackError(
+                f"ironlink:broker.tls: 'mtls' in stack {stack!r}: the dev platform's devices and worker "
+                "log in with passwords over TLS; set broker.tls to 'tls'"
+            )
         self.config = config
         self.stack = stack
         self.layout = Layout.at(state_dir)
         self.pids = PidFiles(self.layout.run)
         self.warnings: list[str] = []
-        self._worker_account: tuple[str | None] | None = None
 
     # ------------------------------------------------------------------------------ accounts
     def account(self, process: str) -> str | None:
         """The unprivileged account ``process`` runs as; None when we are not root (then: as us)."""
         if process == "ingest":
-            return self._ingest_account()
+            return self.ingest_account
         return servers.service_user(ACCOUNTS[process])
 
-    def _ingest_account(self) -> str | None:
+    @cached_property
+    def ingest_account(self) -> str | None:
         """The worker's account, if it can run this Python at all.
 
         The worker is this project's own Python: an interpreter the account cannot reach (pyenv
         under a 0700 ``/root``) keeps the worker running as root, with a warning saying why.
         """
-        if self._worker_account is None:
-            account = servers.service_user(ACCOUNTS["ingest"])
-            if account is not None:
-                probe = subprocess.run(
-                    ["runuser", "-u", account, "--", python(), "-c", "import ingest.settings"],
-                    capture_output=True,
-                    text=True,
-                    cwd=self.layout.root,
-                    check=False,
-                )
-                if probe.returncode != 0:
-                    reason = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-                    self.warnings.append(
-                        f"ingest runs as root: {account!r} cannot run {python()} ({reason}); "
-                        "a virtualenv made from a system Python (/usr/bin/python3) lets it drop privileges"
-                    )
-                    account = None
-            self._worker_account = (account,)
-        return self._worker_account[0]
+        account = servers.service_user(ACCOUNTS["ingest"])
+        if account is None:
+            return None
+        probe = subprocess.run(
+            ["runuser", "-u", account, "--", python(), "-c", "import ingest.settings"],
+            capture_output=True,
+            text=True,
+            cwd=self.layout.root,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return account
+        reason = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        self.warnings.append(
+            f"ingest runs as root: {account!r} cannot run {python()} ({reason}); "
+            "a virtualenv made from a system Python (/usr/bin/python3) lets it drop privileges"
+        )
+        return None
 
     @property
     def ports(self) -> Ports:
@@ -237,6 +251,7 @@ class DevPlatform:
     def prepare(self) -> None:
         """Create the folder, ports, credentials, PKI and rendered files (idempotent)."""
         make_dir(self.layout.root)
+        self._check_reachable()
         for folder in (self.layout.logs, self.layout.run, self.layout.pki):
             make_dir(folder)
         Ports.load_or_choose(self.layout)
@@ -246,6 +261,19 @@ class DevPlatform:
         self._prepare_pki()
         self._render_mosquitto(credentials)
         self._write_store_tokens()
+
+    def _check_reachable(self) -> None:
+        """Each server's account must be able to enter the state folder (a checkout under a 0700
+        home folder, ``/root`` say, is not): better said now than as a failing ``initdb``."""
+        for process in ("postgres", "victoria-metrics", "mosquitto"):
+            account = self.account(process)
+            test = ["runuser", "-u", account, "--", "test", "-x", str(self.layout.root)] if account else None
+            if test and subprocess.run(test, check=False).returncode != 0:
+                raise PlatformError(
+                    f"--state-dir: {account!r} ({process}) cannot enter {self.layout.root}: a parent folder "
+                    "is closed to other accounts; choose a state folder under an open one "
+                    "(--state-dir /var/tmp/ironlink-dev, or make demo STATE_DIR=/var/tmp/ironlink-dev)"
+                )
 
     def _prepare_pki(self) -> None:
         if not (self.layout.ca_cert.exists() and self.layout.ca_key.exists()):
@@ -324,28 +352,24 @@ class DevPlatform:
             self.layout.log("postgres"),
             user,
         )
-        return _Spec("postgres", self.ports.postgres, server)
+        return _Spec(self.ports.postgres, replace(server, cwd=self.layout.postgres_data))
 
     def _victoria_metrics_spec(self) -> _Spec:
-        data = self.layout.victoria_metrics
+        port = self.ports.victoria_metrics
         server = servers.victoria_metrics(
-            data, self.ports.victoria_metrics, self.layout.log("victoria-metrics")
+            self.layout.victoria_metrics, port, self.layout.log("victoria-metrics")
         )
-        return _Spec(
-            "victoria-metrics",
-            self.ports.victoria_metrics,
-            replace(server, user=self.account("victoria-metrics")),
-        )
+        user = self.account("victoria-metrics")
+        return _Spec(port, replace(server, user=user, cwd=self.layout.victoria_metrics))
 
     def _mosquitto_spec(self) -> _Spec:
         paths = self.mosquitto_paths
         server = servers.mosquitto(self.mosquitto_conf, self.ports.mqtt, self.layout.log("mosquitto"))
         # Mosquitto block-buffers ``log_dest stdout`` into a file: line-buffer it so the log is live.
-        server = replace(server, argv=[servers.find_binary("stdbuf"), "-oL", *server.argv])
-        files = [self.mosquitto_conf, *map(Path, (paths.cafile, paths.certfile, paths.keyfile))]
-        return _Spec(
-            "mosquitto", self.ports.mqtt, server, [*files, Path(paths.password_file), Path(paths.acl_file)]
-        )
+        argv = [servers.find_binary("stdbuf"), "-oL", *server.argv]
+        server = replace(server, argv=argv, cwd=self.layout.mosquitto)
+        read = (paths.cafile, paths.certfile, paths.keyfile, paths.password_file, paths.acl_file)
+        return _Spec(self.ports.mqtt, server, [self.mosquitto_conf, *map(Path, read)])
 
     def _ingest_spec(self) -> _Spec:
         ports = self.ports
@@ -370,9 +394,9 @@ class DevPlatform:
             log_path=self.layout.log("ingest"),
             user=self.account("ingest"),
             env={**settings.to_env(), "IRONLINK_MQTT_PASSWORD": password},
-            cwd=self.layout.root,
+            cwd=self.layout.ingest,
         )
-        return _Spec("ingest", ports.worker, server, [self.layout.ca_cert, self.layout.store_tokens_file])
+        return _Spec(ports.worker, server, [self.layout.ca_cert, self.layout.store_tokens_file])
 
     def _before_start(self, name: str) -> None:
         """Give each server its folders (as root: to its account) just before it starts."""
@@ -430,7 +454,8 @@ class DevPlatform:
         assert leader is not None
         pid = server_pid(leader, through_runuser=spec.server.user is not None)
         user = self.account(name) or pwd.getpwuid(os.geteuid()).pw_name
-        self.pids.write(ProcessRecord.of(name, pid, leader, spec.port, spec.fingerprint, user))
+        record = ProcessRecord.of(name, pid, leader, spec.port, spec.fingerprint, user, spec.server.cwd)
+        self.pids.write(record)
         return outcome
 
     def _move(self, name: str) -> _Spec:
@@ -477,10 +502,6 @@ class DevPlatform:
                     changes.append(f"credential.issued {username}")
         return f"synced ({len(changes)} changes)" if changes else "in sync"
 
-    # ---------------------------------------------------------------------------------- down
-    def down(self, notify: Notify = _quiet) -> dict[str, str]:
-        return down(self.layout.root, notify)
-
     # -------------------------------------------------------------------------------- status
     def processes(self) -> list[ProcessHealth]:
         ports = Ports.load(self.layout)
@@ -505,11 +526,14 @@ class DevPlatform:
         processes = self.processes()
         running = {p.name for p in processes if p.alive and p.listening}
         dead_letters = self.dead_lettered() if "ingest" in running else None
-        try:
-            activity = self.store.activity() if "victoria-metrics" in running else {}
-            store_error = None if "victoria-metrics" in running else "victoria-metrics is not running"
-        except StoreUnavailableError as error:
-            activity, store_error = {}, str(error)
+        activity: dict[str, TenantSeen] = {}
+        store_error = None if "victoria-metrics" in running else "victoria-metrics is not running"
+        if store_error is None:
+            try:
+                self.store.force_flush()  # a live view should show the last seconds too
+                activity = self.store.activity()
+            except StoreUnavailableError as error:
+                store_error = str(error)
         tenants = []
         for tenant in self.config.tenants:
             seen = activity.get(tenant.id)

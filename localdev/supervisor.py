@@ -6,7 +6,10 @@ later commands find them again through ``run/<name>.pid``, a small JSON record:
 - ``pid``: the server process itself (for a server started through ``runuser``, runuser's child),
   what ``status`` checks and a crash kills;
 - ``pgid``: its session's process group, so that ``down`` also reaps whatever the server left
-  behind (PostgreSQL backends, an orphan whose runuser parent was killed);
+  behind (an orphan whose runuser parent was killed);
+- ``workdir`` and ``comm``: the server's own folder (its working directory) and program name.
+  PostgreSQL's children leave the process group (``setsid``), so a leftover is also recognised
+  by running the server's program in the server's folder;
 - ``fingerprint``: a digest of the command line, environment and config files it was started
   with, so that ``up`` restarts a server whose configuration changed and leaves the others alone.
 
@@ -40,12 +43,21 @@ class ProcessRecord(BaseModel):
     port: int
     fingerprint: str
     user: str | None = None
+    workdir: str | None = None
+    comm: str = ""
     boot_id: str
     start_ticks: int
 
     @classmethod
     def of(
-        cls, name: str, pid: int, pgid: int, port: int, fingerprint: str, user: str | None
+        cls,
+        name: str,
+        pid: int,
+        pgid: int,
+        port: int,
+        fingerprint: str,
+        user: str | None,
+        workdir: Path | None = None,
     ) -> ProcessRecord:
         stat = _stat(pid)
         if stat is None:
@@ -57,6 +69,8 @@ class ProcessRecord(BaseModel):
             port=port,
             fingerprint=fingerprint,
             user=user,
+            workdir=str(workdir) if workdir else None,
+            comm=stat.comm,
             boot_id=boot_id(),
             start_ticks=stat.start_ticks,
         )
@@ -82,6 +96,7 @@ def boot_id() -> str:
 @dataclass(frozen=True)
 class _Stat:
     pid: int
+    comm: str
     state: str
     ppid: int
     pgrp: int
@@ -100,8 +115,9 @@ def _stat(pid: int) -> _Stat | None:
         return None
     # The command name (field 2) may hold spaces and parentheses: the fields after it are fixed
     # (state is field 3, ppid 4, pgrp 5, starttime 22).
+    comm = text[text.index("(") + 1 : text.rindex(")")]
     fields = text[text.rindex(")") + 2 :].split()
-    return _Stat(pid, fields[0], int(fields[1]), int(fields[2]), int(fields[19]))
+    return _Stat(pid, comm, fields[0], int(fields[1]), int(fields[2]), int(fields[19]))
 
 
 def _reap(pid: int) -> None:
@@ -121,6 +137,24 @@ def _processes() -> Iterator[_Stat]:
 def group_members(pgid: int) -> list[int]:
     """Live processes of process group ``pgid``."""
     return sorted(stat.pid for stat in _processes() if stat.pgrp == pgid)
+
+
+def leftovers(record: ProcessRecord) -> list[int]:
+    """Live processes the server left: its process group, and its program still running in its
+    folder (whoever else works in that folder, a shell say, is not the server's)."""
+    found = set(group_members(record.pgid))
+    if record.workdir:
+        for stat in _processes():
+            if stat.comm == record.comm and _cwd(stat.pid) == record.workdir:
+                found.add(stat.pid)
+    return sorted(found)
+
+
+def _cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
 
 
 def children(pid: int) -> list[int]:
@@ -201,9 +235,9 @@ class PidFiles:
 def stop(record: ProcessRecord, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
     """Stop a server with ``sig``, then clear its process group.
 
-    The server gets ``timeout`` seconds to shut down cleanly (SIGKILL after that); whatever of its
-    group outlives it briefly (PostgreSQL backends, runuser, an orphan whose parent was killed) is
-    SIGKILLed. A record from an earlier boot names no process of ours: nothing is signalled.
+    The server gets ``timeout`` seconds to shut down cleanly (SIGKILL after that); whatever it left
+    (:func:`leftovers`) gets two seconds to follow, then SIGKILL. A record from an earlier boot
+    names no process of ours: nothing is signalled.
     """
     if record.boot_id != boot_id():
         return
@@ -214,10 +248,11 @@ def stop(record: ProcessRecord, sig: int = signal.SIGTERM, timeout: float = 20.0
             with contextlib.suppress(ProcessLookupError):
                 os.kill(record.pid, signal.SIGKILL)
             _wait(lambda: not record.alive, 5)
-    if not _wait(lambda: not group_members(record.pgid), 2):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(record.pgid, signal.SIGKILL)
-        _wait(lambda: not group_members(record.pgid), 5)
+    if not _wait(lambda: not leftovers(record), 2):
+        for pid in leftovers(record):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _wait(lambda: not leftovers(record), 5)
     _reap(record.pgid)
 
 

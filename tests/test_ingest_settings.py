@@ -35,7 +35,7 @@ def test_settings_follow_the_stack_routes_quotas_and_machines() -> None:
         config.ingest.batch_size,
         config.ingest.flush_interval_ms,
     )
-    assert subject.receive_maximum == 2 * config.ingest.batch_size
+    assert subject.receive_maximum == 4 * config.ingest.batch_size
 
 
 def test_mosquitto_stacks_subscribe_plainly_and_emqx_stacks_share_the_subscription() -> None:

@@ -7,6 +7,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,3 +181,22 @@ def test_listening_reads_the_kernel_table_without_connecting() -> None:
         server.listen()
         assert supervisor.listening(port)
     assert not supervisor.listening(port)
+
+
+def test_stop_also_clears_the_servers_program_that_left_the_group_but_not_others_in_its_folder(
+    spawned: Spawned, tmp_path: Path
+) -> None:
+    # Like PostgreSQL's children: `setsid` takes the leftover out of the group; another program
+    # working in the same folder is a bystander.
+    server = subprocess.Popen(["sleep", "60"], cwd=tmp_path, start_new_session=True)
+    escaped = subprocess.Popen(["setsid", "sleep", "61"], cwd=tmp_path)
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(62)"], cwd=tmp_path, start_new_session=True
+    )
+    spawned += [server, escaped, bystander]
+    record = supervisor.ProcessRecord.of("probe", server.pid, server.pid, 1, "f", None, tmp_path)
+    servers.wait_until(lambda: escaped.pid in supervisor.leftovers(record), 5, "the escaped child")
+    assert bystander.pid not in supervisor.leftovers(record)
+    supervisor.stop(record, timeout=1)
+    assert escaped.wait(5) == -signal.SIGKILL
+    assert bystander.poll() is None

@@ -43,9 +43,12 @@ class Platform:
     def __init__(self, folder: Path, start_mosquitto: MosquittoFactory, **worker: Any) -> None:
         self.broker, self.mqtt_port = start_mosquitto(broker_config(folder / "mosquitto"))
         self.store, self.store_url = start_store(folder)
-        self.worker = WorkerProcess.for_platform(
-            platform(), self.mqtt_port, self.store_url, folder, **worker
-        ).start()
+        self.worker = WorkerProcess.for_platform(platform(), self.mqtt_port, self.store_url, folder, **worker)
+        try:
+            self.worker.start()
+        except BaseException:
+            self.store.stop()  # the broker is the fixture's; the store is ours to stop
+            raise
         self.device = Mqtt(self.mqtt_port, "device")
         self.dead_letters = Mqtt(self.mqtt_port, "dead-letter-reader")
         self.dead_letters.subscribe("dlq/#")

@@ -16,9 +16,11 @@ app = typer.Typer(
 )
 
 # Command modules register themselves on `app` when imported.
-from infra.cli import tenant  # noqa: E402, F401  (ironlink tenant ..., ironlink device ...)
-from infra.cli import plan  # noqa: E402, F401  (ironlink plan STACK | --all)
-from infra.cli import dev  # noqa: E402, F401  (ironlink dev up|status|down|logs, ironlink simulate)
+from infra.cli import (  # noqa: E402  (after `app`, which they register on)
+    dev,  # noqa: F401  (ironlink dev up|status|down|logs, ironlink simulate)
+    plan,  # noqa: F401  (ironlink plan STACK | --all)
+    tenant,  # noqa: F401  (ironlink tenant ..., ironlink device ...)
+)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from infra.cli import app
 from infra.cli.common import console, fail, stack_config
 from localdev import platform as devplatform
 from localdev import simulator, views
-from localdev.platform import PROCESSES, DevPlatform, PlatformError
+from localdev.platform import PROCESSES, DevPlatform, PlatformError, UnsupportedStackError
 from localdev.servers import MissingPackageError
 from localdev.state import DEFAULT_STATE_DIR, Layout, StateError
 
@@ -40,7 +40,10 @@ StateDirOption = Annotated[
 
 
 def _platform(stack: str, state_dir: Path) -> DevPlatform:
-    return DevPlatform(stack_config(stack), state_dir, stack)
+    try:
+        return DevPlatform(stack_config(stack), state_dir, stack)
+    except UnsupportedStackError as error:
+        fail(str(error))
 
 
 def _failed(error: Exception) -> None:

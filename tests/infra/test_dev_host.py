@@ -63,9 +63,7 @@ def test_servers_run_under_their_own_unprivileged_accounts(host: Any, platform: 
 
 
 @as_root
-def test_secret_files_are_0600_and_owned_by_the_account_that_reads_them(
-    host: Any, platform: DevPlatform
-) -> None:
+def test_secret_files_are_0600_and_owned_by_their_reader(host: Any, platform: DevPlatform) -> None:
     layout, paths = platform.layout, platform.mosquitto_paths
     worker = platform.pids.read("ingest")
     assert worker is not None

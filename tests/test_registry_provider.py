@@ -1,0 +1,134 @@
+"""The registry dynamic provider against a real PostgreSQL: what ``pulumi up`` and ``destroy``
+would do to a tenant's rows, through the provider object Pulumi would unpickle."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from typing import Any
+
+import dill
+import psycopg
+import pytest
+from pulumi.dynamic.dynamic import serialize_provider
+
+from components.providers.registry import RegistryTenantProvider
+from infra.config import Machine, Site, Tenant
+from registry import store
+from registry.credentials import hash_password
+
+pytestmark = pytest.mark.integration
+
+ACTOR = "pulumi:test"
+PRESS = Machine(id="press-01", type="hydraulic_press", password_hash=hash_password("press-secret"))
+
+
+def acme(*machines: Machine, name: str = "Acme Manufacturing") -> Tenant:
+    return Tenant(id="acme", name=name, tier="basic", sites=[Site(id="plant-1", machines=list(machines))])
+
+
+def props(dsn: str, tenant: Tenant, isolation: int = 2) -> dict[str, Any]:
+    """The inputs as the engine hands them over: JSON values, numbers as floats."""
+    return {
+        "dsn": dsn,
+        "tenant_id": tenant.id,
+        "tenant": tenant.model_dump(mode="json"),
+        "isolation": float(isolation),
+        "actor": ACTOR,
+    }
+
+
+@pytest.fixture
+def provider() -> RegistryTenantProvider:
+    """The provider as the engine gets it: pickled into state and loaded back."""
+    return dill.loads(base64.b64decode(serialize_provider(RegistryTenantProvider())))
+
+
+@pytest.fixture
+def conn(postgres_dsn: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(postgres_dsn, autocommit=True) as connection:
+        yield connection
+
+
+def rows(conn: psycopg.Connection, query: str) -> list[tuple[Any, ...]]:
+    return conn.execute(query).fetchall()
+
+
+def test_create_migrates_an_empty_database_and_writes_the_tenant(
+    provider: RegistryTenantProvider, postgres_dsn: str, conn: psycopg.Connection
+) -> None:
+    created = provider.create(props(postgres_dsn, acme(PRESS)))
+    assert created.id == "acme"
+    assert rows(conn, "SELECT id, name, isolation FROM tenants") == [("acme", "Acme Manufacturing", 2)]
+    assert rows(conn, "SELECT username, revoked_at FROM devices") == [("acme.plant-1.press-01", None)]
+    actions = [(e.actor, e.action, e.subject) for e in store.audit_events(conn, tenant_id="acme")]
+    assert (ACTOR, "tenant.created", "acme") in actions
+    assert (ACTOR, "credential.issued", "acme.plant-1.press-01") in actions
+
+
+def test_update_syncs_a_new_machine_and_audits_it(
+    provider: RegistryTenantProvider, postgres_dsn: str, conn: psycopg.Connection
+) -> None:
+    before = props(postgres_dsn, acme(PRESS))
+    provider.create(before)
+    mill = Machine(id="mill-01", type="cnc_mill")
+    after = props(postgres_dsn, acme(PRESS, mill))
+    diff = provider.diff("acme", before, after)
+    assert (diff.changes, diff.replaces) == (True, [])
+    provider.update("acme", before, after)
+    assert rows(conn, "SELECT id, type FROM machines ORDER BY id") == [
+        ("mill-01", "cnc_mill"),
+        ("press-01", "hydraulic_press"),
+    ]
+    assert store.audit_events(conn, tenant_id="acme")[-1].action == "machine.added"
+
+
+def test_an_unchanged_tenant_diffs_clean_and_a_new_id_replaces(postgres_dsn: str) -> None:
+    provider = RegistryTenantProvider()
+    same = provider.diff("acme", props(postgres_dsn, acme(PRESS)), props(postgres_dsn, acme(PRESS)))
+    assert same.changes is False
+    renamed = Tenant(id="acme-2", name="Acme Manufacturing", tier="basic")
+    moved = provider.diff("acme", props(postgres_dsn, acme()), props(postgres_dsn, renamed))
+    assert moved.replaces == ["tenant_id"]
+
+
+def test_delete_removes_every_row_and_keeps_the_audit_trail(
+    provider: RegistryTenantProvider, postgres_dsn: str, conn: psycopg.Connection
+) -> None:
+    state = props(postgres_dsn, acme(PRESS))
+    provider.create(state)
+    provider.delete("acme", state)
+    assert rows(conn, "SELECT count(*) FROM tenants") == [(0,)]
+    assert rows(conn, "SELECT count(*) FROM devices") == [(0,)]
+    assert store.audit_events(conn, tenant_id="acme")[-1].action == "tenant.removed"
+    assert provider.read("acme", state).id == "", "a removed tenant reads as gone"
+
+
+def test_create_adopts_rows_a_local_tool_wrote_without_duplicating_them(
+    provider: RegistryTenantProvider, postgres_dsn: str, conn: psycopg.Connection
+) -> None:
+    provider.create(props(postgres_dsn, acme(PRESS)))
+    events = len(store.audit_events(conn))
+    provider.create(props(postgres_dsn, acme(PRESS)))
+    assert len(store.audit_events(conn)) == events, "an identical sync records nothing"
+    assert provider.read("acme", props(postgres_dsn, acme(PRESS))).id == "acme"
+
+
+def test_a_bad_tenant_fails_check_and_create_naming_the_value_and_writes_nothing(
+    provider: RegistryTenantProvider, postgres_dsn: str, conn: psycopg.Connection
+) -> None:
+    bad = props(postgres_dsn, acme(PRESS))
+    bad["tenant"]["sites"][0]["machines"][0]["type"] = "Hydraulic Press"  # unknown to the catalog
+    failures = provider.check({}, bad).failures
+    assert [f.property for f in failures] == ["tenant.sites.0.machines.0.type"]
+    assert "'Hydraulic Press'" in failures[0].reason
+    with pytest.raises(ValueError, match="Hydraulic Press"):
+        provider.create(bad)
+    assert rows(conn, "SELECT to_regclass('tenants')") == [(None,)], "refused before connecting"
+
+
+def test_check_names_missing_inputs_and_a_bad_isolation(postgres_dsn: str) -> None:
+    news = {**props(postgres_dsn, acme()), "dsn": "", "isolation": 4.0}
+    failures = {f.property: f.reason for f in RegistryTenantProvider().check({}, news).failures}
+    assert set(failures) == {"dsn", "isolation"}
+    assert "4.0" in failures["isolation"]
