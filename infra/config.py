@@ -224,6 +224,9 @@ class Broker(Section):
     nodes: int = Field(ge=1)
     tls: Literal["tls", "mtls"]
     allow_plaintext: bool = False
+    # Messages the broker keeps per session while its client is slow or away (the worker during a
+    # store outage). Both brokers default to 1000 and silently drop the rest.
+    max_queued_messages: int = Field(default=200_000, ge=1000)
     storage: Quantity
     resources: ComputeResources
     limits: ClientLimits

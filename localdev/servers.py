@@ -201,8 +201,17 @@ def init_postgres(data_dir: Path, user: str | None, superuser: str = "postgres")
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     hand_over(data_dir, user)
-    argv = [find_binary("initdb"), "-D", str(data_dir), "-U", superuser, "--auth-local=trust",
-            "--auth-host=scram-sha-256", "--encoding=UTF8", "--no-instructions"]
+    argv = [
+        find_binary("initdb"),
+        "-D",
+        str(data_dir),
+        "-U",
+        superuser,
+        "--auth-local=trust",
+        "--auth-host=scram-sha-256",
+        "--encoding=UTF8",
+        "--no-instructions",
+    ]
     command = ["runuser", "-u", user, "--", *argv] if user else argv
     subprocess.run(command, check=True, capture_output=True)
 
@@ -215,11 +224,16 @@ def postgres(data_dir: Path, port: int, socket_dir: Path, log_path: Path, user: 
         name="postgres",
         argv=[
             find_binary("postgres"),
-            "-D", str(data_dir),
-            "-p", str(port),
-            "-c", "listen_addresses=127.0.0.1",
-            "-c", f"unix_socket_directories={socket_dir}",
-            "-c", "fsync=off" if os.environ.get("IRONLINK_PG_FAST") else "fsync=on",
+            "-D",
+            str(data_dir),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={socket_dir}",
+            "-c",
+            "fsync=off" if os.environ.get("IRONLINK_PG_FAST") else "fsync=on",
         ],
         ready=lambda: _pg_ready(socket_dir, port),
         log_path=log_path,
@@ -229,5 +243,5 @@ def postgres(data_dir: Path, port: int, socket_dir: Path, log_path: Path, user: 
 
 def _pg_ready(socket_dir: Path, port: int) -> bool:
     """pg_isready: accepting connections, not merely listening (it listens while still starting)."""
-    argv = [find_binary("pg_isready"), "-q", "-h", str(socket_dir), "-p", str(port)]
+    argv = [find_binary("pg_isready"), "-q", "-h", str(socket_dir), "-p", str(port), "-U", "postgres"]
     return subprocess.run(argv, check=False).returncode == 0

@@ -54,6 +54,15 @@ def test_emqx_conf_parses_back_to_the_settings_it_was_rendered_from(phase: str) 
     assert parsed_conf(platform).as_plain_ordered_dict() == emqx.emqx_settings(platform, REGISTRY)
 
 
+def test_emqx_queues_and_windows_for_the_worker_instead_of_dropping() -> None:
+    """EMQX defaults (inflight 32, queue 1000) would throttle the worker and drop during an outage."""
+    mqtt = parsed_conf(config("C", ingest={"batch_size": 2000})).get("mqtt")
+    assert mqtt["max_inflight"] == 8000
+    assert mqtt["max_mqueue_len"] == 200_000
+    assert mqtt["shared_subscription_strategy"] == "hash_topic"
+    assert parsed_conf(config("B", broker={"max_queued_messages": 5000})).get("mqtt")["max_mqueue_len"] == 5000
+
+
 def test_hocon_keeps_placeholders_quotes_and_odd_keys_literal() -> None:
     tree = {"q": 'a "quoted" \\ ${username}', "odd.key": {"x-y": [1, 2]}, "flag": False}
     assert ConfigFactory.parse_string(emqx.render_hocon(tree)).as_plain_ordered_dict() == tree

@@ -98,6 +98,12 @@ def test_mtls_requires_a_certificate_and_takes_the_cn_as_identity() -> None:
     } <= set(tls)
 
 
+def test_session_queue_is_sized_for_a_store_outage_not_the_default_1000() -> None:
+    assert "max_queued_messages 200000" in render_mosquitto_conf(platform().config, PATHS).splitlines()
+    conf = render_mosquitto_conf(platform({"broker": {"max_queued_messages": 5000}}).config, PATHS)
+    assert "max_queued_messages 5000" in conf.splitlines()
+
+
 def test_packet_size_comes_from_the_config_limits() -> None:
     conf = render_mosquitto_conf(platform({"broker": {"limits": {"max_packet_size": "1MB"}}}).config, PATHS)
     assert "max_packet_size 1048576" in conf.splitlines()

@@ -104,7 +104,16 @@ def emqx_settings(
     }
     if config.broker.allow_plaintext:
         listeners["tcp"] = {"default": {"bind": f"0.0.0.0:{MQTT_PORT}", **limits}}
-    mqtt: dict[str, Any] = {"max_packet_size": config.broker.limits.max_packet_size}
+    mqtt: dict[str, Any] = {
+        "max_packet_size": config.broker.limits.max_packet_size,
+        # The worker acknowledges a whole batch at once: let a window of batches be in flight, and
+        # queue (not drop) what arrives while the store is down -- EMQX's defaults are 32 and 1000.
+        "max_inflight": min(65_535, 4 * config.ingest.batch_size),
+        "max_mqueue_len": config.broker.max_queued_messages,
+        "mqueue_store_qos0": False,
+        # One machine always reaches the same worker replica, so its derived metrics stay whole.
+        "shared_subscription_strategy": "hash_topic",
+    }
     if mtls:
         mqtt["peer_cert_as_username"] = "cn"
     database = {

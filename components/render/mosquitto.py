@@ -83,7 +83,8 @@ def render_mosquitto_conf(
         f"password_file {paths.password_file}",
         f"acl_file {paths.acl_file}",
         f"max_packet_size {packet_size_bytes(broker.limits.max_packet_size)}",
-        "max_queued_messages 1000",
+        # Mosquitto silently drops past this per client (default 1000): see Broker.max_queued_messages.
+        f"max_queued_messages {broker.max_queued_messages}",
         "persistence true",
         f"persistence_location {paths.persistence_dir}",
         "autosave_interval 30",
