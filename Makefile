@@ -2,11 +2,13 @@
 # they install the Debian packages and the Python environment they need first.
 SHELL := /bin/bash
 VENV ?= .venv
-PYTHON ?= python3
+# Debian's own Python when there is one: a service account can run it (a pyenv under /root cannot),
+# so the dev platform's worker drops root like the other processes.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 BIN := $(VENV)/bin
 STACK ?= dev
-# Real servers the integration tests start themselves (never mocked): see tests/services.py.
-DEBIAN_PACKAGES := mosquitto mosquitto-clients postgresql victoria-metrics prometheus openssl
+# Real servers the integration tests start themselves (never mocked): see localdev/servers.py.
+DEBIAN_PACKAGES := mosquitto mosquitto-clients postgresql victoria-metrics prometheus openssl python3-venv
 # ps and ss, which pytest-testinfra's process and socket checks run (tests/infra/).
 DEBIAN_PACKAGES += procps iproute2
 
@@ -34,7 +36,8 @@ plan: $(VENV)/.installed
 plan-all: $(VENV)/.installed
 	$(BIN)/ironlink plan --all
 
-test: deps
+# Lint first (ruff + mypy are part of the bar), then every test, real servers included.
+test: deps lint
 	$(BIN)/pytest -n 2 --dist loadgroup -q
 
 lint: $(VENV)/.installed
