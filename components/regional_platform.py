@@ -3,17 +3,21 @@
 The region owns the single Kubernetes provider (``cluster.context``), the namespace (Pod Security
 ``restricted``, ingress denied by default), the certificate authority, and the platform's shared
 services: PostgreSQL (registry, HA Grafana), the shared InfluxDB, the MQTT broker, Grafana and the
-ingest worker. Per-tenant resources (InfluxDB orgs/buckets/tokens, Grafana orgs, registry rows,
-level-3 InfluxDB instances) are ``components.tenant.Tenant``'s, built on the attributes exposed
-here (``provider``, ``influxdb``, ``grafana``, ``postgres``, ``ingest_credential``).
+ingest worker. Each tenant of the config is a ``components.tenant.Tenant`` (InfluxDB org, buckets
+and tokens, Grafana org or folder, registry rows, a level-3 tenant's own InfluxDB); tenants are
+declared before the worker, which gets their write tokens. ``svc.ingest``'s broker credential is
+registered in the registry, where EMQX authenticates it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, NotRequired, TypedDict
+import functools
+import pickle
+from collections.abc import Callable
+from typing import Any, TypedDict
 
 import pulumi
+import pulumi.dynamic.dynamic as pulumi_dynamic
 import pulumi_kubernetes as k8s
 
 from components.credentials import ServiceCredential, service_credential
@@ -23,16 +27,38 @@ from components.ingest_worker import IngestWorker, IngestWorkerArgs
 from components.mqtt_broker import MqttBroker, MqttBrokerArgs
 from components.pki import CertificateAuthority, CertificateAuthorityArgs
 from components.postgres import Postgres, PostgresArgs
+from components.providers.influxdb import InfluxConnection
+from components.providers.registry import RegistryServiceAccount
 from components.render.kubernetes import default_deny_spec, namespace_labels, object_meta
+from components.tenant import Tenant, TenantArgs, grafana_admin_provider, shared_alert_routing
 from infra.config import PlatformConfig
 from infra.tenancy import INGEST_SERVICE, SHARED_INFLUXDB, influxdb_instance
+
+
+def _flat_pickler_patch(serialize: Callable[[Any], str]) -> Callable[[Any], str]:
+    """The SDK's ``serialize_provider`` (pulumi 3.272) wraps ``pickle._Pickler._batch_setitems`` once
+    per dynamic resource and never unwraps it: past ~1,000 dynamic resources in one program (about
+    160 tenants) pickling the next provider raises ``RecursionError``. Restoring the pickler after
+    each call keeps the wrapper one level deep; the SDK's sorted (deterministic) pickling is unchanged."""
+
+    @functools.wraps(serialize)
+    def serialize_flat(provider: Any) -> str:
+        saved = pickle._Pickler._batch_setitems, pickle._Pickler.save_dict  # type: ignore[attr-defined]
+        try:
+            return serialize(provider)
+        finally:
+            pickle._Pickler._batch_setitems, pickle._Pickler.save_dict = saved  # type: ignore[attr-defined]
+
+    return serialize_flat
+
+
+if not hasattr(pulumi_dynamic.serialize_provider, "__wrapped__"):
+    pulumi_dynamic.serialize_provider = _flat_pickler_patch(pulumi_dynamic.serialize_provider)
 
 
 class RegionalPlatformArgs(TypedDict):
     config: PlatformConfig
     """The validated stack config of the region."""
-    store_tokens: NotRequired[Mapping[str, pulumi.Input[str]]]
-    """Tenant id → InfluxDB write token for the ingest worker (from the tenants' components)."""
 
 
 def store_urls(config: PlatformConfig) -> dict[str, str]:
@@ -51,6 +77,8 @@ class RegionalPlatform(pulumi.ComponentResource):
     broker: MqttBroker
     grafana: Grafana
     worker: IngestWorker
+    tenants: dict[str, Tenant]
+    """Tenant id → its component."""
     ingest_credential: ServiceCredential
     """``svc.ingest``'s broker password and ``$7$`` hash (the registry needs the hash for EMQX)."""
 
@@ -107,6 +135,42 @@ class RegionalPlatform(pulumi.ComponentResource):
         self.grafana = Grafana(
             "grafana", GrafanaArgs(config=config, provider=self.provider, database=self.postgres), inside
         )
+        grafana_provider = grafana_admin_provider(
+            f"{name}-grafana-admin",
+            self.grafana.url,
+            self.grafana.admin_user,
+            self.grafana.admin_password,
+            self,
+        )
+        shared = {SHARED_INFLUXDB: InfluxConnection(self.influxdb.url, self.influxdb.admin_token)}
+        platform = [namespace, self.influxdb, self.grafana, self.postgres]
+        self.tenants = {
+            tenant.id: Tenant(
+                tenant.id,
+                TenantArgs(
+                    config=config,
+                    tenant=tenant,
+                    influxdb=shared,
+                    grafana=grafana_provider,
+                    registry_dsn=self.postgres.dsn,
+                    k8s_provider=self.provider,
+                ),
+                pulumi.ResourceOptions(parent=self, depends_on=platform),
+            )
+            for tenant in config.tenants
+        }
+        shared_alert_routing(
+            f"{name}-shared-alert-routing", list(self.tenants.values()), grafana_provider, self
+        )
+        if config.broker.engine == "emqx":  # EMQX authenticates against the registry; Mosquitto has a file
+            RegistryServiceAccount(
+                f"{name}-svc-ingest",
+                dsn=self.postgres.dsn,
+                username=INGEST_SERVICE,
+                password_hash=self.ingest_credential.password_hash,
+                actor=f"pulumi:{pulumi.get_stack()}",
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.postgres]),
+            )
         client_certificate = (
             self.ca.issue("ingest-client", common_name=INGEST_SERVICE, parent=self, client=True)
             if config.broker.tls == "mtls"
@@ -123,7 +187,7 @@ class RegionalPlatform(pulumi.ComponentResource):
                 ca_cert_pem=self.ca.cert_pem,
                 client_certificate=client_certificate,
                 store_urls=store_urls(config),
-                store_tokens=args.get("store_tokens") or {},
+                store_tokens={tenant_id: tenant.write_token for tenant_id, tenant in self.tenants.items()},
             ),
             inside,
         )

@@ -7,7 +7,8 @@ anything is kept. Each call runs in a fresh context (settings, config and root s
 variables in the SDK), so the planner can be called repeatedly in one process.
 
 The engine returns inputs as outputs, plus plausible values for the few outputs the program reads
-(random passwords, TLS keys and certificates): see :class:`PlanMocks`.
+(random passwords, TLS keys and certificates, InfluxDB token values, Grafana org and team ids): see
+:class:`PlanMocks`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ SECRET = "[secret]"
 _SECRET_SIG = rpc._special_secret_sig
 _SIG_KEY = rpc._special_sig_key
 STACK_TYPE = "pulumi:pulumi:Stack"
+INFLUX_TOKEN_TYPE = "pulumi-python:dynamic/influxdb:Token"
+GRAFANA_ORG_TYPE = "grafana:oss/organization:Organization"
+GRAFANA_TEAM_TYPE = "grafana:oss/team:Team"
 
 
 # ----------------------------------------------------------------------------------- records
@@ -204,6 +208,11 @@ def _pem(label: str, name: str) -> str:
     return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
 
 
+def mock_grafana_id(name: str) -> int:
+    """The org or team id the mock Grafana gives resource ``name``: stable, and never 1 (the shared org)."""
+    return 2 + int.from_bytes(_digest(name, 2)) % 1000
+
+
 class PlanMocks(mocks.Mocks):
     """Deterministic stand-ins for the outputs the program reads; everything else echoes inputs."""
 
@@ -226,6 +235,11 @@ class PlanMocks(mocks.Mocks):
             "tls:index/locallySignedCert:LocallySignedCert",
         ):
             outputs["certPem"] = _pem("CERTIFICATE", name)
+        elif typ == INFLUX_TOKEN_TYPE:
+            # A secret, as InfluxDB's token is (the provider marks it so); masked in the plan.
+            outputs["token"] = {_SIG_KEY: _SECRET_SIG, "value": f"token-of-{name}"}
+        elif typ in (GRAFANA_ORG_TYPE, GRAFANA_TEAM_TYPE):
+            outputs["orgId" if typ == GRAFANA_ORG_TYPE else "teamId"] = mock_grafana_id(name)
         return f"{name}-id", outputs
 
     def call(self, args: mocks.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:

@@ -3,6 +3,7 @@ mock engine). Each test is a policy; a failure names the stack and the resource 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -10,9 +11,10 @@ from pulumi.runtime.sync_await import _sync_await
 from pyhocon import ConfigFactory
 
 from components.influxdb import influxdb_url
+from components.ingest_worker import TOKENS_FILE
 from components.render.kubernetes import ROLE_BACKUP, ROLE_BROKER, ROLE_GRAFANA, ROLE_INGEST
 from infra.plan import SECRET, Plan, PlannedResource
-from infra.tenancy import INGEST_SERVICE, influxdb_instance
+from infra.tenancy import INGEST_SERVICE, influxdb_instance, store_route
 from ingest.settings import WorkerSettings
 from tests.pulumi_mocks import (
     PLANS,
@@ -400,3 +402,98 @@ def test_the_worker_reads_its_deployment_environment_and_reaches_every_store(sta
     assert (settings.mqtt_cert_file is not None) == mtls, f"{stack}: client certificate only under mutual TLS"
     http = pod_spec(deployment)["containers"][0]["ports"][0]["containerPort"]
     assert http == settings.http_port, f"{stack}: probes must hit the worker's HTTP port"
+
+
+# ------------------------------------------------------------------------------------ tenants
+INFLUX_TOKEN = "pulumi-python:dynamic/influxdb:Token"
+
+
+def tenant_owned(plan: Plan, tenant_id: str, type: str | None = None) -> list[PlannedResource]:
+    """What the tenant's component declared (its own InfluxDB's objects included), of ``type``."""
+    return [r for r in plan.descendants(plan.one("Tenant", tenant_id)) if type is None or r.type == type]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_tenant_has_its_own_component_in_the_region(stack: str) -> None:
+    plan, config = stack_plan(stack), stack_config(stack)
+    region = plan.one("RegionalPlatform", f"ironlink-{config.region}")
+    assert sorted(t.name for t in plan.find("ironlink:tenant:Tenant")) == sorted(t.id for t in config.tenants)
+    for tenant in config.tenants:
+        component = plan.one("Tenant", tenant.id)
+        assert component.parent == region.urn, f"{stack}: tenant {tenant.id} outside the region"
+        registry = tenant_owned(plan, tenant.id, "pulumi-python:dynamic/registry:Tenant")
+        assert [r.inputs["tenant_id"] for r in registry] == [tenant.id], f"{stack}: {tenant.id} registry rows"
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_each_tenants_store_lives_on_its_instance_and_level_3_gets_its_own(stack: str) -> None:
+    plan, config = stack_plan(stack), stack_config(stack)
+    for tenant in config.tenants:
+        instance = influxdb_instance(config, tenant)
+        url = influxdb_url(config.cluster.namespace, instance)
+        own = [r.name for r in tenant_owned(plan, tenant.id, "ironlink:influxdb:InfluxDB")]
+        if config.isolation_of(tenant) == 3:
+            assert own == [f"influxdb-{tenant.id}"], f"{stack}: level-3 {tenant.id} needs its own InfluxDB"
+        else:
+            assert own == [], f"{stack}: {tenant.id} is on the shared InfluxDB"
+        tokens = tenant_owned(plan, tenant.id, INFLUX_TOKEN)
+        assert tokens and {t.inputs["url"] for t in tokens} == {url}, f"{stack}: {tenant.id} tokens"
+
+
+@pytest.mark.parametrize("stack", ["scale-eu-west-1", "scale-us-east-1"])
+def test_the_scale_stacks_have_a_level_3_tenant(stack: str) -> None:
+    plan = stack_plan(stack)
+    level_3 = {"scale-eu-west-1": "umbrella", "scale-us-east-1": "stark"}[stack]
+    assert plan.component_of(plan.one("InfluxDB", f"influxdb-{level_3}")) == plan.one("Tenant", level_3)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_tenant_tokens_name_only_that_tenants_buckets(stack: str) -> None:
+    plan, config = stack_plan(stack), stack_config(stack)
+    for tenant in config.tenants:
+        route = store_route(config, tenant)
+        write = plan.one("Token", f"{tenant.id}-write-token").inputs["permissions"]
+        read = plan.one("Token", f"{tenant.id}-read-token").inputs["permissions"]
+        # the mock engine ids a resource "<name>-id"; buckets are named after the tenant
+        assert write == [{"action": "write", "bucket_id": f"{route.bucket}-id"}], f"{stack}: {tenant.id}"
+        assert read == [
+            {"action": "read", "bucket_id": f"{route.bucket}-id"},
+            {"action": "read", "bucket_id": f"{route.downsampled_bucket}-id"},
+        ], f"{stack}: {tenant.id}"
+
+
+def worker_secret(platform: Any) -> Any:
+    (secret,) = [r for r in platform.worker._childResources if r._name == "ingest-credentials"]
+    return secret
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_worker_gets_each_tenants_write_token_as_a_secret(stack: str) -> None:
+    plan, config = stack_plan(stack), stack_config(stack)
+    assert plan.one("Secret", "ingest-credentials").inputs["stringData"][TOKENS_FILE] == SECRET
+    string_data = worker_secret(plan.platform).string_data
+    assert _sync_await(string_data.is_secret()), f"{stack}: the worker's tokens are not a Pulumi secret"
+    tokens = json.loads(_sync_await(string_data.future())[TOKENS_FILE])
+    assert tokens == {t.id: f"token-of-{t.id}-write-token" for t in config.tenants}, stack
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_only_emqx_stacks_register_the_workers_broker_identity(stack: str) -> None:
+    plan, config = stack_plan(stack), stack_config(stack)
+    accounts = plan.find("pulumi-python:dynamic/registry:ServiceAccount")
+    if config.broker.engine == "emqx":
+        assert [(a.inputs["username"], a.inputs["password_hash"]) for a in accounts] == [
+            (INGEST_SERVICE, SECRET)
+        ], stack
+        assert _sync_await(plan.platform.ingest_credential.password_hash.future()).startswith("$7$")
+    else:
+        assert accounts == [], f"{stack}: Mosquitto reads its password file, not the registry"
+
+
+@pytest.mark.parametrize("stack", PHASE_A)
+def test_phase_a_tenants_share_grafanas_org(stack: str) -> None:
+    plan = stack_plan(stack)
+    assert plan.find("grafana:oss/organization:Organization") == [], f"{stack}: level 1 has no org"
+    assert {f.name for f in plan.find("grafana:oss/folder:Folder")} == {
+        f"{t.id}-folder" for t in stack_config(stack).tenants
+    }

@@ -197,3 +197,21 @@ def test_cli_all_plans_the_good_stacks_and_fails_for_the_bad(
     assert "ironlink:broker.nodes: 2 is even" in result.output and "not planned: bad" in result.output
     assert (tmp_path / "build" / "plan" / "good.json").is_file()
     assert not (tmp_path / "build" / "plan" / "bad.json").exists()
+
+
+def test_dynamic_providers_serialize_past_a_thousand_resources() -> None:
+    """pulumi 3.272 wraps the pickler once per dynamic resource; without the region's fix the
+    ~1,000th serialization raises RecursionError (about 160 tenants)."""
+    import pickle
+
+    import pulumi.dynamic.dynamic as pulumi_dynamic
+
+    import components.regional_platform  # noqa: F401  (installs the fix)
+    from components.providers.registry import RegistryServiceAccountProvider
+
+    stock = pickle._Pickler._batch_setitems  # type: ignore[attr-defined]
+    provider = RegistryServiceAccountProvider()
+    provider.options = {"timeout": 1}  # type: ignore[attr-defined]  # a dict to pickle, as real providers hold
+    serialized = {pulumi_dynamic.serialize_provider(provider) for _ in range(1200)}
+    assert len(serialized) == 1, "the provider's serialization must stay deterministic"
+    assert pickle._Pickler._batch_setitems is stock  # type: ignore[attr-defined]

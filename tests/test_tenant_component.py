@@ -26,7 +26,15 @@ from components.influxdb import influxdb_url
 from components.providers.influxdb import InfluxConnection
 from components.tenant import Tenant, TenantArgs, grafana_admin_provider, shared_alert_routing
 from infra.config import PlatformConfig, parse_platform
-from infra.plan import SECRET, Plan, PlanMocks, PlannedResource, RecordingMonitor, tree_order
+from infra.plan import (
+    SECRET,
+    Plan,
+    PlanMocks,
+    PlannedResource,
+    RecordingMonitor,
+    mock_grafana_id,
+    tree_order,
+)
 from infra.tenancy import SHARED_INFLUXDB, store_route
 
 SHARED_URL = "http://influxdb.ironlink.svc.cluster.local:8086"
@@ -79,20 +87,6 @@ CONFIG = parse_platform(
 LEVEL = {tenant.id: CONFIG.isolation_of(tenant) for tenant in CONFIG.tenants}
 
 
-class TenantMocks(PlanMocks):
-    """PlanMocks plus the outputs the Tenant component reads: token values and Grafana ids."""
-
-    def new_resource(self, args: mocks.MockResourceArgs) -> tuple[str, dict[str, Any]]:
-        resource_id, outputs = super().new_resource(args)
-        if args.typ == TOKEN:
-            outputs["token"] = f"token-of-{args.name}"
-        elif args.typ == GRAFANA_ORG:
-            outputs["orgId"] = 100 + sum(map(ord, args.name)) % 100
-        elif args.typ == "grafana:oss/team:Team":
-            outputs["teamId"] = 7
-        return resource_id, outputs
-
-
 @dataclass
 class Declared:
     plan: Plan
@@ -101,7 +95,7 @@ class Declared:
 
 
 def _declare(config: PlatformConfig, influxdb: dict[str, InfluxConnection] | None) -> Declared:
-    monitor = RecordingMonitor(TenantMocks())
+    monitor = RecordingMonitor(PlanMocks())
     settings.ROOT.set(None)
     mocks.set_mocks(
         monitor.mocks, project="ironlink", stack="test", monitor=monitor, logger=logging.getLogger("t")
@@ -175,7 +169,7 @@ def test_level_1_tenants_share_the_org_and_get_a_folder_their_team_alone_may_vie
         assert owned(tenant_id, GRAFANA_ORG) == [], f"{tenant_id}: level 1 gets no Grafana org"
         team = one(tenant_id, "grafana:oss/team:Team")
         permissions = one(tenant_id, "grafana:oss/folderPermission:FolderPermission").inputs["permissions"]
-        assert permissions == [{"permission": "View", "teamId": "7"}], (
+        assert permissions == [{"permission": "View", "teamId": str(mock_grafana_id(team.name))}], (
             f"{tenant_id}: only {team.name} may view"
         )
         assert "orgId" not in one(tenant_id, "grafana:oss/dataSource:DataSource").inputs
@@ -209,7 +203,7 @@ def test_level_2_and_3_tenants_get_their_own_grafana_and_influxdb_orgs(tenant_id
 
 
 def _org_id(grafana_org: PlannedResource) -> int:
-    return 100 + sum(map(ord, grafana_org.name)) % 100
+    return mock_grafana_id(grafana_org.name)
 
 
 def test_a_level_2_tenant_with_alert_emails_owns_its_orgs_notification_policy() -> None:

@@ -9,6 +9,10 @@ already wrote and records one audit event per change); delete is :func:`registry
 Only the tenant id forces a replacement. Migrations are applied before each write, as every other
 writer does. The provider holds nothing but its class: each operation connects with the ``dsn``
 input (a secret).
+
+``RegistryServiceAccount`` stores a platform service's broker credential (``svc.ingest``'s ``$7$``
+hash, which EMQX authenticates against) through :func:`registry.store.issue_service_credential`;
+delete revokes it (:func:`registry.store.revoke_credential`).
 """
 
 from __future__ import annotations
@@ -115,3 +119,58 @@ class RegistryTenant(Resource, module="registry", name="Tenant"):
             "actor": actor,
         }
         super().__init__(RegistryTenantProvider(), resource_name, props, opts)
+
+
+class RegistryServiceAccountProvider(ResourceProvider):
+    def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
+        failures = [
+            CheckFailure(key, "is required")
+            for key in ("dsn", "username", "password_hash", "actor")
+            if not news.get(key)
+        ]
+        return CheckResult(news, failures)
+
+    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        # A new hash is a rotation: issue_service_credential updates the row in place.
+        return plan_diff(olds, news, replace=("username",), update=("password_hash", "dsn"))
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        self._issue(props)
+        return CreateResult(props["username"], dict(props))
+
+    def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        self._issue(news)
+        return UpdateResult(dict(news))
+
+    def delete(self, id_: str, props: dict[str, Any]) -> None:
+        with _registry(props) as conn:
+            store.revoke_credential(conn, id_, actor=props["actor"])
+
+    @staticmethod
+    def _issue(props: Mapping[str, Any]) -> None:
+        with _registry(props) as conn:
+            store.issue_service_credential(
+                conn, props["username"], props["password_hash"], actor=props["actor"]
+            )
+
+
+class RegistryServiceAccount(Resource, module="registry", name="ServiceAccount"):
+    """A platform service's broker credential in the registry; its ``id`` is the username."""
+
+    def __init__(
+        self,
+        resource_name: str,
+        *,
+        dsn: pulumi.Input[str],
+        username: str,
+        password_hash: pulumi.Input[str],
+        actor: str,
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        props = {
+            "dsn": pulumi.Output.secret(dsn),
+            "username": username,
+            "password_hash": pulumi.Output.secret(password_hash),
+            "actor": actor,
+        }
+        super().__init__(RegistryServiceAccountProvider(), resource_name, props, opts)
