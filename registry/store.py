@@ -337,6 +337,12 @@ def remove_tenant(conn: psycopg.Connection, tenant_id: str, *, actor: str) -> bo
     return True
 
 
+def sync_platform_rules(conn: psycopg.Connection) -> None:
+    """Write the access rules of the platform's own services (the worker), which span tenants."""
+    with conn.transaction():
+        _replace_rules(conn, None, platform_rules())
+
+
 def sync_platform(conn: psycopg.Connection, config: PlatformConfig, *, actor: str) -> list[SyncResult]:
     """Make the registry match a whole stack: every tenant, the platform's rules, and no others."""
     apply_migrations(conn)
@@ -344,7 +350,7 @@ def sync_platform(conn: psycopg.Connection, config: PlatformConfig, *, actor: st
         results = [
             sync_tenant(conn, t, isolation=config.isolation_of(t), actor=actor) for t in config.tenants
         ]
-        _replace_rules(conn, None, platform_rules())
+        sync_platform_rules(conn)
         for stale in sorted(set(tenant_ids(conn)) - {t.id for t in config.tenants}):
             remove_tenant(conn, stale, actor=actor)
             results.append(SyncResult(stale, changes=[f"tenant.removed {stale}"]))

@@ -12,10 +12,13 @@ import psycopg
 import pytest
 from pulumi.dynamic.dynamic import serialize_provider
 
-from components.providers.registry import RegistryTenantProvider
+from components.providers.registry import RegistryServiceAccountProvider, RegistryTenantProvider
 from infra.config import Machine, Site, Tenant
+from infra.tenancy import INGEST_SERVICE, TELEMETRY_FILTER
 from registry import store
 from registry.credentials import hash_password
+from registry.queries import EMQX_AUTHN_QUERY, EMQX_AUTHZ_QUERY
+from tests.test_registry import emqx, emqx_accepts
 
 pytestmark = pytest.mark.integration
 
@@ -132,3 +135,32 @@ def test_check_names_missing_inputs_and_a_bad_isolation(postgres_dsn: str) -> No
     failures = {f.property: f.reason for f in RegistryTenantProvider().check({}, news).failures}
     assert set(failures) == {"dsn", "isolation"}
     assert "4.0" in failures["isolation"]
+
+
+def test_the_worker_account_signs_in_and_may_read_telemetry_once_created_and_not_after_delete(
+    postgres_dsn: str, conn: psycopg.Connection
+) -> None:
+    """What EMQX asks the registry for svc.ingest, through the provider the platform declares."""
+
+    service = dill.loads(base64.b64decode(serialize_provider(RegistryServiceAccountProvider())))
+    props = {
+        "dsn": postgres_dsn,
+        "actor": "pulumi",
+        "username": INGEST_SERVICE,
+        "password_hash": hash_password("worker-secret"),
+    }
+    created = service.create(props)
+    assert created.id == INGEST_SERVICE
+
+    signin = emqx(conn, EMQX_AUTHN_QUERY, username=INGEST_SERVICE, clientid=INGEST_SERVICE)
+    assert len(signin) == 1 and emqx_accepts(signin[0], "worker-secret")
+    assert not emqx_accepts(signin[0], "wrong")
+    rules = {
+        (action, topic)
+        for _, action, topic in emqx(conn, EMQX_AUTHZ_QUERY, username=INGEST_SERVICE, clientid=INGEST_SERVICE)
+    }
+    assert ("subscribe", TELEMETRY_FILTER) in rules
+    assert all(action != "publish" or topic.startswith("dlq/") for action, topic in rules)
+
+    service.delete(INGEST_SERVICE, props)
+    assert emqx(conn, EMQX_AUTHN_QUERY, username=INGEST_SERVICE, clientid=INGEST_SERVICE) == []

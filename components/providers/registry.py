@@ -152,6 +152,8 @@ class RegistryServiceAccountProvider(ResourceProvider):
             store.issue_service_credential(
                 conn, props["username"], props["password_hash"], actor=props["actor"]
             )
+            # Without its rules EMQX (authorization.no_match = deny) would refuse the worker.
+            store.sync_platform_rules(conn)
 
 
 class RegistryServiceAccount(Resource, module="registry", name="ServiceAccount"):
