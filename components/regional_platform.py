@@ -11,13 +11,9 @@ registered in the registry, where EMQX authenticates it.
 
 from __future__ import annotations
 
-import functools
-import pickle
-from collections.abc import Callable
 from typing import Any, TypedDict
 
 import pulumi
-import pulumi.dynamic.dynamic as pulumi_dynamic
 import pulumi_kubernetes as k8s
 
 from components.credentials import ServiceCredential, service_credential
@@ -33,27 +29,6 @@ from components.render.kubernetes import default_deny_spec, namespace_labels, ob
 from components.tenant import Tenant, TenantArgs, grafana_admin_provider, shared_alert_routing
 from infra.config import PlatformConfig
 from infra.tenancy import INGEST_SERVICE, SHARED_INFLUXDB, influxdb_instance
-
-
-def _flat_pickler_patch(serialize: Callable[[Any], str]) -> Callable[[Any], str]:
-    """The SDK's ``serialize_provider`` (pulumi 3.272) wraps ``pickle._Pickler._batch_setitems`` once
-    per dynamic resource and never unwraps it: past ~1,000 dynamic resources in one program (about
-    160 tenants) pickling the next provider raises ``RecursionError``. Restoring the pickler after
-    each call keeps the wrapper one level deep; the SDK's sorted (deterministic) pickling is unchanged."""
-
-    @functools.wraps(serialize)
-    def serialize_flat(provider: Any) -> str:
-        saved = pickle._Pickler._batch_setitems, pickle._Pickler.save_dict  # type: ignore[attr-defined]
-        try:
-            return serialize(provider)
-        finally:
-            pickle._Pickler._batch_setitems, pickle._Pickler.save_dict = saved  # type: ignore[attr-defined]
-
-    return serialize_flat
-
-
-if not hasattr(pulumi_dynamic.serialize_provider, "__wrapped__"):
-    pulumi_dynamic.serialize_provider = _flat_pickler_patch(pulumi_dynamic.serialize_provider)
 
 
 class RegionalPlatformArgs(TypedDict):

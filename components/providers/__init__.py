@@ -6,13 +6,17 @@ declared (under the mock engine too) and unpickled in the engine's provider proc
 hold no client, connection or socket; each operation opens its own from the resource's inputs.
 The engine hands ``diff`` the inputs with not-yet-known values as :data:`pulumi.runtime.rpc.UNKNOWN`
 and numbers as floats (the wire has only doubles); :func:`plan_diff` handles both for every provider.
+Importing this package also mends a Pulumi SDK leak that breaks programs with many dynamic resources.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+import pickle
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import pulumi.dynamic.dynamic as pulumi_dynamic
 from pulumi.dynamic import DiffResult
 
 
@@ -46,3 +50,24 @@ def _normal(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_normal(item) for item in value]
     return value
+
+
+def _flat_pickler_patch(serialize: Callable[[Any], str]) -> Callable[[Any], str]:
+    """The SDK's ``serialize_provider`` (pulumi 3.272) wraps ``pickle._Pickler._batch_setitems`` once
+    per dynamic resource and never unwraps it: past ~1,000 dynamic resources in one program (about
+    160 tenants) pickling the next provider raises ``RecursionError``. Restoring the pickler after
+    each call keeps the wrapper one level deep; the SDK's sorted (deterministic) pickling is unchanged."""
+
+    @functools.wraps(serialize)
+    def serialize_flat(provider: Any) -> str:
+        saved = pickle._Pickler._batch_setitems, pickle._Pickler.save_dict  # type: ignore[attr-defined]
+        try:
+            return serialize(provider)
+        finally:
+            pickle._Pickler._batch_setitems, pickle._Pickler.save_dict = saved  # type: ignore[attr-defined]
+
+    return serialize_flat
+
+
+if not hasattr(pulumi_dynamic.serialize_provider, "__wrapped__"):
+    pulumi_dynamic.serialize_provider = _flat_pickler_patch(pulumi_dynamic.serialize_provider)
