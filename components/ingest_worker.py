@@ -66,6 +66,8 @@ class IngestWorkerArgs(TypedDict):
 
 class IngestWorker(pulumi.ComponentResource):
     deployment_name: str
+    credentials: k8s.core.v1.Secret
+    """The worker's secret files: MQTT password, CA (and client cert), the tenants' store tokens."""
 
     def __init__(self, name: str, args: IngestWorkerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("ironlink:ingest_worker:IngestWorker", name, None, opts)
@@ -86,7 +88,7 @@ class IngestWorker(pulumi.ComponentResource):
         if client is not None:
             files.update({"tls.crt": client.cert_pem, "tls.key": client.private_key_pem})
         credentials = f"{name}-credentials"
-        kube.secret(credentials, object_labels, files)
+        self.credentials = kube.secret(credentials, object_labels, files)
         kube.service_account(name, object_labels)
 
         tls_files = {"mqtt_ca_file": f"{SECRETS_DIR}/ca.crt"}

@@ -462,16 +462,11 @@ def test_tenant_tokens_name_only_that_tenants_buckets(stack: str) -> None:
         ], f"{stack}: {tenant.id}"
 
 
-def worker_secret(platform: Any) -> Any:
-    (secret,) = [r for r in platform.worker._childResources if r._name == "ingest-credentials"]
-    return secret
-
-
 @pytest.mark.parametrize("stack", STACKS)
 def test_the_worker_gets_each_tenants_write_token_as_a_secret(stack: str) -> None:
     plan, config = stack_plan(stack), stack_config(stack)
     assert plan.one("Secret", "ingest-credentials").inputs["stringData"][TOKENS_FILE] == SECRET
-    string_data = worker_secret(plan.platform).string_data
+    string_data = plan.platform.worker.credentials.string_data
     assert _sync_await(string_data.is_secret()), f"{stack}: the worker's tokens are not a Pulumi secret"
     tokens = json.loads(_sync_await(string_data.future())[TOKENS_FILE])
     assert tokens == {t.id: f"token-of-{t.id}-write-token" for t in config.tenants}, stack
