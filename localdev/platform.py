@@ -488,17 +488,16 @@ class DevPlatform:
                 for result in registry.sync_platform(conn, config, actor=actor)
                 for change in result.changes
             ]
-            rows = conn.execute("SELECT username, credential FROM service_accounts").fetchall()
-            stored: dict[str, str] = dict(rows)
             for tenant_id, username in [
                 (None, INGEST_SERVICE),
                 *((t.id, tenant_service_username(t.id)) for t in config.tenants),
             ]:
                 wanted = credentials.accounts[username].password_hash
-                if stored.get(username) != wanted:
-                    registry.issue_service_credential(
-                        conn, username, wanted, actor=actor, tenant_id=tenant_id
-                    )
+                # Idempotent: True only when the stored credential changed.
+                issued = registry.issue_service_credential(
+                    conn, username, wanted, actor=actor, tenant_id=tenant_id
+                )
+                if issued:
                     changes.append(f"credential.issued {username}")
         return f"synced ({len(changes)} changes)" if changes else "in sync"
 
