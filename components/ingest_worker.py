@@ -2,11 +2,17 @@
 writes it to the tenant's InfluxDB bucket.
 
 Its environment is rendered by the worker's own settings model (``ingest.settings``), so the
-deployment and ``python -m ingest`` cannot disagree on a variable name. Secrets reach it only as
+workload and ``python -m ingest`` cannot disagree on a variable name. Secrets reach it only as
 files and ``secretKeyRef`` variables: the broker password, the CA (and, under mutual TLS, its client
-certificate with CN ``svc.ingest``), and the tenants' write tokens as one JSON file. With
-autoscaling an HPA owns the replica count (the Deployment leaves ``replicas`` unset so that
-``pulumi up`` does not fight it).
+certificate with CN ``svc.ingest``), and the tenants' write tokens as one JSON file.
+
+Rollouts and scale-in lose nothing because every replica has a stable identity: the worker is a
+StatefulSet, its MQTT client id is ``svc.ingest-<pod name>`` (``ingest-0``, ``ingest-1``...), so a
+crashed replica resumes its own broker session, and its spool lives on its own volume. A stopping
+replica gets ``shutdown_grace_s`` plus a margin to drain before SIGKILL. Blue/green
+(``ingest.colours``) runs one StatefulSet per colour, all in the one share group. With autoscaling
+an HPA owns each StatefulSet's replica count (``replicas`` stays unset so ``pulumi up`` does not
+fight it).
 """
 
 from __future__ import annotations
@@ -20,27 +26,36 @@ import pulumi_kubernetes as k8s
 from components.kube import Kube, inherited_dependencies
 from components.pki import IssuedCertificate
 from components.render.kubernetes import (
+    COLOUR_LABEL,
     ROLE_INGEST,
     Manifest,
     anti_affinity,
     container,
     container_port,
     env_list,
+    field_env,
     http_probe,
     labels,
     pod_disruption_budget_spec,
     pod_template,
+    role_selector,
     scratch_volumes,
     secret_env,
     selector,
     spreads,
+    volume_claim_template,
 )
-from infra.config import PlatformConfig
+from infra.config import Ingest, IngestColour, PlatformConfig
+from infra.tenancy import INGEST_SERVICE
 from ingest.settings import worker_settings_for
 
 USER = 10001
 SECRETS_DIR = "/var/run/secrets/ironlink"
 TOKENS_FILE = "store-tokens.json"
+SPOOL_VOLUME = "spool"
+SPOOL_DIR = "/var/lib/ironlink/spool"
+# Time the kubelet leaves between the worker's own shutdown grace and SIGKILL (process exit, flush).
+SHUTDOWN_MARGIN_S = 10
 
 
 class IngestWorkerArgs(TypedDict):
@@ -64,19 +79,26 @@ class IngestWorkerArgs(TypedDict):
     """Tenant id → InfluxDB write token, mounted as a JSON file; empty until tenants are wired."""
 
 
+def colour_workloads(name: str, section: Ingest) -> dict[str, tuple[str | None, IngestColour]]:
+    """StatefulSet name → (colour, its image and spool size): ``name`` alone without colours (the
+    section's image), else ``<name>-<colour>`` for each."""
+    if not section.colours:
+        return {name: (None, IngestColour(image=section.image))}
+    return {f"{name}-{colour}": (colour, spec) for colour, spec in sorted(section.colours.items())}
+
+
 class IngestWorker(pulumi.ComponentResource):
-    deployment_name: str
+    workload_names: list[str]
+    """The worker's StatefulSets: ``ingest``, or one per colour (``ingest-blue``, ``ingest-green``)."""
     credentials: k8s.core.v1.Secret
     """The worker's secret files: MQTT password, CA (and client cert), the tenants' store tokens."""
 
     def __init__(self, name: str, args: IngestWorkerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("ironlink:ingest_worker:IngestWorker", name, None, opts)
         config = args["config"]
-        section, namespace = config.ingest, config.cluster.namespace
+        namespace = config.cluster.namespace
         kube = Kube(self, args["provider"], namespace, config.protect_stateful, inherited_dependencies(opts))
         object_labels = labels("ingest-worker", name, ROLE_INGEST)
-        pods = selector(object_labels)
-        self.deployment_name = name
 
         client = args.get("client_certificate")
         tokens = args.get("store_tokens") or {}
@@ -102,20 +124,28 @@ class IngestWorker(pulumi.ComponentResource):
             mqtt_port=args["mqtt_port"],
             store_urls=args["store_urls"],
             store_tokens_file=f"{SECRETS_DIR}/{TOKENS_FILE}",
+            mqtt_client_id=f"{INGEST_SERVICE}-$(POD_NAME)",
+            shutdown_grace_s=config.ingest.shutdown_grace_s,
+            spool_dir=SPOOL_DIR,
             **tls_files,
         )
+        # POD_NAME first: Kubernetes expands $(POD_NAME) only from variables declared before.
         env = [
+            field_env("POD_NAME", "metadata.name"),
             *env_list(settings.to_env()),
             secret_env("IRONLINK_MQTT_PASSWORD", credentials, "mqtt-password"),
         ]
+        port = settings.http_port
         volumes, mounts = scratch_volumes({"tmp": "/tmp"})
         volumes.append({"name": "credentials", "secret": {"secretName": credentials, "defaultMode": 0o440}})
-        mounts.append({"name": "credentials", "mountPath": SECRETS_DIR, "readOnly": True})
-        port = settings.http_port
+        mounts += [
+            {"name": "credentials", "mountPath": SECRETS_DIR, "readOnly": True},
+            {"name": SPOOL_VOLUME, "mountPath": SPOOL_DIR},
+        ]
         worker = container(
             "worker",
-            section.image,
-            resources=section.resources,
+            config.ingest.image,
+            resources=config.ingest.resources,
             command=["python", "-m", "ingest"],
             env=env,
             ports=[container_port("http", port)],
@@ -123,43 +153,95 @@ class IngestWorker(pulumi.ComponentResource):
             readiness=http_probe("/readyz", "http"),
             liveness=http_probe("/healthz", "http", period=20, failures=3, delay=10),
         )
-        replicas = section.autoscaling.min_replicas if section.autoscaling else section.replicas
-        spread = spreads(config, replicas)
-        affinity = anti_affinity(pods, required=config.high_availability) if spread else None
-        annotations = {
+        # Governs the pods' stable DNS names (a StatefulSet needs one): every colour's pods.
+        kube.service(
+            name,
+            object_labels,
+            {
+                "clusterIP": "None",
+                "selector": role_selector(ROLE_INGEST),
+                "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+            },
+        )
+        self.workload_names = []
+        for workload, (colour, spec) in colour_workloads(name, config.ingest).items():
+            workload_labels = labels("ingest-worker", workload, ROLE_INGEST)
+            if colour is not None:
+                workload_labels[COLOUR_LABEL] = colour
+            _stateful_workload(
+                kube,
+                config,
+                workload,
+                workload_labels,
+                {**worker, "image": spec.image},
+                volumes,
+                spool_storage=spec.spool_storage or config.ingest.spool_storage,
+                service=name,
+            )
+            self.workload_names.append(workload)
+        self.register_outputs({"workload_names": self.workload_names})
+
+
+def _stateful_workload(
+    kube: Kube,
+    config: PlatformConfig,
+    name: str,
+    object_labels: dict[str, str],
+    worker: Manifest,
+    volumes: list[Manifest],
+    *,
+    spool_storage: str,
+    service: str,
+) -> None:
+    """One StatefulSet with its spool volumes, and its HPA and PDB where the phase has them.
+    ``service``: the governing headless Service, also the worker's ServiceAccount."""
+    section = config.ingest
+    pods = selector(object_labels)
+    replicas = section.autoscaling.min_replicas if section.autoscaling else section.replicas
+    spread = spreads(config, replicas)
+    port = worker["ports"][0]["containerPort"]
+    pod = pod_template(
+        object_labels,
+        [worker],
+        user=USER,
+        service_account=service,
+        volumes=volumes,
+        affinity=anti_affinity(pods, required=config.high_availability) if spread else None,
+        annotations={
             "prometheus.io/scrape": "true",
             "prometheus.io/port": str(port),
             "prometheus.io/path": "/metrics",
-        }
-        spec: Manifest = {
-            "selector": {"matchLabels": pods},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": pod_template(
-                object_labels,
-                [worker],
-                user=USER,
-                service_account=name,
-                volumes=volumes,
-                affinity=affinity,
-                annotations=annotations,
-            ),
-        }
-        if section.autoscaling is None:
-            spec["replicas"] = section.replicas
-        kube.deployment(name, object_labels, spec)
-        if section.autoscaling is not None:
-            bounds = section.autoscaling
-            target = {"type": "Utilization", "averageUtilization": bounds.target_cpu_percent}
-            kube.autoscaler(
-                name,
-                object_labels,
-                {
-                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-                    "minReplicas": bounds.min_replicas,
-                    "maxReplicas": bounds.max_replicas,
-                    "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": target}}],
-                },
-            )
-        if spread:
-            kube.disruption_budget(name, object_labels, pod_disruption_budget_spec(pods, max_unavailable=1))
-        self.register_outputs({"deployment_name": name})
+        },
+        termination_grace_s=section.shutdown_grace_s + SHUTDOWN_MARGIN_S,
+    )
+    spec: Manifest = {
+        "serviceName": service,
+        # Scale-in and scale-out all at once; updates still replace one pod at a time.
+        "podManagementPolicy": "Parallel",
+        "updateStrategy": {"type": "RollingUpdate"},
+        # A replica's spool outlives scale-in and its colour's removal: the same ordinal resumes it.
+        "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
+        "selector": {"matchLabels": pods},
+        "template": pod,
+        "volumeClaimTemplates": [
+            volume_claim_template(SPOOL_VOLUME, spool_storage, config.cluster.storage_class)
+        ],
+    }
+    if section.autoscaling is None:
+        spec["replicas"] = section.replicas
+    kube.stateful_set(name, object_labels, spec, stateful=False)
+    if section.autoscaling is not None:
+        bounds = section.autoscaling
+        target = {"type": "Utilization", "averageUtilization": bounds.target_cpu_percent}
+        kube.autoscaler(
+            name,
+            object_labels,
+            {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name},
+                "minReplicas": bounds.min_replicas,
+                "maxReplicas": bounds.max_replicas,
+                "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": target}}],
+            },
+        )
+    if spread:
+        kube.disruption_budget(name, object_labels, pod_disruption_budget_spec(pods, max_unavailable=1))

@@ -93,10 +93,14 @@ class Kube:
             name, metadata=self.meta(name, labels, annotations), spec=body, opts=self.opts()
         )
 
-    def stateful_set(self, name: str, labels: Mapping[str, str], spec: Manifest) -> k8s.apps.v1.StatefulSet:
+    def stateful_set(
+        self, name: str, labels: Mapping[str, str], spec: Manifest, *, stateful: bool = True
+    ) -> k8s.apps.v1.StatefulSet:
+        """``stateful=False`` for a set that is replaced as a matter of course (a worker colour): its
+        volumes outlive it through the claim retention policy, not through ``protect``."""
         body: Any = spec
         return k8s.apps.v1.StatefulSet(
-            name, metadata=self.meta(name, labels), spec=body, opts=self.opts(stateful=True)
+            name, metadata=self.meta(name, labels), spec=body, opts=self.opts(stateful=stateful)
         )
 
     def deployment(self, name: str, labels: Mapping[str, str], spec: Manifest) -> k8s.apps.v1.Deployment:

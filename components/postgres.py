@@ -3,7 +3,7 @@ phases, Grafana's shared database.
 
 A single-node StatefulSet on a PVC; availability comes from scheduled ``pg_dump`` backups to a
 protected volume. Only the pods that need it may connect (NetworkPolicy): the broker (EMQX's
-authenticator), Grafana and the backup job.
+authenticator), Grafana, the dead-letter consumer and the backup job.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from components.credentials import generated_password
 from components.kube import Kube, inherited_dependencies
 from components.render.kubernetes import (
     ROLE_BROKER,
+    ROLE_DEAD_LETTERS,
     ROLE_GRAFANA,
     ROLE_POSTGRES,
     Manifest,
@@ -141,7 +142,11 @@ class Postgres(pulumi.ComponentResource):
         ports = [{"name": "postgres", "port": PORT, "targetPort": "postgres", "protocol": "TCP"}]
         kube.service(name, object_labels, {"type": "ClusterIP", "selector": pods, "ports": ports})
 
-        clients = [pod_peer(role_selector(ROLE_GRAFANA)), backup_peer(name)]
+        clients = [
+            pod_peer(role_selector(ROLE_GRAFANA)),
+            pod_peer(role_selector(ROLE_DEAD_LETTERS)),
+            backup_peer(name),
+        ]
         if config.broker.engine == "emqx":
             clients.append(pod_peer(role_selector(ROLE_BROKER)))
         kube.network_policy(

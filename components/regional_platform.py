@@ -2,11 +2,12 @@
 
 The region owns the single Kubernetes provider (``cluster.context``), the namespace (Pod Security
 ``restricted``, ingress denied by default), the certificate authority, and the platform's shared
-services: PostgreSQL (registry, HA Grafana), the shared InfluxDB, the MQTT broker, Grafana and the
-ingest worker. Each tenant of the config is a ``components.tenant.Tenant`` (InfluxDB org, buckets
-and tokens, Grafana org or folder, registry rows, a level-3 tenant's own InfluxDB); tenants are
-declared before the worker, which gets their write tokens. ``svc.ingest``'s broker credential is
-registered in the registry, where EMQX authenticates it.
+services: PostgreSQL (registry, HA Grafana), the shared InfluxDB, the MQTT broker, Grafana, the
+ingest worker and the dead-letter sink (``dlq/#`` into the registry, replays on request). Each
+tenant of the config is a ``components.tenant.Tenant`` (InfluxDB org, buckets and tokens, Grafana
+org or folder, registry rows, a level-3 tenant's own InfluxDB); tenants are declared before the
+worker, which gets their write tokens. The broker credentials of ``svc.ingest`` and
+``svc.deadletters`` are registered in the registry, where EMQX authenticates them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.credentials import ServiceCredential, service_credential
+from components.dead_letters import DeadLetterSink, DeadLetterSinkArgs
 from components.grafana import Grafana, GrafanaArgs
 from components.influxdb import InfluxDB, InfluxDBArgs, influxdb_url
 from components.ingest_worker import IngestWorker, IngestWorkerArgs
@@ -28,7 +30,7 @@ from components.providers.registry import RegistryServiceAccount
 from components.render.kubernetes import default_deny_spec, namespace_labels, object_meta
 from components.tenant import Tenant, TenantArgs, grafana_admin_provider, shared_alert_routing
 from infra.config import PlatformConfig
-from infra.tenancy import INGEST_SERVICE, SHARED_INFLUXDB, influxdb_instance
+from infra.tenancy import DEAD_LETTER_SERVICE, INGEST_SERVICE, SHARED_INFLUXDB, influxdb_instance
 
 
 class RegionalPlatformArgs(TypedDict):
@@ -56,6 +58,9 @@ class RegionalPlatform(pulumi.ComponentResource):
     """Tenant id → its component."""
     ingest_credential: ServiceCredential
     """``svc.ingest``'s broker password and ``$7$`` hash (the registry needs the hash for EMQX)."""
+    dead_letters: DeadLetterSink
+    dead_letter_credential: ServiceCredential
+    """``svc.deadletters``'s broker password and ``$7$`` hash."""
 
     def __init__(
         self, name: str, args: RegionalPlatformArgs, opts: pulumi.ResourceOptions | None = None
@@ -96,6 +101,8 @@ class RegionalPlatform(pulumi.ComponentResource):
             inside,
         )
         self.ingest_credential = service_credential("svc-ingest", parent=self)
+        self.dead_letter_credential = service_credential("svc-deadletters", parent=self)
+        services = {INGEST_SERVICE: self.ingest_credential, DEAD_LETTER_SERVICE: self.dead_letter_credential}
         self.broker = MqttBroker(
             config.broker.engine,
             MqttBrokerArgs(
@@ -103,7 +110,7 @@ class RegionalPlatform(pulumi.ComponentResource):
                 provider=self.provider,
                 ca=self.ca,
                 registry=self.postgres,
-                service_accounts={INGEST_SERVICE: self.ingest_credential.password_hash},
+                service_accounts={user: credential.password_hash for user, credential in services.items()},
             ),
             inside,
         )
@@ -138,14 +145,15 @@ class RegionalPlatform(pulumi.ComponentResource):
             f"{name}-shared-alert-routing", list(self.tenants.values()), grafana_provider, self
         )
         if config.broker.engine == "emqx":  # EMQX authenticates against the registry; Mosquitto has a file
-            RegistryServiceAccount(
-                f"{name}-svc-ingest",
-                dsn=self.postgres.dsn,
-                username=INGEST_SERVICE,
-                password_hash=self.ingest_credential.password_hash,
-                actor=f"pulumi:{pulumi.get_stack()}",
-                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.postgres]),
-            )
+            for username, credential in services.items():
+                RegistryServiceAccount(
+                    f"{name}-{username.replace('.', '-')}",
+                    dsn=self.postgres.dsn,
+                    username=username,
+                    password_hash=credential.password_hash,
+                    actor=f"pulumi:{pulumi.get_stack()}",
+                    opts=pulumi.ResourceOptions(parent=self, depends_on=[self.postgres]),
+                )
         client_certificate = (
             self.ca.issue("ingest-client", common_name=INGEST_SERVICE, parent=self, client=True)
             if config.broker.tls == "mtls"
@@ -163,6 +171,26 @@ class RegionalPlatform(pulumi.ComponentResource):
                 client_certificate=client_certificate,
                 store_urls=store_urls(config),
                 store_tokens={tenant_id: tenant.write_token for tenant_id, tenant in self.tenants.items()},
+            ),
+            inside,
+        )
+        self.dead_letters = DeadLetterSink(
+            "dead-letters",
+            DeadLetterSinkArgs(
+                config=config,
+                provider=self.provider,
+                mqtt_host=self.broker.host,
+                mqtt_port=self.broker.tls_port,
+                mqtt_password=self.dead_letter_credential.password,
+                ca_cert_pem=self.ca.cert_pem,
+                registry_dsn=self.postgres.dsn,
+                client_certificate=(
+                    self.ca.issue(
+                        "dead-letters-client", common_name=DEAD_LETTER_SERVICE, parent=self, client=True
+                    )
+                    if config.broker.tls == "mtls"
+                    else None
+                ),
             ),
             inside,
         )

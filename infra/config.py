@@ -17,10 +17,19 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from ingest.catalog import MACHINE_TYPES
 
@@ -56,18 +65,29 @@ class StackConfigError(ValueError):
         super().__init__(f"{header} {count} problem{'s' if count != 1 else ''}:\n{lines}")
 
 
+# Longest value (or key) an error message repeats in full: a megabyte of input is not echoed back.
+SHOWN_CHARACTERS = 80
+
+
+def _clip(text: str) -> str:
+    if len(text) <= SHOWN_CHARACTERS:
+        return text
+    return f"{text[:SHOWN_CHARACTERS]}... ({len(text)} characters)"
+
+
 def _path(location: Iterable[str | int]) -> str:
     text = NAMESPACE + ":"
     for i, part in enumerate(location):
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += part if i == 0 else f".{part}"
+            text += _clip(part) if i == 0 else f".{_clip(part)}"
     return text
 
 
 def _show(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, bool | None) else repr(value)
+    """A value as error messages quote it: JSON for true/false/null, else its repr, cut if long."""
+    return json.dumps(value) if isinstance(value, bool | None) else _clip(repr(value))
 
 
 def _problems_from(error: ValidationError, prefix: tuple[str | int, ...]) -> Iterator[Problem]:
@@ -79,7 +99,9 @@ def _problems_from(error: ValidationError, prefix: tuple[str | int, ...]) -> Ite
         elif kind == "missing":
             message = "is required"
         elif kind == "extra_forbidden":
-            message = f"unknown setting {location[-1]!r}"
+            message = f"unknown setting {_show(location[-1])}"
+        elif kind == "string_too_long":
+            message = f"is {len(value)} characters long; at most {item['ctx']['max_length']} are allowed"
         elif kind == "literal_error":
             message = f"{_show(value)} is not one of {item['ctx']['expected']}"
         else:
@@ -105,9 +127,9 @@ FOREVER = "forever"
 
 def _identifier(kind: str, max_length: int) -> Callable[[str], str]:
     def check(value: str) -> str:
-        if not _DNS_LABEL.match(value) or len(value) > max_length:
+        if len(value) > max_length or not _DNS_LABEL.fullmatch(value):
             raise ValueError(
-                f"{value!r} is not a valid {kind} id (lowercase letters, digits, '-'; "
+                f"{_show(value)} is not a valid {kind} id (lowercase letters, digits, '-'; "
                 f"at most {max_length} characters, starting and ending with a letter or digit)"
             )
         return value
@@ -117,8 +139,8 @@ def _identifier(kind: str, max_length: int) -> Callable[[str], str]:
 
 def _pattern(kind: str, pattern: re.Pattern[str], example: str) -> Callable[[str], str]:
     def check(value: str) -> str:
-        if not pattern.match(value):
-            raise ValueError(f"{value!r} is not a valid {kind} (for example {example!r})")
+        if not pattern.fullmatch(value):
+            raise ValueError(f"{_show(value)} is not a valid {kind} (for example {example!r})")
         return value
 
     return check
@@ -128,9 +150,9 @@ def duration_seconds(value: str) -> int:
     """Seconds of a duration such as ``30d`` or ``12h``; 0 for ``forever`` (InfluxDB's convention)."""
     if value == FOREVER:
         return 0
-    match = _DURATION.match(value)
+    match = _DURATION.fullmatch(value)
     if not match:
-        raise ValueError(f"{value!r} is not a valid duration (for example '30d', '12h', or 'forever')")
+        raise ValueError(f"{_show(value)} is not a valid duration (for example '30d', '12h', or 'forever')")
     return int(match.group(1)) * _DURATION_SECONDS[match.group(2)]
 
 
@@ -154,7 +176,9 @@ Retention = Annotated[str, AfterValidator(_retention)]
 
 def _machine_type(value: str) -> str:
     if value not in MACHINE_TYPES:
-        raise ValueError(f"{value!r} is not a known machine type (known: {', '.join(sorted(MACHINE_TYPES))})")
+        raise ValueError(
+            f"{_show(value)} is not a known machine type (known: {', '.join(sorted(MACHINE_TYPES))})"
+        )
     return value
 
 
@@ -168,9 +192,50 @@ def _password_hash(value: str) -> str:
     return value
 
 
-PasswordHash = Annotated[str, AfterValidator(_password_hash)]
+PasswordHash = Annotated[str, StringConstraints(max_length=256), AfterValidator(_password_hash)]
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-EmailAddress = Annotated[str, AfterValidator(_pattern("email address", _EMAIL, "ops@example.com"))]
+EmailAddress = Annotated[
+    str,
+    StringConstraints(max_length=254),  # RFC 5321's longest path
+    AfterValidator(_pattern("email address", _EMAIL, "ops@example.com")),
+]
+
+
+# Free text: bounded, and on one line, since it reaches terminals, YAML, the registry and labels.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(value: str) -> str:
+    control = _CONTROL_CHARACTERS.search(value)
+    if control:
+        raise ValueError(f"{_show(value)} contains the control character {control.group()!r}")
+    return value
+
+
+def _dns_name(value: str) -> str:
+    if len(value) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in value.split(".")):
+        raise ValueError(
+            f"{_show(value)} is not a valid DNS name (labels of lowercase letters, digits and '-', "
+            "joined by '.'; at most 253 characters)"
+        )
+    return value
+
+
+DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_one_line)]
+TierName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_one_line)]
+CronSchedule = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_one_line)]
+KubeContext = Annotated[str, StringConstraints(min_length=1, max_length=253), AfterValidator(_one_line)]
+DnsName = Annotated[str, AfterValidator(_dns_name)]
+_IMAGE = re.compile(r"[!-~]+")  # printable ASCII, no spaces
+ImageRef = Annotated[
+    str,
+    StringConstraints(max_length=255),
+    AfterValidator(_pattern("image reference", _IMAGE, "eclipse-mosquitto:2.0.20")),
+]
+_KUBERNETES_VERSION = re.compile(r"\d{1,3}\.\d{1,3}")
+KubernetesVersion = Annotated[
+    str, AfterValidator(_pattern("Kubernetes version", _KUBERNETES_VERSION, "1.31"))
+]
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -195,11 +260,11 @@ class ComputeResources(Section):
 class Cluster(Section):
     """Where the region runs: an existing kubeconfig context (no cluster is created for now)."""
 
-    context: str | None = None
+    context: KubeContext | None = None
     namespace: DnsLabel = "ironlink"
-    storage_class: str | None = None
-    domain: str = "ironlink.example.com"
-    kubernetes_version: str = "1.31"
+    storage_class: DnsName | None = None
+    domain: DnsName = "ironlink.example.com"
+    kubernetes_version: KubernetesVersion = "1.31"
 
 
 class ClientLimits(Section):
@@ -220,7 +285,7 @@ class TenantQuota(Section):
 
 class Broker(Section):
     engine: Literal["emqx", "mosquitto"]
-    image: str
+    image: ImageRef
     nodes: int = Field(ge=1)
     tls: Literal["tls", "mtls"]
     allow_plaintext: bool = False
@@ -234,10 +299,25 @@ class Broker(Section):
 
 
 class RetentionTier(Section):
-    """How long a tier keeps raw telemetry and its downsampled aggregates."""
+    """How long a tier keeps raw telemetry, its downsampled aggregates and its dead letters."""
 
     raw: Retention
     downsampled: Retention
+    dead_letters: Retention | None = None
+    """How long the registry keeps the tenant's dead letters; default: as long as raw telemetry."""
+    max_age: Retention | None = None
+    """Oldest reading the worker accepts, by its ``ts`` against its arrival; default: ``raw``, so a
+    point the bucket would drop (InfluxDB: 422 partial write) is dead-lettered ``ts_too_old`` instead."""
+
+    @model_validator(mode="after")
+    def _max_age_within_raw(self) -> RetentionTier:
+        age, raw = self.max_age_seconds, self.raw_seconds
+        if raw and (age is None or age > raw):
+            raise ValueError(
+                f"max_age {self.max_age!r} is longer than raw {self.raw!r}: the bucket would drop "
+                "such readings after the worker accepted them"
+            )
+        return self
 
     @property
     def raw_seconds(self) -> int:
@@ -247,29 +327,38 @@ class RetentionTier(Section):
     def downsampled_seconds(self) -> int:
         return duration_seconds(self.downsampled)
 
+    @property
+    def dead_letter_seconds(self) -> int:
+        return duration_seconds(self.dead_letters or self.raw)
+
+    @property
+    def max_age_seconds(self) -> int | None:
+        """The age bound in seconds; None when raw data is kept forever and no bound is set."""
+        return duration_seconds(self.max_age or self.raw) or None
+
 
 class InfluxDB(Section):
     """InfluxDB 2.x OSS: a single node per instance; HA comes from backups and level-3 instances."""
 
-    image: str
+    image: ImageRef
     replicas: int = Field(ge=1)
     storage: Quantity
     resources: ComputeResources
     shared_org: DnsLabel = "ironlink"
-    retention_tiers: dict[str, RetentionTier]
-    backup_schedule: str | None = None
+    retention_tiers: dict[TierName, RetentionTier]
+    backup_schedule: CronSchedule | None = None
 
 
 class Postgres(Section):
-    image: str
+    image: ImageRef
     storage: Quantity
     resources: ComputeResources
     database: DnsLabel = "ironlink"
-    backup_schedule: str | None = None
+    backup_schedule: CronSchedule | None = None
 
 
 class Grafana(Section):
-    image: str
+    image: ImageRef
     replicas: int = Field(ge=1)
     resources: ComputeResources
 
@@ -280,16 +369,46 @@ class Autoscaling(Section):
     target_cpu_percent: int = Field(ge=10, le=100)
 
 
+IngestColourName = Literal["blue", "green"]
+
+
+class IngestColour(Section):
+    """One colour of a blue/green rollout of the worker: its own StatefulSet and client ids."""
+
+    image: ImageRef
+    spool_storage: Quantity | None = None
+    """This colour's spool volumes (default ``ingest.spool_storage``): a claim template cannot change
+    in place, so a new size arrives with a new colour."""
+
+
 class Ingest(Section):
     """The ingestion worker's deployment (its runtime settings live in ``ingest/``)."""
 
-    image: str
+    image: ImageRef
+    """The image when no ``colours`` are listed (one StatefulSet ``ingest``)."""
     replicas: int = Field(ge=1)
     autoscaling: Autoscaling | None = None
     resources: ComputeResources
     batch_size: int = Field(ge=1, le=50_000)
     flush_interval_ms: int = Field(ge=10, le=60_000)
     share_group: DnsLabel = "ingest"
+    max_clock_skew_s: int = Field(default=300, ge=0, le=86_400)
+    """How far ahead of its arrival a reading's ``ts`` may be before it is dead-lettered
+    ``ts_in_future``. An NTP-synced device is milliseconds off; 5 minutes covers a gateway's drifting
+    clock; a point further ahead would be the machine's latest reading, freezing its derived metrics
+    until real time catches up, and beyond ~2 days VictoriaMetrics drops it after a 204. At most a day."""
+    colours: dict[IngestColourName, IngestColour] = {}
+    """Blue/green: each colour runs as its own StatefulSet ``ingest-<colour>`` in the same share group.
+    Cut over by adding the new colour, then removing the old one (its pods drain on SIGTERM)."""
+    shutdown_grace_s: int = Field(default=20, ge=1, le=600)
+    """How long a stopping worker may drain and acknowledge; the pod gets 10 s more before SIGKILL."""
+    spool_storage: Quantity = "1Gi"
+    """Each replica's volume for its durable spool of held tenants' messages."""
+
+    @property
+    def min_replicas(self) -> int:
+        """Replicas that always run (the autoscaler's floor): how many share each tenant's quota."""
+        return self.autoscaling.min_replicas if self.autoscaling else self.replicas
 
 
 class Machine(Section):
@@ -302,14 +421,14 @@ class Machine(Section):
 
 class Site(Section):
     id: SiteId
-    name: str | None = None
+    name: DisplayName | None = None
     machines: list[Machine] = []
 
 
 class Tenant(Section):
     id: TenantId
-    name: str = Field(min_length=1)
-    tier: str
+    name: DisplayName
+    tier: TierName
     isolation: IsolationLevel | None = None
     quota: TenantQuota | None = None
     sites: list[Site] = []
@@ -590,6 +709,18 @@ def _rule_autoscaling(s: Sections) -> Iterator[Problem]:
         )
 
 
+def _rule_ingest_colours(s: Sections) -> Iterator[Problem]:
+    """Two colours overlap only inside one share group: without shared subscriptions (Mosquitto,
+    ``infra.tenancy.ingest_subscription``) each colour would receive every message."""
+    colours, engine = list(s["ingest"].colours), s["broker"].engine
+    if len(colours) > 1 and engine != "emqx":
+        yield Problem(
+            _path(["ingest", "colours"]),
+            f"{colours} cannot run together on {engine!r}: it has no shared subscription, so each "
+            "colour would receive every message (list one colour, or use engine 'emqx')",
+        )
+
+
 def _rule_tenants(s: Sections) -> Iterator[Problem]:
     tiers = s["influxdb"].retention_tiers if "influxdb" in s else None
     quota: TenantQuota | None = s["broker"].tenant_quota if "broker" in s else None
@@ -624,8 +755,9 @@ def _rule_tenants(s: Sections) -> Iterator[Problem]:
             )
 
 
-# Tenant ids whose derived names would be the platform's own: svc.<tenant> == svc.ingest, the worker.
-RESERVED_TENANT_IDS = frozenset({"ingest"})
+# Tenant ids whose derived names would be the platform's own: svc.<tenant> == svc.ingest (the
+# worker) or svc.deadletters (the dead-letter consumer).
+RESERVED_TENANT_IDS = frozenset({"ingest", "deadletters"})
 
 
 def _rule_default_isolation(s: Sections) -> Iterator[Problem]:
@@ -641,7 +773,7 @@ def _rule_reserved_tenant_ids(s: Sections) -> Iterator[Problem]:
         if tenant.id in RESERVED_TENANT_IDS:
             yield Problem(
                 _path(["tenants", index, "id"]),
-                f"{tenant.id!r} is reserved (svc.{tenant.id} is the ingest worker's broker identity)",
+                f"{tenant.id!r} is reserved (svc.{tenant.id} is a platform service's broker identity)",
             )
 
 
@@ -663,6 +795,7 @@ _RULES: list[tuple[tuple[str, ...], Callable[[Sections], Iterator[Problem]]]] = 
     (("phase", "high_availability"), _rule_high_availability),
     (("influxdb",), _rule_single_node_influxdb),
     (("ingest",), _rule_autoscaling),
+    (("broker", "ingest"), _rule_ingest_colours),
     (("tenants",), _rule_tenants),
     (("tenants",), _rule_reserved_tenant_ids),
     (("phase", "default_isolation"), _rule_default_isolation),
@@ -744,29 +877,127 @@ def list_stacks(root: Path | None = None) -> list[str]:
 
 class UnknownStackError(LookupError):
     def __init__(self, stack: str, known: list[str]) -> None:
-        super().__init__(f"unknown stack {stack!r} (known: {', '.join(known) or 'none'})")
+        super().__init__(f"unknown stack {_show(stack)} (known: {', '.join(known) or 'none'})")
         self.stack = stack
 
 
-def read_stack_settings(path: Path) -> dict[str, Any]:
-    """The ``ironlink:`` settings of a stack file, keys without the namespace."""
+_STACK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")  # Pulumi's stack names; never a path
+
+
+def existing_stack_file(stack: str, root: Path | None = None) -> Path:
+    """The file of an existing stack; :class:`UnknownStackError` for anything else (a typo, a path)."""
+    path = stack_file(stack, root)
+    if not _STACK_NAME.fullmatch(stack) or not path.is_file():
+        raise UnknownStackError(stack, list_stacks(root))
+    return path
+
+
+MAX_STACK_FILE_BYTES = 1024 * 1024
+"""A stack file is hand-edited text: about 5000 machines with their device hashes fit in 1 MiB."""
+MAX_STACK_NODES = 200_000
+"""Values a stack file may hold, each YAML alias counted as the whole node it repeats: a few hundred
+bytes of nested aliases ("billion laughs") would otherwise expand to billions during validation."""
+MAX_STACK_DEPTH = 64
+"""Nesting a stack file may use; the stack model itself is about 8 levels deep."""
+_EVENT_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def read_stack_text(path: Path, stack: str | None = None) -> str:
+    """The text of a stack file, refused (naming the file) unless either YAML loader can build it safely.
+
+    Every reader of stack files (:func:`read_stack_settings`, :class:`infra.stackfile.StackFile`)
+    starts here: at most :data:`MAX_STACK_FILE_BYTES`, UTF-8 (one leading byte-order mark allowed,
+    as YAML does), nested at most :data:`MAX_STACK_DEPTH` deep, at most :data:`MAX_STACK_NODES` values.
+    """
+
+    def refuse(message: str) -> NoReturn:
+        raise StackConfigError([Problem(str(path), message)], stack)
+
     try:
-        document = yaml.safe_load(path.read_text()) or {}
+        size = path.stat().st_size
+        if size > MAX_STACK_FILE_BYTES:
+            refuse(f"is {size} bytes; a stack file may have at most {MAX_STACK_FILE_BYTES} (1 MiB)")
+        data = path.read_bytes()
+    except OSError as error:
+        refuse(f"cannot be read: {error.strerror}")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        refuse(f"is not UTF-8 text: byte 0x{data[error.start]:02x} on line {line} (save it as UTF-8)")
+    if "\ufeff" in text:
+        line = text.count("\n", 0, text.index("\ufeff")) + 1
+        refuse(f"has a stray byte-order mark (U+FEFF) on line {line}; only the first character may be one")
+    try:
+        _check_yaml_shape(text, refuse)
     except yaml.YAMLError as error:
-        raise StackConfigError([Problem(str(path), f"is not valid YAML: {error}")]) from error
+        refuse(f"is not valid YAML: {error}")
+    return text
+
+
+def _check_yaml_shape(text: str, refuse: Callable[[str], NoReturn]) -> None:
+    """Bound the nesting and the expanded size of a YAML text from its parser events alone.
+
+    One pass, no objects built: each anchored node's size is recorded when it closes, and an alias
+    adds that size to its parent. An alias of a node still open (recursion) is refused too.
+    """
+    anchor_sizes: dict[str, int] = {}
+    open_anchors: list[str | None] = []
+    open_sizes: list[int] = []
+    for event in yaml.parse(text, Loader=_EVENT_LOADER):
+        line = event.start_mark.line + 1 if event.start_mark else 0
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(open_sizes) == MAX_STACK_DEPTH:
+                refuse(f"nests deeper than {MAX_STACK_DEPTH} levels (line {line})")
+            open_anchors.append(event.anchor)
+            open_sizes.append(1)
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, size = open_anchors.pop(), open_sizes.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, size = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            if event.anchor not in anchor_sizes:
+                refuse(
+                    f"alias *{_clip(event.anchor or '')} on line {line} repeats no node defined before it "
+                    "(an undefined anchor, or the node that holds the alias)"
+                )
+            anchor, size = None, anchor_sizes[event.anchor]
+        else:
+            continue
+        if anchor is not None:
+            anchor_sizes[anchor] = size
+        if open_sizes:
+            open_sizes[-1] += size
+            size = open_sizes[-1]
+        if size > MAX_STACK_NODES:
+            refuse(
+                f"expands to more than {MAX_STACK_NODES} values (line {line}): YAML aliases "
+                "(*name) repeat their anchor's whole node each time"
+            )
+
+
+def read_stack_settings(path: Path, stack: str | None = None) -> dict[str, Any]:
+    """The ``ironlink:`` settings of a stack file, keys without the namespace."""
+    text = read_stack_text(path, stack)
+    try:
+        document = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise StackConfigError([Problem(str(path), f"is not valid YAML: {error}")], stack) from error
     config = document.get("config") if isinstance(document, dict) else None
     if not isinstance(config, dict):
-        raise StackConfigError([Problem(str(path), "has no 'config:' mapping")])
+        raise StackConfigError([Problem(str(path), "has no 'config:' mapping")], stack)
     prefix = NAMESPACE + ":"
-    return {key[len(prefix) :]: value for key, value in config.items() if key.startswith(prefix)}
+    return {
+        key[len(prefix) :]: value
+        for key, value in config.items()
+        if isinstance(key, str) and key.startswith(prefix)
+    }
 
 
 def load_stack(stack: str, root: Path | None = None) -> PlatformConfig:
     """Read and validate ``stacks/Pulumi.<stack>.yaml``."""
-    path = stack_file(stack, root)
-    if not path.is_file():
-        raise UnknownStackError(stack, list_stacks(root))
-    return parse_platform(read_stack_settings(path), stack)
+    return parse_platform(read_stack_settings(existing_stack_file(stack, root), stack), stack)
 
 
 def settings_from_pulumi_config(values: Mapping[str, str]) -> dict[str, Any]:

@@ -29,10 +29,9 @@ from infra.config import (
     PlatformConfig,
     Problem,
     StackConfigError,
-    UnknownStackError,
-    list_stacks,
+    existing_stack_file,
     parse_platform,
-    stack_file,
+    read_stack_text,
 )
 
 TENANTS_KEY = f"{NAMESPACE}:tenants"
@@ -144,8 +143,9 @@ class StackFile:
     def __init__(self, stack: str, path: Path) -> None:
         self.stack, self.path = stack, path
         self._yaml = _yaml()
+        text = read_stack_text(path, stack)
         try:
-            self.document = self._yaml.load(path.read_text())
+            self.document = self._yaml.load(text)
         except Exception as error:  # ruamel raises several unrelated error types
             raise StackConfigError([Problem(str(path), f"is not valid YAML: {error}")], stack) from error
         if not isinstance(self.document, CommentedMap) or not isinstance(
@@ -155,10 +155,7 @@ class StackFile:
 
     @classmethod
     def open(cls, stack: str, root: Path | None = None) -> StackFile:
-        path = stack_file(stack, root)
-        if not path.is_file():
-            raise UnknownStackError(stack, list_stacks(root))
-        return cls(stack, path)
+        return cls(stack, existing_stack_file(stack, root))
 
     @property
     def config_map(self) -> CommentedMap:
@@ -171,7 +168,7 @@ class StackFile:
         return {
             key[len(prefix) :]: plain(value)
             for key, value in self.config_map.items()
-            if key.startswith(prefix)
+            if isinstance(key, str) and key.startswith(prefix)
         }
 
     def validate(self) -> PlatformConfig:

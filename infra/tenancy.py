@@ -15,14 +15,25 @@ from infra.config import PlatformConfig, Tenant
 TOPIC_ROOT = "ironlink"
 TELEMETRY_LEAF = "telemetry"
 TELEMETRY_FILTER = f"{TOPIC_ROOT}/+/+/+/{TELEMETRY_LEAF}"
+RECEIPTS_LEAF = "receipts"
+RECEIPTS_FILTER = f"{TOPIC_ROOT}/+/+/+/{RECEIPTS_LEAF}"
 DEAD_LETTER_ROOT = "dlq"
+REPLAY_ROOT = "replay"
 INGEST_SERVICE = "svc.ingest"
+DEAD_LETTER_SERVICE = "svc.deadletters"
+DEAD_LETTER_SHARE_GROUP = "deadletters"
 SHARED_INFLUXDB = "influxdb"
 
 
 def telemetry_topic(tenant_id: str, site_id: str, machine_id: str) -> str:
     """The long-lived MQTT contract: ``ironlink/<tenant>/<site>/<machine>/telemetry``."""
     return f"{TOPIC_ROOT}/{tenant_id}/{site_id}/{machine_id}/{TELEMETRY_LEAF}"
+
+
+def receipts_topic(tenant_id: str, site_id: str, machine_id: str) -> str:
+    """Where the worker confirms what it stored of a machine's sequenced (v3) telemetry: only the
+    identity that publishes the machine's telemetry may read it (an end-to-end receipt)."""
+    return f"{TOPIC_ROOT}/{tenant_id}/{site_id}/{machine_id}/{RECEIPTS_LEAF}"
 
 
 def tenant_topic_filter(tenant_id: str) -> str:
@@ -52,6 +63,46 @@ def dead_letter_topic(original_topic: str) -> str:
 
 def tenant_dead_letter_filter(tenant_id: str) -> str:
     return f"{DEAD_LETTER_ROOT}/{tenant_topic_filter(tenant_id)}"
+
+
+def dead_letter_origin(topic: str) -> str | None:
+    """The original topic of a dead letter's topic; None if ``topic`` is not under ``dlq/``."""
+    return _below(DEAD_LETTER_ROOT, topic)
+
+
+def _below(root: str, topic: str) -> str | None:
+    """``topic`` without its first level ``root``; None when it does not start with ``root/``."""
+    head, slash, rest = topic.partition("/")
+    return rest if head == root and slash and rest else None
+
+
+def dead_letter_subscription(config: PlatformConfig) -> str:
+    """What the dead-letter consumer subscribes to: every dead letter, shared on EMQX (replicas
+    split the load), plain on Mosquitto for the reason :func:`ingest_subscription` gives."""
+    every = f"{DEAD_LETTER_ROOT}/#"
+    return f"$share/{DEAD_LETTER_SHARE_GROUP}/{every}" if config.broker.engine == "emqx" else every
+
+
+def replay_topic(topic: str) -> str:
+    """Where a dead letter is replayed: its original topic under ``replay/``. Only the dead-letter
+    consumer may publish there, so a device cannot pose as a replay."""
+    return f"{REPLAY_ROOT}/{topic}"
+
+
+def original_topic(topic: str) -> str | None:
+    """The topic a replayed message first arrived on; None if ``topic`` is not a replay topic."""
+    return _below(REPLAY_ROOT, topic)
+
+
+REPLAY_FILTER = replay_topic(TELEMETRY_FILTER)
+
+
+def replay_subscription(config: PlatformConfig) -> str:
+    """The worker's second subscription, to replayed telemetry: shared like the first on EMQX
+    (same group, so a replay goes to one replica), plain on Mosquitto."""
+    if config.broker.engine == "emqx":
+        return f"$share/{config.ingest.share_group}/{REPLAY_FILTER}"
+    return REPLAY_FILTER
 
 
 def device_username(tenant_id: str, site_id: str, machine_id: str) -> str:

@@ -8,6 +8,8 @@ so the rest of the platform only ever sees a :class:`TelemetryV2`:
   vendor's signal names (``T_OIL``); the machine type comes from the registry.
 - **v2** is canonical: it declares its ``machine_type``, ``ts`` may carry sub-second precision and
   ``metrics`` uses the catalog's canonical names only, within the catalog's bounds.
+- **v3** is v2 with the gateway's sequence id ``seq`` (gateway, boot, n): the worker confirms what
+  it stored on the machine's receipts topic, so a gateway forgets a reading only once it is stored.
 
 :func:`decode` never raises on input: it answers :class:`Accepted` or :class:`Rejected` with a
 machine-readable :class:`Reason`, which the worker puts on the dead-letter topic. The JSON Schema
@@ -16,7 +18,8 @@ files in ``ingest/schemas/`` are generated from these models (``python -m ingest
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -24,8 +27,10 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     JsonValue,
+    Tag,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -37,8 +42,8 @@ from infra.config import DNS_LABEL_PATTERN, MachineTypeName
 from infra.tenancy import TELEMETRY_LEAF, TOPIC_ROOT
 from ingest.catalog import MACHINE_TYPES, MachineType, Metric
 
-CURRENT_SCHEMA_VERSION = 2
-SCHEMA_VERSIONS = (1, 2)
+CURRENT_SCHEMA_VERSION = 3
+SCHEMA_VERSIONS = (1, 2, 3)
 # A telemetry message is a few hundred bytes; anything far larger is a broken or hostile sender.
 DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024
 # ``ts`` is epoch *seconds*: this range refuses milliseconds (13 digits) and nonsense dates.
@@ -66,8 +71,11 @@ class Reason(StrEnum):
     UNKNOWN_MACHINE = "unknown_machine"
     MACHINE_TYPE_MISMATCH = "machine_type_mismatch"
     UNKNOWN_TENANT = "unknown_tenant"
+    TS_IN_FUTURE = "ts_in_future"
+    TS_TOO_OLD = "ts_too_old"
     QUOTA_EXCEEDED = "quota_exceeded"
     STORE_REJECTED = "store_rejected"
+    STORE_UNAVAILABLE = "store_unavailable"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -140,6 +148,8 @@ def _metric_schema(metric: Metric) -> dict[str, Any]:
 
 
 _MACHINE_TYPE_NAMES: list[JsonValue] = [*sorted(MACHINE_TYPES)]
+# JSON Schema counts 2.0 as the integer 2 and cannot say otherwise; the decoder does not (see below).
+_VERSION_DESCRIPTION = 'Payload version: a JSON integer (2.0, true or "2" are refused by the worker).'
 
 
 class _Payload(BaseModel):
@@ -180,7 +190,7 @@ class TelemetryV2(_Payload):
 
     model_config = ConfigDict(json_schema_extra=_catalog_schema)
 
-    schema_version: Literal[2]
+    schema_version: Literal[2] = Field(description=_VERSION_DESCRIPTION)
     machine_type: MachineTypeName = Field(
         description="Catalog machine type; must match the registry where the machine is registered.",
         json_schema_extra={"enum": _MACHINE_TYPE_NAMES},
@@ -202,10 +212,31 @@ class TelemetryV2(_Payload):
         return metrics
 
 
+class SequenceId(BaseModel):
+    """Where a reading stands in its gateway's stream: ``n`` counts up from 0 in each ``boot``.
+
+    The worker confirms, per gateway and boot, the ranges of ``n`` it has stored (receipts on the
+    machine's ``receipts`` topic), so a gateway forgets a reading only once it is in the store."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    gateway: str = Field(pattern=DNS_LABEL_PATTERN, max_length=63, description="The gateway's id.")
+    boot: int = Field(ge=0, lt=2**32, description="The gateway's boot epoch (a new one per start).")
+    n: int = Field(ge=0, lt=2**53, description="Counter within the boot.")
+
+
+class TelemetryV3(TelemetryV2):
+    """Version 3: version 2 and the gateway's sequence id (:class:`SequenceId`), for end-to-end
+    receipts. The measurement is v2's: everything downstream reads a v3 message as a v2 one."""
+
+    schema_version: Literal[3] = Field(description=_VERSION_DESCRIPTION)  # type: ignore[assignment]
+    seq: SequenceId
+
+
 class TelemetryV1(_Payload):
     """Version 1, the PoC gateway format: vendor signal names, whole seconds, no machine type."""
 
-    schema_version: Literal[1]
+    schema_version: Literal[1] = Field(description=_VERSION_DESCRIPTION)
     ts: int = Field(ge=EPOCH_MIN, lt=EPOCH_MAX, description="Sample time, whole epoch seconds (UTC).")
     signals: list[Signal] = Field(min_length=1, max_length=256)
 
@@ -242,9 +273,20 @@ class TelemetryV1(_Payload):
         )
 
 
-Telemetry = Annotated[TelemetryV1 | TelemetryV2, Field(discriminator="schema_version")]
-_TELEMETRY: TypeAdapter[TelemetryV1 | TelemetryV2] = TypeAdapter(Telemetry)
-MODELS: dict[int, type[_Payload]] = {1: TelemetryV1, 2: TelemetryV2}
+def _version_tag(value: Any) -> str | None:
+    """The union's tag: ``schema_version`` only when it is a JSON integer. A ``Literal`` tag would
+    look it up by Python equality, where ``True == 1.0 == 1``, and take ``true`` or ``1.0`` for
+    version 1. None (no such tag) for a missing or non-integer version or a payload not an object."""
+    version = value.get("schema_version") if isinstance(value, dict) else None
+    return str(version) if type(version) is int else None
+
+
+Telemetry = Annotated[
+    Annotated[TelemetryV1, Tag("1")] | Annotated[TelemetryV2, Tag("2")] | Annotated[TelemetryV3, Tag("3")],
+    Discriminator(_version_tag),
+]
+_TELEMETRY: TypeAdapter[TelemetryV1 | TelemetryV2 | TelemetryV3] = TypeAdapter(Telemetry)
+MODELS: dict[int, type[_Payload]] = {1: TelemetryV1, 2: TelemetryV2, 3: TelemetryV3}
 
 
 # ------------------------------------------------------------------------------------- decode
@@ -254,6 +296,7 @@ class Accepted:
 
     telemetry: TelemetryV2
     schema_version: int
+    seq: SequenceId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +348,8 @@ def decode(
                 Reason.MACHINE_TYPE_MISMATCH,
                 f"machine_type: {message.machine_type!r} but the registry has {known!r} for this machine",
             )
-        return Accepted(message, 2)
+        seq = message.seq if isinstance(message, TelemetryV3) else None
+        return Accepted(message, message.schema_version, seq)
     if known is None:
         return Rejected(
             Reason.UNKNOWN_MACHINE, f"machine {'/'.join(key)!r} is not registered (v1 needs its type)"
@@ -353,14 +397,13 @@ def _rejection(error: ValidationError, *, tagged: bool) -> Rejected:
     reason = _REASON_OF_ERROR.get(kind)
     if reason is None:
         reason = Reason.WRONG_TYPE if kind.endswith("_type") else Reason.INVALID_VALUE
-    if reason is Reason.UNKNOWN_SCHEMA_VERSION:
-        found = first["input"].get("schema_version") if isinstance(first["input"], dict) else None
-        supported = ", ".join(map(str, SCHEMA_VERSIONS))
-        detail = (
-            f"schema_version: {_short(found)} is not supported (supported: {supported})"
-            if kind == "union_tag_invalid"
-            else "schema_version: is required"
+    if reason is Reason.UNKNOWN_SCHEMA_VERSION and not isinstance(first["input"], dict):
+        reason, detail = (
+            Reason.MALFORMED,
+            f"payload: Input should be an object (got {_short(first['input'])})",
         )
+    elif reason is Reason.UNKNOWN_SCHEMA_VERSION:
+        detail = _version_problem(first["input"])
     elif reason is Reason.MALFORMED:
         detail = f"payload: {first['msg']}" + (
             f" (got {_short(first['input'])})" if kind == "dict_type" else ""
@@ -376,6 +419,30 @@ def _rejection(error: ValidationError, *, tagged: bool) -> Rejected:
     return Rejected(reason, detail)
 
 
+_JSON_KINDS = {
+    bool: "a boolean",
+    float: "a decimal number",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def _version_problem(payload: dict[str, Any]) -> str:
+    if "schema_version" not in payload:
+        return "schema_version: is required"
+    found = payload["schema_version"]
+    supported = ", ".join(map(str, SCHEMA_VERSIONS))
+    kind = (
+        ""
+        if type(found) is int
+        else f"; a version is a JSON integer, not {_JSON_KINDS.get(type(found), 'null')}"
+    )
+    return (
+        f"schema_version: {_short(found, render=json.dumps)} is not supported (supported: {supported}{kind})"
+    )
+
+
 def _location(parts: tuple[int | str, ...]) -> str:
     """``signals[2].value`` for pydantic's ``("signals", 2, "value")`` (the version tag dropped)."""
     text = ""
@@ -384,6 +451,6 @@ def _location(parts: tuple[int | str, ...]) -> str:
     return text or "payload"
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+def _short(value: Any, limit: int = 80, render: Callable[[Any], str] = repr) -> str:
+    text = render(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -2,7 +2,9 @@
 
 - ``/healthz`` (liveness): the main loop has turned within ``STALL_S``; it keeps turning while
   it waits for the store, so an outage does not get the pod killed and its backlog redelivered.
-- ``/readyz`` (readiness): connected to the broker and the last store write succeeded.
+- ``/readyz`` (readiness): connected to the broker, and the spool takes what a held tenant's store
+  cannot. A held tenant does not make the worker unready (the others flow on, and a rollout must
+  not stall on one customer's outage): the answer lists it under ``held_tenants``.
 """
 
 from __future__ import annotations
@@ -49,9 +51,14 @@ class _Handler(BaseHTTPRequestHandler):
             stalled = time.monotonic() - worker.heartbeat
             self._json(200 if stalled < STALL_S else 503, {"loop_stalled_s": round(stalled, 1)})
         elif self.path == "/readyz":
-            ready = worker.connected and worker.store_ok
+            ready = worker.connected and worker.spool_ok
             self._json(
-                200 if ready else 503, {"broker_connected": worker.connected, "store_ok": worker.store_ok}
+                200 if ready else 503,
+                {
+                    "broker_connected": worker.connected,
+                    "spool_ok": worker.spool_ok,
+                    "held_tenants": worker.held_tenants(),
+                },
             )
         else:
             self._json(404, {"error": f"no such path {self.path!r}"})

@@ -74,4 +74,23 @@ class WorkerMetrics:
         self.connected = Gauge(
             "ironlink_ingest_broker_connected", "1 while connected to the broker", registry=r
         )
-        self.store_ok = Gauge("ironlink_ingest_store_ok", "1 when the last store write succeeded", registry=r)
+        self.store_ok = Gauge(
+            "ironlink_ingest_store_ok", "1 while no tenant's store route is held", registry=r
+        )
+        self.held = Gauge(
+            "ironlink_ingest_tenant_held",
+            "1 while a tenant's store fails and its points go to the durable spool",
+            ["tenant"],
+            registry=r,
+        )
+        self.spooled = Gauge(
+            "ironlink_ingest_spooled_points",
+            "Points in the durable spool, waiting for their tenant's store",
+            ["tenant"],
+            registry=r,
+        )
+        self.spool_failures = Counter(
+            "ironlink_ingest_spool_failures",
+            "Spool disk errors: the batch is then held unacknowledged until the store takes it",
+            registry=r,
+        )

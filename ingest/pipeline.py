@@ -1,17 +1,20 @@
 """From one MQTT message to either a point for the store or a dead letter: no I/O here.
 
 The worker feeds every delivery through :meth:`Pipeline.process`; the order of checks is the
-contract (:func:`ingest.contract.decode`), the tenant's route, the tenant's quota, then the
-derived metrics and the line protocol. Nothing that a message contains can make it raise: an
-unforeseen error becomes a dead letter with reason ``internal_error``, because an exception here
-would leave the message unacknowledged, redelivered, and failing again forever.
+contract (:func:`ingest.contract.decode`), the tenant's route, ``ts`` against the arrival time
+(neither further ahead than the clock skew allowed nor older than the tenant's tier keeps), the
+tenant's quota, then the derived metrics and the line protocol. Nothing that a message contains
+can make it raise: an unforeseen error becomes a dead letter with reason ``internal_error``,
+because an exception here would leave the message unacknowledged, redelivered, and failing again
+forever.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -21,6 +24,7 @@ from ingest.points import to_line
 from ingest.settings import WorkerSettings
 
 UNKNOWN_TENANT_LABEL = "_unknown"
+Sequence = tuple[str, int, int]  # a v3 message's (gateway, boot, n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +34,8 @@ class Point:
     tenant_id: str
     line: str
     ts: float
+    seq: Sequence | None = None
+    """(gateway, boot, n) of a v3 message: what the worker's receipts confirm once stored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,37 +72,53 @@ def dead_letter_document(
 
 
 class TenantQuota:
-    """Messages per second per tenant, counted on *payload* time in 10 s buckets.
+    """One tenant's messages per second at this replica: a token bucket on *arrival* time.
 
-    Counting on payload time rather than arrival time means a backlog drained after an outage
-    (minutes of telemetry arriving in seconds) is not mistaken for a flood.
+    Arrival, on the worker's monotonic clock, because the payload's ``ts`` is the sender's to
+    choose: counted on it, a flood spread over made-up timestamps passed. The bucket starts full
+    and holds ``burst_s`` seconds of the rate, so a backlog the broker queued during a worker
+    restart (tens of seconds) or a short burst passes; a longer one is dead-lettered
+    ``quota_exceeded``, counted and replayable, never dropped.
     """
 
-    BUCKET_S = 10
-    KEEP_BUCKETS = 12
+    def __init__(
+        self, messages_per_second: float, burst_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = messages_per_second
+        self.capacity = max(1.0, messages_per_second * burst_s)
+        self._clock = clock
+        self._tokens = self.capacity
+        self._last = clock()
 
-    def __init__(self, messages_per_second: float) -> None:
-        self.limit = max(1, math.ceil(messages_per_second * self.BUCKET_S))
-        self._counts: dict[int, int] = {}
-
-    def admit(self, ts: float) -> bool:
-        bucket = int(ts // self.BUCKET_S)
-        count = self._counts.get(bucket, 0)
-        if count >= self.limit:
+    def admit(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens < 1:
             return False
-        self._counts[bucket] = count + 1
-        if len(self._counts) > self.KEEP_BUCKETS:
-            for old in sorted(self._counts)[: -self.KEEP_BUCKETS]:
-                del self._counts[old]
+        self._tokens -= 1
         return True
 
 
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
 class Pipeline:
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: the monotonic clock the quota counts arrivals on."""
         self.settings = settings
         self._machine_types = settings.machine_types()
+        # Each replica admits its share: the broker spreads a shared subscription's messages
+        # evenly over the group's members (ingest/README.md, "Quota", for the trade-off).
         self._quotas = {
-            tenant: TenantQuota(route.messages_per_second)
+            tenant: TenantQuota(
+                route.messages_per_second / settings.quota_share_replicas, settings.quota_burst_s, clock
+            )
             for tenant, route in settings.tenants.items()
             if route.messages_per_second is not None
         }
@@ -109,7 +131,7 @@ class Pipeline:
 
     def process(self, topic: str, payload: bytes, received_at: float) -> Point | DeadLetter:
         try:
-            outcome = self._process(topic, payload)
+            outcome = self._process(topic, payload, received_at)
         except Exception as error:  # a bug must not become a poison message: see module docstring
             outcome = Rejected(Reason.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
         if isinstance(outcome, Point):
@@ -119,7 +141,7 @@ class Pipeline:
         )
         return DeadLetter(self.tenant_label(topic), outcome.reason, outcome.detail, document)
 
-    def _process(self, topic: str, payload: bytes) -> Point | Rejected:
+    def _process(self, topic: str, payload: bytes, received_at: float) -> Point | Rejected:
         result = decode(
             topic, payload, machine_types=self._machine_types, max_bytes=self.settings.max_payload_bytes
         )
@@ -130,11 +152,39 @@ class Pipeline:
             return Rejected(
                 Reason.UNKNOWN_TENANT, f"tenant_id: {sample.tenant_id!r} is not a tenant of this platform"
             )
+        out_of_time = self._ts_problem(sample.ts, received_at, sample.tenant_id)
+        if out_of_time is not None:
+            return out_of_time
         quota = self._quotas.get(sample.tenant_id)
-        if quota is not None and not quota.admit(sample.ts):
+        if quota is not None and not quota.admit():
             return Rejected(
                 Reason.QUOTA_EXCEEDED,
                 f"tenant {sample.tenant_id!r} is over its quota of "
-                f"{self.settings.tenants[sample.tenant_id].messages_per_second} messages/s",
+                f"{self.settings.tenants[sample.tenant_id].messages_per_second:g} messages/s: this replica "
+                f"admits {quota.rate:g}/s (one of {self.settings.quota_share_replicas} sharing it) "
+                f"with a burst of {quota.capacity:g} messages",
             )
-        return Point(sample.tenant_id, to_line(sample, self.derived.update(sample)), sample.ts)
+        seq = (result.seq.gateway, result.seq.boot, result.seq.n) if result.seq else None
+        return Point(sample.tenant_id, to_line(sample, self.derived.update(sample)), sample.ts, seq)
+
+    def _ts_problem(self, ts: float, received_at: float, tenant_id: str) -> Rejected | None:
+        """Refused here rather than left to the store, which drops such a point: VictoriaMetrics
+        after a 204 when it is > ~2 days ahead, InfluxDB with a 422 partial write when it is outside
+        the bucket's retention."""
+        ahead = ts - received_at
+        if ahead > self.settings.max_clock_skew_s:
+            return Rejected(
+                Reason.TS_IN_FUTURE,
+                f"ts: {ts!r} ({_iso(ts)}) is {_seconds(ahead)} s ahead of its arrival at "
+                f"{_iso(received_at)}; at most {self.settings.max_clock_skew_s} s is allowed "
+                "(ingest.max_clock_skew_s)",
+            )
+        max_age_s = self.settings.tenants[tenant_id].max_age_s
+        if max_age_s is not None and -ahead > max_age_s:
+            return Rejected(
+                Reason.TS_TOO_OLD,
+                f"ts: {ts!r} ({_iso(ts)}) is {_seconds(-ahead)} s older than its arrival at "
+                f"{_iso(received_at)}; tenant {tenant_id!r} accepts at most {max_age_s} s "
+                "(its retention tier's max_age)",
+            )
+        return None

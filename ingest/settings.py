@@ -21,29 +21,37 @@ import os
 import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 
 from infra.config import MachineTypeName, PlatformConfig, TenantId
-from infra.tenancy import INGEST_SERVICE, TELEMETRY_FILTER, ingest_subscription, store_routes
+from infra.tenancy import (
+    INGEST_SERVICE,
+    REPLAY_FILTER,
+    TELEMETRY_FILTER,
+    ingest_subscription,
+    replay_subscription,
+    store_routes,
+)
 from ingest.contract import DEFAULT_MAX_PAYLOAD_BYTES, MachineKey
 
 ENV_PREFIX = "IRONLINK_"
 SETTINGS_FILE_VAR = "IRONLINK_SETTINGS_FILE"
 _SECRETS = {"mqtt_password"}
 _JSON_FIELDS = {"store_urls", "tenants"}
+M = TypeVar("M", bound=BaseModel)
 
 
 class SettingsError(ValueError):
     """Every problem of the worker's settings, each naming its variable (or file key) and value."""
 
-    def __init__(self, problems: Iterable[str]) -> None:
+    def __init__(self, problems: Iterable[str], what: str = "worker") -> None:
         self.problems = list(problems)
         count = len(self.problems)
         super().__init__(
-            f"worker settings have {count} problem{'s' if count != 1 else ''}:\n  "
+            f"{what} settings have {count} problem{'s' if count != 1 else ''}:\n  "
             + "\n  ".join(self.problems)
         )
 
@@ -57,7 +65,14 @@ class TenantRoute(BaseModel):
     org: str
     bucket: str
     messages_per_second: float | None = Field(
-        default=None, gt=0, description="Quota at the worker, counted on payload time; None = no quota."
+        default=None,
+        gt=0,
+        description="Quota across all replicas, counted on arrival (quota_share_replicas); None = no quota.",
+    )
+    max_age_s: int | None = Field(
+        default=None,
+        ge=1,
+        description="Oldest ts accepted, in seconds before arrival (the tier's max_age); None = no bound.",
     )
     machines: dict[str, MachineTypeName] = Field(
         default_factory=dict, description="'<site>/<machine>' -> machine type, from the registry."
@@ -84,6 +99,9 @@ class WorkerSettings(BaseModel):
         description="Stable per replica so the session survives restarts; default user-hostname.",
     )
     mqtt_subscription: str = TELEMETRY_FILTER
+    mqtt_replay_subscription: str | None = Field(
+        default=REPLAY_FILTER, description="Dead letters replayed from the registry (ingest.deadletters)."
+    )
     mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
     mqtt_session_expiry_s: int = Field(
         default=86_400, ge=60, description="How long the broker keeps queueing for a worker that is away."
@@ -107,8 +125,48 @@ class WorkerSettings(BaseModel):
     retry_initial_ms: int = Field(default=200, ge=10)
     retry_max_ms: int = Field(default=30_000, ge=10)
 
-    # Contract and derived metrics.
+    # Bulkheads (ingest/spool.py): a tenant whose store fails is held and its points spooled on
+    # disk, so the batch is acknowledged and no other tenant waits for it.
+    spool_dir: Path = Field(
+        default=Path("spool"), description="The durable spool's folder: the replica's own volume."
+    )
+    spool_max_bytes_per_tenant: int = Field(
+        default=256 * 2**20,
+        ge=2**16,
+        description="Line protocol spooled per held tenant; beyond it: dead letter store_unavailable.",
+    )
+    direct_write_timeout_ms: int = Field(
+        default=1500,
+        ge=50,
+        description="How long a batch waits for one tenant's store before spooling that tenant's points.",
+    )
+    store_write_threads: int = Field(default=8, ge=1, le=64, description="Tenants written in parallel.")
+    drain_quiet_ms: int = Field(
+        default=500,
+        ge=0,
+        description="On SIGTERM, shared subscription: silence after UNSUBSCRIBE before ending the session.",
+    )
+
+    # Contract, quota and derived metrics.
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=256)
+    max_clock_skew_s: int = Field(
+        default=300,
+        ge=0,
+        le=86_400,
+        description="How far ahead of arrival a ts may be (ingest.max_clock_skew_s).",
+    )
+    quota_share_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="Replicas sharing each tenant's quota (the minimum count): each admits quota / this.",
+    )
+    quota_burst_s: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        description="Seconds of quota a tenant may send at once (token bucket size).",
+    )
     dead_letter_payload_bytes: int = Field(
         default=4096, ge=0, description="Payload bytes kept in a dead letter."
     )
@@ -139,6 +197,11 @@ class WorkerSettings(BaseModel):
     @property
     def client_id(self) -> str:
         return self.mqtt_client_id or f"{self.mqtt_username}-{socket.gethostname()}"
+
+    @property
+    def shared_subscription(self) -> bool:
+        """Other replicas share the load: a worker that stops may hand its share over."""
+        return self.mqtt_subscription.startswith("$share/")
 
     @property
     def receive_maximum(self) -> int:
@@ -173,71 +236,101 @@ class WorkerSettings(BaseModel):
 
     def to_env(self) -> dict[str, str]:
         """The non-secret settings as ``IRONLINK_*`` variables (what a Deployment sets)."""
-        env: dict[str, str] = {}
-        for name, value in self.model_dump(mode="json", exclude=_SECRETS, exclude_none=True).items():
-            if name in _JSON_FIELDS:
-                text = json.dumps(value, separators=(",", ":"), sort_keys=True)
-            elif isinstance(value, bool):
-                text = str(value).lower()
-            else:
-                text = str(value)
-            env[ENV_PREFIX + name.upper()] = text
-        return env
+        return settings_env(self, prefix=ENV_PREFIX, json_fields=_JSON_FIELDS, secrets=_SECRETS)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:
         """Read ``IRONLINK_*`` from ``environ`` (default: the process) on top of the settings file."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        origin: dict[str, str] = {}
-        problems: list[str] = []
-        file = environ.get(SETTINGS_FILE_VAR)
-        if file:
-            values.update(_read_file(Path(file), problems))
-            origin.update({key: f"{SETTINGS_FILE_VAR} ({file}): {key}" for key in values})
-        for name in cls.model_fields:
-            variable = ENV_PREFIX + name.upper()
-            if variable not in environ:
-                continue
-            origin[name] = variable
-            text = environ[variable]
-            if name in _JSON_FIELDS:
-                try:
-                    values[name] = json.loads(text)
-                except ValueError as error:
-                    problems.append(f"{variable}: {_show(text)} is not valid JSON ({error})")
-                    values.pop(name, None)
-            else:
-                values[name] = text
-        if not problems:
+        return settings_from_env(
+            cls,
+            os.environ if environ is None else environ,
+            prefix=ENV_PREFIX,
+            json_fields=_JSON_FIELDS,
+            file_var=SETTINGS_FILE_VAR,
+            what="worker",
+        )
+
+
+def settings_env(
+    settings: BaseModel, *, prefix: str, json_fields: Iterable[str], secrets: Iterable[str]
+) -> dict[str, str]:
+    """The non-secret fields of ``settings`` as ``<prefix><FIELD>`` variables, what
+    :func:`settings_from_env` reads back (mappings as compact JSON, booleans in lower case)."""
+    json_fields = set(json_fields)
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json", exclude=set(secrets), exclude_none=True).items():
+        if name in json_fields:
+            text = json.dumps(value, separators=(",", ":"), sort_keys=True)
+        elif isinstance(value, bool):
+            text = str(value).lower()
+        else:
+            text = str(value)
+        env[prefix + name.upper()] = text
+    return env
+
+
+def settings_from_env(
+    model: type[M],
+    environ: Mapping[str, str],
+    *,
+    prefix: str,
+    json_fields: Iterable[str],
+    file_var: str,
+    what: str,
+) -> M:
+    """A settings model from ``<prefix><FIELD>`` variables on top of the file named by ``file_var``
+    (the worker's, and the dead-letter consumer's with its own prefix); every problem at once."""
+    json_fields = set(json_fields)
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    problems: list[str] = []
+    file = environ.get(file_var)
+    if file:
+        values.update(_read_file(Path(file), problems, file_var))
+        origin.update({key: f"{file_var} ({file}): {key}" for key in values})
+    for name in model.model_fields:
+        variable = prefix + name.upper()
+        if variable not in environ:
+            continue
+        origin[name] = variable
+        text = environ[variable]
+        if name in json_fields:
             try:
-                return cls.model_validate(values)
-            except ValidationError as error:
-                problems.extend(_describe(error, origin))
-        raise SettingsError(problems)
+                values[name] = json.loads(text)
+            except ValueError as error:
+                problems.append(f"{variable}: {_show(text)} is not valid JSON ({error})")
+                values.pop(name, None)
+        else:
+            values[name] = text
+    if not problems:
+        try:
+            return model.model_validate(values)
+        except ValidationError as error:
+            problems.extend(_describe(error, origin, prefix))
+    raise SettingsError(problems, what)
 
 
-def _read_file(path: Path, problems: list[str]) -> dict[str, Any]:
+def _read_file(path: Path, problems: list[str], file_var: str = SETTINGS_FILE_VAR) -> dict[str, Any]:
     try:
         document = yaml.safe_load(path.read_text())
     except OSError as error:
-        problems.append(f"{SETTINGS_FILE_VAR}: {str(path)!r} cannot be read: {error.strerror}")
+        problems.append(f"{file_var}: {str(path)!r} cannot be read: {error.strerror}")
         return {}
     except yaml.YAMLError as error:
-        problems.append(f"{SETTINGS_FILE_VAR}: {str(path)!r} is not valid JSON or YAML: {error}")
+        problems.append(f"{file_var}: {str(path)!r} is not valid JSON or YAML: {error}")
         return {}
     if not isinstance(document, dict):
-        problems.append(f"{SETTINGS_FILE_VAR}: {str(path)!r} must hold a mapping of setting -> value")
+        problems.append(f"{file_var}: {str(path)!r} must hold a mapping of setting -> value")
         return {}
     return document
 
 
-def _describe(error: ValidationError, origin: Mapping[str, str]) -> list[str]:
+def _describe(error: ValidationError, origin: Mapping[str, str], prefix: str = ENV_PREFIX) -> list[str]:
     problems = []
     for item in error.errors(include_url=False):
         location = [str(part) for part in item["loc"]] or ["settings"]
         field = location[0]
-        where = origin.get(field, ENV_PREFIX + field.upper())
+        where = origin.get(field, prefix + field.upper())
         where += "".join(f".{part}" for part in location[1:])
         if item["type"] == "missing":
             problems.append(f"{where}: is required")
@@ -274,6 +367,7 @@ def worker_settings_for(
             org=routes[tenant.id].org,
             bucket=routes[tenant.id].bucket,
             messages_per_second=config.quota_of(tenant).messages_per_second,
+            max_age_s=config.retention_of(tenant).max_age_seconds,
             machines={f"{site.id}/{machine.id}": machine.type for site, machine in tenant.machines},
         )
         for tenant in config.tenants
@@ -283,10 +377,13 @@ def worker_settings_for(
             "mqtt_host": mqtt_host,
             "mqtt_port": mqtt_port,
             "mqtt_subscription": ingest_subscription(config),
+            "mqtt_replay_subscription": replay_subscription(config),
             "store_urls": dict(store_urls),
             "tenants": tenants,
             "batch_size": config.ingest.batch_size,
             "flush_interval_ms": config.ingest.flush_interval_ms,
+            "max_clock_skew_s": config.ingest.max_clock_skew_s,
+            "quota_share_replicas": config.ingest.min_replicas,
             **overrides,
         }
     )

@@ -30,6 +30,13 @@ def is_retryable(error: Exception) -> bool:
     return not (isinstance(error, ApiException) and error.status in _DATA_REJECTED)
 
 
+def store_answer(error: BaseException) -> str:
+    """What the store said, bounded: the status and the body's message for an API error."""
+    if isinstance(error, ApiException):
+        return f"{error.status} {error.reason}: {(error.body or '')[:400]}".strip()
+    return f"{type(error).__name__}: {str(error)[:400]}"
+
+
 class Store:
     """One client per (instance URL, token): level-3 tenants have their own instance, and each
     tenant's token may only write its own bucket."""
@@ -54,6 +61,32 @@ class Store:
         # One joined string: the client would serialize a list line by line, at twice the cost.
         body = "\n".join(lines)
         self._apis[tenant_id].write(bucket=route.bucket, org=route.org, record=body, write_precision=_MS)
+
+    def write_each(self, tenant_id: str, lines: list[str]) -> dict[int, str]:
+        """Write ``lines`` and say, point by point, which ones the store refused.
+
+        InfluxDB answers 422 "partial write" when some points fall outside the bucket's retention,
+        having stored the others; 400 names a line it cannot parse; 413 a body too large. None of
+        them says which points were refused, so a refused request is split in halves until each
+        refused line stands alone (rewriting a stored point is harmless: same series, same time).
+        Returns the refused lines' indexes with the store's answer; raises a retryable error (store
+        down, 5xx, 401/403/404) as it comes, leaving the caller to hold the whole set.
+        """
+        refused: dict[int, str] = {}
+        pending = [(0, len(lines))]
+        while pending:
+            low, high = pending.pop()
+            try:
+                self.write(tenant_id, lines[low:high])
+            except ApiException as error:
+                if is_retryable(error):
+                    raise
+                if high - low == 1:
+                    refused[low] = store_answer(error)
+                else:
+                    middle = (low + high) // 2
+                    pending += [(middle, high), (low, middle)]
+        return refused
 
     def close(self) -> None:
         for client in self._clients.values():

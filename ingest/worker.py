@@ -1,29 +1,42 @@
 """The ingestion worker: broker → contract → store, acknowledging each message only once it is safe.
 
 Threads: paho's network thread only queues deliveries (``on_message``); the main thread runs the
-pipeline, batches, writes and acknowledges; a small HTTP server answers probes and scrapes.
+pipeline, batches, writes (each tenant's points in parallel, on the ``store`` threads) and
+acknowledges; the spool drainer writes held tenants' points once their store answers again; a small
+HTTP server answers probes and scrapes.
 
-At least once, never more loss than the broker's own limits:
+At least once, and no tenant waits for another:
 
-- MQTT 5, QoS 1, ``clean_start=False`` with a session expiry: the broker keeps our subscription
-  and queues for us while we are away (restart, crash, SIGKILL);
-- ``manual_ack``: a delivery is acknowledged only after the batch holding it has been written to
-  the store *and* every dead letter of that batch has been confirmed (PUBACK) by the broker;
-- while the store is down the batch is retried with exponential backoff and nothing is
-  acknowledged, so the broker stops sending once ``receive_maximum`` deliveries are unacknowledged
-  (that is our memory bound) and queues the rest;
+- MQTT 5, QoS 1, ``clean_start=False`` with a session expiry, a client id stable per replica (a
+  StatefulSet ordinal): the broker keeps our subscription and queues for us while we are away
+  (restart, crash, SIGKILL), and the same replica resumes its own session;
+- ``manual_ack``: a delivery is acknowledged only once every point of its batch is *safe*, that is
+  written to its tenant's store or committed to the durable spool (``ingest/spool.py``), and every
+  dead letter of the batch has been confirmed (PUBACK) by the broker;
+- bulkheads: MQTT wants PUBACKs in arrival order, so a tenant whose store fails (down, slow past
+  ``direct_write_timeout_ms``, 401/403/404) is *held*: its points go to the spool, the batch is
+  acknowledged, and the drainer retries that tenant alone with backoff. A tenant at its spool cap
+  is dead-lettered with ``store_unavailable`` (replayable), never silently dropped;
+- a store refusing some points of a write (InfluxDB's 422 partial write) is answered point by
+  point (:meth:`ingest.store.Store.write_each`): the refused ones are dead-lettered with the store's
+  answer, the others count as stored;
+- a graceful stop (SIGTERM) with a shared subscription unsubscribes, takes what is still arriving
+  until ``drain_quiet_ms`` of silence, writes and acknowledges it, then ends its session (session
+  expiry 0) so the broker hands its share to the other replicas at once; with a plain
+  subscription (one replica) the session is kept for the next start;
 - after a reconnect *without* a session, delivery ids of the old session are void: their
-  acknowledgements are skipped (the broker redelivers nothing of a session it lost), so an old id
-  can never acknowledge a new message that is not stored yet.
+  acknowledgements are skipped, so an old id can never acknowledge a new message.
 """
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
+import json
 import queue
 import ssl
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,16 +46,20 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from infra.tenancy import dead_letter_topic
-from ingest.contract import Reason, Rejected
+from infra.tenancy import REPLAY_ROOT, dead_letter_topic, original_topic, receipts_topic
+from ingest.contract import Reason, Rejected, parse_topic
 from ingest.health import HealthServer
 from ingest.metrics import WorkerMetrics
+from ingest.mqtt_fast import accelerate, ack_many
 from ingest.pipeline import DeadLetter, Pipeline, Point, dead_letter_document
 from ingest.settings import WorkerSettings
-from ingest.store import Store, is_retryable
+from ingest.spool import Spool, SpooledPoint, SpoolError
+from ingest.store import Store, store_answer
 
 log = structlog.get_logger("ingest")
+_NO_SEQ = (None, None, None)
 IDLE_WAIT_S = 0.5
+_REPLAY_PREFIX = f"{REPLAY_ROOT}/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +85,19 @@ class Batch:
         return len(self.deliveries)
 
 
+Source = Delivery | SpooledPoint  # what a dead letter is made of: topic, payload, received_at
+
+
+@dataclass
+class Hold:
+    """A tenant whose store route failed: since when, why, and when the drainer tries again."""
+
+    since: float
+    error: str
+    attempts: int = 0
+    next_try: float = 0.0
+
+
 class Worker:
     def __init__(
         self, settings: WorkerSettings, *, tokens: dict[str, str], metrics: WorkerMetrics | None = None
@@ -76,8 +106,8 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.pipeline = Pipeline(settings)
         self.store = Store(settings, tokens)
+        self.spool = Spool(settings.spool_dir, settings.spool_max_bytes_per_tenant)
         self.heartbeat = time.monotonic()
-        self.store_ok = True
         self._inbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._give_up_at: float | None = None
@@ -90,7 +120,19 @@ class Worker:
         self._settled = 0
         self._batch_limit = min(settings.batch_size, settings.receive_maximum)
         self._received = {tenant: self.metrics.received.labels(tenant) for tenant in settings.tenants}
+        self._receipts_unconfirmed: list[int] = []
+        self._holds: dict[str, Hold] = {}
+        self._hold_lock = threading.Lock()
+        self._holding_in_memory = False
+        self._writers = concurrent.futures.ThreadPoolExecutor(
+            settings.store_write_threads, thread_name_prefix="store"
+        )
+        self._drainer_stop = threading.Event()
+        self._drainer = threading.Thread(target=self._drain_spool, name="spool-drainer", daemon=True)
+        for tenant in self.spool.tenants():  # a previous run's held points: drain them first
+            self._hold(tenant, "points spooled by a previous run")
         self.metrics.unacked.set_function(lambda: self.unacked)
+        self.metrics.store_ok.set_function(lambda: 0 if self._holds else 1)
         self.client = self._client()
 
     # ---------------------------------------------------------------------------- broker side
@@ -116,7 +158,14 @@ class Worker:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        log.info("mqtt_fast_paths", **vars(accelerate(client)))
         return client
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """Telemetry, and dead letters replayed from the registry (same pipeline, same checks)."""
+        s = self.settings
+        return [s.mqtt_subscription] + ([s.mqtt_replay_subscription] if s.mqtt_replay_subscription else [])
 
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, code: ReasonCode, _p: Any) -> None:
         if code.is_failure:
@@ -124,7 +173,8 @@ class Worker:
             return
         if not flags.session_present:
             self._epoch += 1
-        client.subscribe(self.settings.mqtt_subscription, qos=1)
+        if not self._stop.is_set():
+            client.subscribe([(topic_filter, 1) for topic_filter in self.subscriptions])
         self._connected.set()
         self.metrics.connected.set(1)
         log.info("broker_connected", session_present=flags.session_present, client_id=self.settings.client_id)
@@ -137,18 +187,17 @@ class Worker:
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: list[ReasonCode], _p: Any) -> None:
         if any(code.is_failure for code in codes):
-            log.error(
-                "subscribe_refused", topic=self.settings.mqtt_subscription, reasons=[str(c) for c in codes]
-            )
+            log.error("subscribe_refused", topics=self.subscriptions, reasons=[str(c) for c in codes])
         else:
-            log.info("subscribed", topic=self.settings.mqtt_subscription)
+            log.info("subscribed", topics=self.subscriptions)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         self._delivered += 1
+        topic = message.topic
+        if topic.startswith(_REPLAY_PREFIX):
+            topic = original_topic(topic) or topic
         self._inbox.put(
-            Delivery(
-                message.mid, message.qos, message.topic, bytes(message.payload), time.time(), self._epoch
-            )
+            Delivery(message.mid, message.qos, topic, bytes(message.payload), time.time(), self._epoch)
         )
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, code: ReasonCode, _p: Any) -> None:
@@ -165,6 +214,25 @@ class Worker:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def spool_ok(self) -> bool:
+        """False while a spool failure makes the worker hold deliveries in memory (not ready)."""
+        return not self._holding_in_memory
+
+    def held_tenants(self) -> dict[str, dict[str, Any]]:
+        """Readiness detail: each held tenant, since when, why, and what waits in the spool."""
+        with self._hold_lock:
+            holds = dict(self._holds)
+        return {
+            tenant: {
+                "since": round(hold.since, 3),
+                "error": hold.error,
+                "attempts": hold.attempts,
+                "spooled": self.spool.points(tenant),
+            }
+            for tenant, hold in holds.items()
+        }
 
     def stop(self) -> None:
         """Ask the worker to finish: flush what it holds, acknowledge it, disconnect; a store or
@@ -185,37 +253,90 @@ class Worker:
             s.mqtt_host, s.mqtt_port, keepalive=s.mqtt_keepalive_s, clean_start=False, properties=properties
         )
         self.client.loop_start()
-        log.info("worker_started", broker=f"{s.mqtt_host}:{s.mqtt_port}", tenants=sorted(s.tenants))
+        self._drainer.start()
+        log.info(
+            "worker_started",
+            broker=f"{s.mqtt_host}:{s.mqtt_port}",
+            client_id=s.client_id,
+            tenants=sorted(s.tenants),
+            held=sorted(self._holds),
+        )
+        handed_over = False
         try:
             batch = Batch()
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
                 wait = s.flush_interval_ms / 1000 - (self.heartbeat - batch.started) if batch else IDLE_WAIT_S
-                with contextlib.suppress(queue.Empty):
+                try:
                     self._handle(self._inbox.get(timeout=max(wait, 0.0)), batch)
+                except queue.Empty:
+                    pass
+                else:
+                    self._take_arrived(batch)
                 if batch and (len(batch) >= self._batch_limit or self._due(batch)):
                     self._flush(batch)
                     batch = Batch()
-            self._drain(batch)
+            handed_over = self._finish(batch)
         finally:
-            self.client.disconnect()
+            self._drainer_stop.set()
+            self._drainer.join(timeout=max(0.0, (self._give_up_at or time.monotonic()) - time.monotonic()))
+            self._disconnect(end_session=handed_over)
             self.client.loop_stop()
+            self._writers.shutdown(wait=False, cancel_futures=True)
             self.store.close()
+            self.spool.close()
             health.stop()
-            log.info("worker_stopped", unacked=self.unacked)
+            log.info("worker_stopped", unacked=self.unacked, session_ended=handed_over)
+
+    def _take_arrived(self, batch: Batch) -> None:
+        """Whatever else has arrived, up to the batch's room: one wake-up serves a burst."""
+        while len(batch) < self._batch_limit:
+            try:
+                self._handle(self._inbox.get_nowait(), batch)
+            except queue.Empty:
+                return
 
     def _due(self, batch: Batch) -> bool:
         return time.monotonic() - batch.started >= self.settings.flush_interval_ms / 1000
 
-    def _drain(self, batch: Batch) -> None:
-        """On shutdown: take what has arrived, write it, acknowledge it; the rest stays with the broker."""
-        while True:
-            try:
-                self._handle(self._inbox.get_nowait(), batch)
-            except queue.Empty:
-                break
-        if batch:
+    def _finish(self, batch: Batch) -> bool:
+        """On SIGTERM: with a shared subscription, unsubscribe and take what still arrives until it
+        falls silent, so nothing is left in our session; otherwise keep the session (the next start
+        resumes it) and take only what has arrived. Write and acknowledge it all. True when the
+        session may end, handing our share of the group to the other replicas."""
+        s = self.settings
+        if s.shared_subscription and self.connected:
+            self.client.unsubscribe(self.subscriptions)
+            quiet_s, last = s.drain_quiet_ms / 1000, time.monotonic()
+            while time.monotonic() - last < quiet_s and not self._giving_up():
+                self.heartbeat = time.monotonic()
+                try:
+                    self._handle(self._inbox.get(timeout=0.05), batch)
+                except queue.Empty:
+                    continue
+                last = time.monotonic()
+                if len(batch) >= self._batch_limit:
+                    self._flush(batch)
+                    batch = Batch()
+        else:
+            self._take_arrived(batch)
+        while batch:
             self._flush(batch)
+            batch = Batch()
+            self._take_arrived(batch)
+        return s.shared_subscription and self.unacked == 0
+
+    def _disconnect(self, *, end_session: bool) -> None:
+        properties = None
+        if end_session:
+            properties = Properties(PacketTypes.DISCONNECT)
+            properties.SessionExpiryInterval = 0
+        self.client.disconnect(properties=properties)
+        # paho sends what it has queued (the last PUBACKs, the DISCONNECT) on its own thread: let
+        # it finish before the loop is stopped, or a restart gets those messages redelivered.
+        deadline = time.monotonic() + 2.0
+        while self.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _handle(self, delivery: Delivery, batch: Batch) -> None:
         if not batch:
@@ -228,88 +349,252 @@ class Worker:
             batch.points.setdefault(outcome.tenant_id, []).append((outcome, delivery))
         else:
             self.metrics.received.labels(outcome.tenant_label).inc()
-            self._dead_letter(delivery, outcome, batch)
+            batch.dead_letters.append(self._dead_letter(delivery.topic, outcome))
 
-    def _dead_letter(self, delivery: Delivery, letter: DeadLetter, batch: Batch) -> None:
-        info = self.client.publish(dead_letter_topic(delivery.topic), letter.document, qos=1)
-        batch.dead_letters.append(info.mid)
+    def _dead_letter(self, topic: str, letter: DeadLetter) -> int:
+        """Publish a dead letter (QoS 1); its mid, to wait for the broker's confirmation."""
+        info = self.client.publish(dead_letter_topic(topic), letter.document, qos=1)
         self.metrics.rejected.labels(letter.tenant_label, letter.reason.value).inc()
-        log.info("rejected", topic=delivery.topic, reason=letter.reason.value, detail=letter.detail)
+        log.info("rejected", topic=topic, reason=letter.reason.value, detail=letter.detail)
+        return info.mid
+
+    def _dead_letter_refused(
+        self, tenant: str, refused: Mapping[int, str], sources: Sequence[Source], reason: Reason
+    ) -> list[int]:
+        """Messages the pipeline accepted but their store cannot take (``refused``: index into
+        ``sources`` -> why), dead-lettered with the reason; their mids, to confirm."""
+        mids = []
+        for index, detail in refused.items():
+            source = sources[index]
+            rejected = Rejected(reason, detail[:500])
+            document = dead_letter_document(
+                rejected,
+                source.topic,
+                source.payload,
+                source.received_at,
+                self.settings.dead_letter_payload_bytes,
+            )
+            mids.append(
+                self._dead_letter(source.topic, DeadLetter(tenant, reason, rejected.detail, document))
+            )
+        return mids
 
     # --------------------------------------------------------------------------------- flush
     def _flush(self, batch: Batch) -> None:
-        """Write, confirm the dead letters, then acknowledge every delivery of the batch in order."""
-        if not self._write(batch) or not self._confirm(batch):
+        """Make every point safe (stored, spooled or dead-lettered), confirm the dead letters,
+        then acknowledge every delivery of the batch in arrival order."""
+        if not self._store_batch(batch) or not self._confirm(batch.dead_letters):
             log.warning("batch_abandoned", messages=len(batch), note="left unacknowledged for redelivery")
             return
-        now = time.time()
-        for tenant, entries in batch.points.items():
-            self.metrics.written.labels(tenant).inc(len(entries))
-            for point, _ in entries:
-                self.metrics.lag_seconds.observe(now - point.ts)
-        acknowledged: set[int] = set()
-        for delivery in batch.deliveries:
-            if delivery.epoch == self._epoch and delivery.mid not in acknowledged:
-                acknowledged.add(delivery.mid)
-                self.client.ack(delivery.mid, delivery.qos)
+        ack_many(self.client, {d.mid: d.qos for d in batch.deliveries if d.epoch == self._epoch}.items())
         self._settled += len(batch)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.flush_seconds.observe(time.monotonic() - batch.started)
 
-    def _write(self, batch: Batch) -> bool:
-        pending = dict(batch.points)
-        attempt = 0
-        while pending:
-            for tenant in list(pending):
-                lines = [point.line for point, _ in pending[tenant]]
-                started = time.perf_counter()
-                try:
-                    self.store.write(tenant, lines)
-                except Exception as error:
-                    self.metrics.write_errors.labels(tenant).inc()
-                    if is_retryable(error):
-                        log.warning(
-                            "store_write_failed",
-                            tenant=tenant,
-                            points=len(lines),
-                            attempt=attempt,
-                            error=str(error)[:300],
-                        )
-                        continue
-                    self._store_rejected(tenant, error, batch)
-                else:
-                    self.metrics.write_seconds.observe(time.perf_counter() - started)
-                del pending[tenant]
-            self.store_ok = not pending
-            self.metrics.store_ok.set(1 if self.store_ok else 0)
-            if pending:
-                delay = min(self.settings.retry_max_ms, self.settings.retry_initial_ms * 2**attempt) / 1000
-                attempt += 1
-                if not self._pause(delay):
+    def _store_batch(self, batch: Batch) -> bool:
+        """Write each tenant's points to its store in parallel; a held tenant, or one whose store
+        fails or does not answer in time, is diverted to the spool instead of holding the batch."""
+        direct: dict[str, list[tuple[Point, Delivery]]] = {}
+        for tenant, entries in batch.points.items():
+            if tenant in self._holds:
+                if not self._divert(tenant, entries, batch):
                     return False
+            else:
+                direct[tenant] = entries
+        writes = {
+            tenant: self._writers.submit(self.store.write_each, tenant, [point.line for point, _ in entries])
+            for tenant, entries in direct.items()
+        }
+        timeout_s = self.settings.direct_write_timeout_ms / 1000
+        concurrent.futures.wait(writes.values(), timeout=timeout_s)
+        for tenant, write in writes.items():
+            entries = direct[tenant]
+            error = write.exception(timeout=0) if write.done() else TimeoutError(f"no answer in {timeout_s}s")
+            if error is not None:
+                self.metrics.write_errors.labels(tenant).inc()
+                self._hold(tenant, store_answer(error))
+                if not self._divert(tenant, entries, batch):
+                    return False
+                continue
+            self._stored(tenant, entries, write.result(), batch.dead_letters)
         return True
 
-    def _store_rejected(self, tenant: str, error: Exception, batch: Batch) -> None:
-        """The store refused the data itself (400/413/422): retrying cannot help, so each message
-        goes to the dead-letter topic with the store's answer instead of blocking everyone."""
-        entries = batch.points.pop(tenant)
-        log.error("store_rejected", tenant=tenant, points=len(entries), error=str(error)[:300])
-        rejected = Rejected(Reason.STORE_REJECTED, str(error)[:500])
-        for _, delivery in entries:
-            document = dead_letter_document(
-                rejected,
-                delivery.topic,
-                delivery.payload,
-                delivery.received_at,
-                self.settings.dead_letter_payload_bytes,
-            )
-            self._dead_letter(delivery, DeadLetter(tenant, rejected.reason, rejected.detail, document), batch)
+    def _stored(
+        self,
+        tenant: str,
+        entries: Sequence[tuple[Point | SpooledPoint, Source]],
+        refused: Mapping[int, str],
+        mids: list[int],
+    ) -> None:
+        """A write the store answered: its refused points dead-lettered, the rest counted."""
+        mids += self._dead_letter_refused(
+            tenant, refused, [source for _, source in entries], Reason.STORE_REJECTED
+        )
+        now = time.time()
+        sequenced: list[tuple[str, tuple[str, int, int]]] = []
+        for index, (point, source) in enumerate(entries):
+            if index not in refused:
+                self.metrics.lag_seconds.observe(now - point.ts)
+                if point.seq is not None:
+                    sequenced.append((source.topic, point.seq))
+        self.metrics.written.labels(tenant).inc(len(entries) - len(refused))
+        if sequenced:
+            self._publish_receipts(sequenced)
 
-    def _confirm(self, batch: Batch) -> bool:
-        """Wait until the broker has confirmed every dead letter of the batch (paho resends them
-        after a reconnect); a refused one is counted and logged, not retried forever."""
+    def _publish_receipts(self, stored: list[tuple[str, tuple[str, int, int]]]) -> None:
+        """Per machine and gateway, the ranges of ``n`` per boot now in the store, on the machine's
+        receipts topic. QoS 1 but not awaited: a receipt lost on the way only makes the gateway
+        send those readings again, which rewrites the same points."""
+        ranges: dict[tuple[str, str], dict[int, list[int]]] = {}
+        for topic, (gateway, boot, n) in stored:
+            ranges.setdefault((topic, gateway), {}).setdefault(boot, []).append(n)
+        mids = []
+        for (topic, gateway), boots in ranges.items():
+            key = parse_topic(topic)
+            if key is None:
+                continue
+            body = {
+                "gateway": gateway,
+                "stored": [[boot, *run] for boot, ns in sorted(boots.items()) for run in _runs(ns)],
+            }
+            mids.append(self.client.publish(receipts_topic(*key), json.dumps(body), qos=1).mid)
         with self._confirmations:
-            for mid in batch.dead_letters:
+            # Their confirmations are not waited for: forget them as they come, or they pile up.
+            pending = self._receipts_unconfirmed + mids
+            self._receipts_unconfirmed = [mid for mid in pending if self._confirmed.pop(mid, None) is None]
+
+    def _divert(self, tenant: str, entries: list[tuple[Point, Delivery]], batch: Batch) -> bool:
+        """A held tenant's points go to the durable spool; at its cap they are dead-lettered as
+        ``store_unavailable``. Should the spool's disk fail, the last resort is the old way: retry
+        this tenant's store until it takes them, holding the batch (False: shutdown gave up)."""
+        lines = [point.line for point, _ in entries]
+        with self._hold_lock:
+            room = self.spool.has_room(tenant, lines)
+            if room:
+                try:
+                    self.spool.put(
+                        tenant,
+                        [
+                            (p.line, p.ts, d.topic, d.payload, d.received_at, *(p.seq or _NO_SEQ))
+                            for p, d in entries
+                        ],
+                    )
+                except SpoolError as error:
+                    self.metrics.spool_failures.inc()
+                    log.error("spool_failed", tenant=tenant, error=str(error))
+                else:
+                    self.metrics.spooled.labels(tenant).set(self.spool.points(tenant))
+                    return True
+        if not room:
+            hold = self._holds.get(tenant)
+            detail = (
+                f"tenant {tenant!r}: store unavailable ({hold.error if hold else 'held'}) and its spool "
+                f"is at its cap of {self.spool.max_bytes_per_tenant} bytes"
+            )
+            batch.dead_letters += self._dead_letter_refused(
+                tenant,
+                dict.fromkeys(range(len(entries)), detail),
+                [delivery for _, delivery in entries],
+                Reason.STORE_UNAVAILABLE,
+            )
+            return True
+        return self._write_holding(tenant, entries, batch)
+
+    def _write_holding(self, tenant: str, entries: list[tuple[Point, Delivery]], batch: Batch) -> bool:
+        self._holding_in_memory = True
+        try:
+            attempt = 0
+            while True:
+                try:
+                    refused = self.store.write_each(tenant, [point.line for point, _ in entries])
+                except Exception as error:
+                    self.metrics.write_errors.labels(tenant).inc()
+                    log.warning(
+                        "store_write_failed", tenant=tenant, attempt=attempt, error=store_answer(error)
+                    )
+                    if not self._pause(self._backoff_s(attempt)):
+                        return False
+                    attempt += 1
+                    continue
+                self._stored(tenant, entries, refused, batch.dead_letters)
+                return True
+        finally:
+            self._holding_in_memory = False
+
+    def _backoff_s(self, attempt: int) -> float:
+        s = self.settings
+        return min(s.retry_max_ms, s.retry_initial_ms * 2 ** min(attempt, 30)) / 1000
+
+    # --------------------------------------------------------------------------------- holds
+    def _hold(self, tenant: str, error: str) -> None:
+        with self._hold_lock:
+            hold = self._holds.get(tenant)
+            if hold is None:
+                self._holds[tenant] = Hold(time.time(), error, next_try=time.monotonic() + self._backoff_s(0))
+                self.metrics.held.labels(tenant).set(1)
+                log.error("tenant_held", tenant=tenant, error=error, note="its points go to the spool")
+            else:
+                hold.error = error
+
+    def _retry_later(self, tenant: str, error: str) -> None:
+        with self._hold_lock:
+            hold = self._holds.setdefault(tenant, Hold(time.time(), error))
+            hold.error, hold.attempts = error, hold.attempts + 1
+            hold.next_try = time.monotonic() + self._backoff_s(hold.attempts)
+        log.warning("store_write_failed", tenant=tenant, attempt=hold.attempts, error=error)
+
+    def _release_if_drained(self, tenant: str) -> None:
+        with self._hold_lock:
+            if self.spool.points(tenant) or tenant not in self._holds:
+                return
+            hold = self._holds.pop(tenant)
+        self.metrics.held.labels(tenant).set(0)
+        self.metrics.spooled.labels(tenant).set(0)
+        log.info("tenant_released", tenant=tenant, held_s=round(time.time() - hold.since, 1))
+
+    def _drain_spool(self) -> None:
+        """The drainer thread: each held tenant's spooled points, oldest first, to its store."""
+        while not self._drainer_stop.is_set():
+            progressed = False
+            with self._hold_lock:
+                tenants = set(self._holds)
+            for tenant in tenants.union(self.spool.tenants()):
+                hold = self._holds.get(tenant)
+                if hold is not None and time.monotonic() < hold.next_try:
+                    continue
+                try:
+                    progressed |= self._drain_tenant(tenant)
+                except SpoolError as error:
+                    self.metrics.spool_failures.inc()
+                    self._retry_later(tenant, str(error))
+            if not progressed:
+                self._drainer_stop.wait(0.1)
+
+    def _drain_tenant(self, tenant: str) -> bool:
+        points: list[SpooledPoint] = self.spool.oldest(tenant, self._batch_limit)
+        if not points:
+            self._release_if_drained(tenant)
+            return False
+        try:
+            refused = self.store.write_each(tenant, [point.line for point in points])
+        except Exception as error:
+            self.metrics.write_errors.labels(tenant).inc()
+            self._retry_later(tenant, store_answer(error))
+            return False
+        letters: list[int] = []
+        self._stored(tenant, [(point, point) for point in points], refused, letters)
+        if not self._confirm(letters):
+            return False
+        self.spool.remove(tenant, points)
+        self.metrics.spooled.labels(tenant).set(self.spool.points(tenant))
+        self._release_if_drained(tenant)
+        return True
+
+    def _confirm(self, mids: list[int]) -> bool:
+        """Wait until the broker has confirmed every dead letter (paho resends them after a
+        reconnect); a refused one is counted and logged, not retried forever."""
+        with self._confirmations:
+            for mid in mids:
                 while mid not in self._confirmed:
                     self.heartbeat = time.monotonic()
                     if self._giving_up():
@@ -329,3 +614,14 @@ class Worker:
                 return False
             time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
         return True
+
+
+def _runs(numbers: list[int]) -> list[tuple[int, int]]:
+    """Sorted runs of consecutive numbers as (first, last): [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for n in sorted(set(numbers)):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], n)
+        else:
+            runs.append((n, n))
+    return runs

@@ -12,6 +12,8 @@ victoria-...  VictoriaMetrics, the store (InfluxDB v2 write path)         _victo
 mosquitto     Mosquitto, TLS on 8883 only, files rendered like the        mosquitto (it drops
               ``MqttBroker`` component's                                  privileges itself)
 ingest        the ingest worker (``python -m ingest``) as ``svc.ingest``  ironlink, or nobody
+dead-letters  the dead-letter consumer (``python -m ingest.deadletters``)  ironlink, or nobody
+              as ``svc.deadletters``: ``dlq/#`` into the registry
 ============  ==========================================================  ===================
 
 ``up`` converges: a running process whose command line, environment and config files are
@@ -51,7 +53,8 @@ from components.render.mosquitto import (
     render_password_file,
 )
 from infra.config import PlatformConfig
-from infra.tenancy import INGEST_SERVICE, store_routes, tenant_service_username
+from infra.tenancy import DEAD_LETTER_SERVICE, INGEST_SERVICE, store_routes, tenant_service_username
+from ingest.deadletters.settings import dead_letter_settings_for
 from ingest.settings import worker_settings_for
 from localdev import pki, servers
 from localdev.state import (
@@ -72,13 +75,14 @@ from registry.access import service_usernames
 
 LOOPBACK = "127.0.0.1"
 # Start order: what the worker needs comes first; ``down`` goes the other way.
-PROCESSES = ("postgres", "victoria-metrics", "mosquitto", "ingest")
+PROCESSES = ("postgres", "victoria-metrics", "mosquitto", "ingest", "dead-letters")
 # The accounts servers run as when ``ironlink dev`` runs as root (unused otherwise).
 ACCOUNTS = {
     "postgres": "postgres",
     "victoria-metrics": "_victoria-metrics",
     "mosquitto": "mosquitto",
     "ingest": "ironlink",
+    "dead-letters": "ironlink",
 }
 # How each server shuts down cleanly: PostgreSQL's "fast" shutdown is SIGINT (SIGTERM waits for
 # every client to disconnect).
@@ -87,6 +91,7 @@ STOP_SIGNALS = {
     "victoria-metrics": signal.SIGTERM,
     "mosquitto": signal.SIGTERM,
     "ingest": signal.SIGTERM,
+    "dead-letters": signal.SIGTERM,
 }
 # The worker's per-tenant dead-letter counter (``ingest`` exposes it on ``/metrics``).
 DEAD_LETTER_METRIC = "ironlink_ingest_messages_rejected"
@@ -95,6 +100,7 @@ PORT_FIELDS = {
     "victoria-metrics": "victoria_metrics",
     "mosquitto": "mqtt",
     "ingest": "worker",
+    "dead-letters": "dead_letters",
 }
 Notify = Callable[[str, str], None]
 
@@ -192,7 +198,7 @@ class DevPlatform:
     # ------------------------------------------------------------------------------ accounts
     def account(self, process: str) -> str | None:
         """The unprivileged account ``process`` runs as; None when we are not root (then: as us)."""
-        if process == "ingest":
+        if process in ("ingest", "dead-letters"):  # this project's Python, not a Debian server
             return self.ingest_account
         return servers.service_user(ACCOUNTS[process])
 
@@ -341,6 +347,7 @@ class DevPlatform:
             "victoria-metrics": self._victoria_metrics_spec,
             "mosquitto": self._mosquitto_spec,
             "ingest": self._ingest_spec,
+            "dead-letters": self._dead_letters_spec,
         }[name]()
 
     def _postgres_spec(self) -> _Spec:
@@ -398,6 +405,39 @@ class DevPlatform:
         )
         return _Spec(ports.worker, server, [self.layout.ca_cert, self.layout.store_tokens_file])
 
+    def _service_password(self, username: str) -> str:
+        password = self.credentials.password(username)
+        if password is None:
+            raise PlatformError(f"{self.layout.credentials_file}: has no credential for {username}")
+        return password
+
+    def _dead_letters_spec(self) -> _Spec:
+        """The dead-letter consumer, like the worker: TLS to the broker as ``svc.deadletters``, the
+        registry over its Unix socket."""
+        ports = self.ports
+        settings = dead_letter_settings_for(
+            self.config,
+            mqtt_host=LOOPBACK,
+            mqtt_port=ports.mqtt,
+            mqtt_ca_file=self.layout.ca_cert,
+            http_host=LOOPBACK,
+            http_port=ports.dead_letters,
+        )
+        secrets_env = {
+            "IRONLINK_DLQ_MQTT_PASSWORD": self._service_password(DEAD_LETTER_SERVICE),
+            "IRONLINK_DLQ_REGISTRY_DSN": self.registry_dsn(),
+        }
+        server = servers.Server(
+            name="dead-letters",
+            argv=[python(), "-m", "ingest.deadletters"],
+            ready=lambda: servers.http_ok(f"http://{LOOPBACK}:{ports.dead_letters}/readyz"),
+            log_path=self.layout.log("dead-letters"),
+            user=self.account("dead-letters"),
+            env={**settings.to_env(), **secrets_env},
+            cwd=self.layout.dead_letters,
+        )
+        return _Spec(ports.dead_letters, server, [self.layout.ca_cert])
+
     def _before_start(self, name: str) -> None:
         """Give each server its folders (as root: to its account) just before it starts."""
         if name == "postgres" and not (self.layout.postgres_data / "PG_VERSION").exists():
@@ -407,6 +447,9 @@ class DevPlatform:
             make_dir(self.layout.victoria_metrics, 0o700, self.account("victoria-metrics"))
         elif name == "mosquitto":
             make_dir(Path(self.mosquitto_paths.persistence_dir), 0o700, self.account("mosquitto"))
+        elif name == "dead-letters":
+            owner = self.account("dead-letters") or pwd.getpwuid(os.geteuid()).pw_name
+            make_dir(self.layout.dead_letters, 0o700, owner)
 
     # ------------------------------------------------------------------------------------ up
     def up(self, notify: Notify = _quiet) -> dict[str, str]:
@@ -490,6 +533,7 @@ class DevPlatform:
             ]
             for tenant_id, username in [
                 (None, INGEST_SERVICE),
+                (None, DEAD_LETTER_SERVICE),
                 *((t.id, tenant_service_username(t.id)) for t in config.tenants),
             ]:
                 wanted = credentials.accounts[username].password_hash

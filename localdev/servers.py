@@ -174,11 +174,21 @@ def mosquitto(config_path: Path, port: int, log_path: Path) -> Server:
     )
 
 
+# What a SIGKILL of VictoriaMetrics 1.79 (Debian's) may lose: points it answered 204 for within this
+# many seconds. Written rows wait up to 2 s in memory (``rawRowsFlushInterval``, 1 s ticks), then sit
+# in in-memory parts until one is 5 s old at a 5 s tick (``inmemoryPartsFlushInterval``): up to 12 s,
+# plus 1 s for its whole-second clock. Both are constants in 1.79, no flag shortens them (newer
+# releases have ``-inmemoryDataFlushInterval``). Measured: 5 s (tests/test_durability.py).
+VICTORIA_METRICS_LOSS_WINDOW_S = 13.0
+
+
 def victoria_metrics(data_dir: Path, port: int, log_path: Path) -> Server:
     """VictoriaMetrics: accepts InfluxDB line protocol on ``/api/v2/write``.
 
     ``-search.latencyOffset=0s`` lets tests read points as soon as they are flushed
-    (``/internal/force_flush``) instead of 30 s later.
+    (``/internal/force_flush``) instead of 30 s later. ``-dedup.minScrapeInterval=1ms`` keeps one
+    sample per series and millisecond: a message the broker redelivers after a crash, written
+    again with its own timestamp, is stored once (as InfluxDB merges a rewritten point).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     return Server(
@@ -190,6 +200,7 @@ def victoria_metrics(data_dir: Path, port: int, log_path: Path) -> Server:
             "-retentionPeriod=100y",
             "-search.latencyOffset=0s",
             "-search.disableCache",
+            "-dedup.minScrapeInterval=1ms",
         ],
         ready=lambda: http_ok(f"http://127.0.0.1:{port}/health"),
         log_path=log_path,

@@ -70,6 +70,12 @@ class Layout:
         return self.root / "ingest"
 
     @property
+    def dead_letters(self) -> Path:
+        """The dead-letter consumer's working folder (its own: the supervisor tells processes apart
+        by program and folder)."""
+        return self.root / "dead-letters"
+
+    @property
     def store_tokens_file(self) -> Path:
         return self.ingest / "store-tokens.json"
 
@@ -175,6 +181,8 @@ class Ports(BaseModel):
     postgres: int
     victoria_metrics: int
     worker: int
+    dead_letters: int = 0
+    """The dead-letter consumer's probes and metrics; 0 in a state folder older than it (chosen then)."""
 
     @classmethod
     def load_or_choose(cls, layout: Layout) -> Ports:
@@ -183,6 +191,8 @@ class Ports(BaseModel):
             ports = cls(
                 postgres=servers.free_port(), victoria_metrics=servers.free_port(), worker=servers.free_port()
             )
+        if ports.dead_letters == 0:
+            ports = ports.model_copy(update={"dead_letters": servers.free_port()})
             ports.save(layout)
         return ports
 

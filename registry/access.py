@@ -5,9 +5,13 @@ authorization rows (``acl_rules``, written by :mod:`registry.store`) are both re
 :func:`access_rules`, so the two brokers cannot drift apart. Everything not listed is denied: the
 Mosquitto ACL file grants nothing else and EMQX runs with ``no_match = deny``.
 
-- a device publishes only to its own telemetry topic and reads nothing;
+- a device publishes only to its own telemetry topic and reads only its own receipts (what the
+  worker confirms it stored of the device's sequenced telemetry);
 - ``svc.ingest`` reads every telemetry topic (also through ``$share/<group>/...``: both brokers
-  authorize a shared subscription by its topic filter) and publishes dead letters under ``dlq/``;
+  authorize a shared subscription by its topic filter) and replayed telemetry under ``replay/``,
+  publishes dead letters under ``dlq/`` and receipts on every machine's receipts topic;
+- ``svc.deadletters`` (the dead-letter consumer) reads every dead letter and publishes replays
+  under ``replay/``; nobody else may publish there, so a device cannot pose as a replay;
 - ``svc.<tenant>`` reads only its tenant's telemetry and dead letters;
 - nobody reads ``$SYS/#`` (broker internals are scraped as metrics, not subscribed to).
 """
@@ -21,9 +25,13 @@ from typing import Literal
 from infra.config import PlatformConfig, Tenant
 from infra.tenancy import (
     DEAD_LETTER_ROOT,
+    DEAD_LETTER_SERVICE,
     INGEST_SERVICE,
+    RECEIPTS_FILTER,
+    REPLAY_ROOT,
     TELEMETRY_FILTER,
     device_username,
+    receipts_topic,
     telemetry_topic,
     tenant_dead_letter_filter,
     tenant_service_username,
@@ -47,6 +55,7 @@ def device_rules(tenant: Tenant) -> Iterator[AccessRule]:
     for site, machine in tenant.machines:
         username = device_username(tenant.id, site.id, machine.id)
         yield AccessRule(username, "publish", telemetry_topic(tenant.id, site.id, machine.id), tenant.id)
+        yield AccessRule(username, "subscribe", receipts_topic(tenant.id, site.id, machine.id), tenant.id)
 
 
 def tenant_service_rules(tenant: Tenant) -> Iterator[AccessRule]:
@@ -64,7 +73,11 @@ def platform_rules() -> list[AccessRule]:
     """Rules of the platform's own services, which span tenants."""
     return [
         AccessRule(INGEST_SERVICE, "subscribe", TELEMETRY_FILTER),
+        AccessRule(INGEST_SERVICE, "subscribe", f"{REPLAY_ROOT}/#"),
         AccessRule(INGEST_SERVICE, "publish", f"{DEAD_LETTER_ROOT}/#"),
+        AccessRule(INGEST_SERVICE, "publish", RECEIPTS_FILTER),
+        AccessRule(DEAD_LETTER_SERVICE, "subscribe", f"{DEAD_LETTER_ROOT}/#"),
+        AccessRule(DEAD_LETTER_SERVICE, "publish", f"{REPLAY_ROOT}/#"),
     ]
 
 
@@ -73,5 +86,10 @@ def access_rules(config: PlatformConfig) -> list[AccessRule]:
 
 
 def service_usernames(config: PlatformConfig) -> list[str]:
-    """The service identities a platform needs credentials for: the worker and one per tenant."""
-    return [INGEST_SERVICE, *(tenant_service_username(tenant.id) for tenant in config.tenants)]
+    """The service identities a platform needs credentials for: the worker, the dead-letter
+    consumer and one per tenant."""
+    return [
+        INGEST_SERVICE,
+        DEAD_LETTER_SERVICE,
+        *(tenant_service_username(tenant.id) for tenant in config.tenants),
+    ]

@@ -10,12 +10,13 @@ naming the offending field and value.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -46,6 +47,15 @@ CONSTRAINTS: dict[str, tuple[str, str]] = {
     "service_accounts_credential_format": ("password_hash", _HASH_RULE),
     "audit_events_action_format": ("action", "is not an audit action ('<noun>.<verb>', lowercase)"),
     "audit_events_actor_present": ("actor", "must name who acted"),
+    "tenants_id_reserved_dead_letters": (
+        "id",
+        "is reserved: svc.deadletters is the dead-letter consumer's broker identity",
+    ),
+    "dead_letters_reason_format": ("reason", "is not a reason (lowercase letters and '_', at most 64)"),
+    "dead_letters_detail_size": ("detail", "is longer than 2000 characters"),
+    "dead_letters_topic_size": ("topic", "is empty or longer than 1024 characters"),
+    "dead_letters_payload_size": ("payload_sample", "is longer than 65536 bytes"),
+    "dead_letters_payload_bytes": ("payload_bytes", "must not be negative"),
 }
 
 
@@ -409,3 +419,281 @@ def revoke_credential(conn: psycopg.Connection, username: str, *, actor: str) ->
                 )
                 return True
     return False
+
+
+# ----------------------------------------------------------------------------------- dead letters
+MALFORMED_DEAD_LETTER = "malformed_dead_letter"
+"""The reason of a dead-letter document that could not be read: stored as it came, never replayed."""
+DEAD_LETTER_SAMPLE_MAX = 65_536
+"""The most payload bytes a stored dead letter keeps (the schema refuses more)."""
+DEAD_LETTER_DETAIL_MAX = 2_000
+LIST_LIMIT_MAX = 1_000
+REPLAY_LIMIT_MAX = 10_000
+_PURGE_BATCH = 5_000
+ReplayState = Literal["none", "requested", "replayed"]
+
+
+@dataclass(frozen=True)
+class NewDeadLetter:
+    """A dead letter as the consumer read it, before it has an id."""
+
+    tenant_id: str | None
+    """The tenant its topic names (stored as NULL when the registry has no such tenant)."""
+    reason: str
+    detail: str
+    topic: str
+    """The original topic (without ``dlq/``)."""
+    received_at: datetime
+    payload: bytes
+    """The payload sample, at most :data:`DEAD_LETTER_SAMPLE_MAX` bytes."""
+    payload_bytes: int
+    truncated: bool
+    fingerprint: bytes
+    """What makes a redelivery the same row (:func:`dead_letter_fingerprint` of what identifies it)."""
+
+
+def dead_letter_fingerprint(*parts: bytes) -> bytes:
+    """sha256 of length-prefixed parts (so that no two part lists share a digest)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A stored dead letter; ``payload`` is None where it was not asked for (listings)."""
+
+    id: int
+    tenant_id: str | None
+    reason: str
+    detail: str
+    topic: str
+    received_at: datetime
+    stored_at: datetime
+    payload_bytes: int
+    truncated: bool
+    replay_requested_at: datetime | None
+    replayed_at: datetime | None
+    payload: bytes | None = None
+
+    @property
+    def replay_state(self) -> ReplayState:
+        if self.replayed_at is not None:
+            return "replayed"
+        return "requested" if self.replay_requested_at is not None else "none"
+
+    @property
+    def not_replayable(self) -> str | None:
+        """Why this dead letter cannot be replayed; None when it can."""
+        if self.reason == MALFORMED_DEAD_LETTER:
+            return "its dead-letter document was malformed: the original payload is unknown"
+        if self.truncated:
+            return f"only a sample of its {self.payload_bytes} payload bytes was kept"
+        if self.replay_state != "none":
+            return f"replay already {self.replay_state}"
+        return None
+
+
+_DEAD_LETTER_COLUMNS = (
+    "id, tenant_id, reason, detail, topic, received_at, stored_at, payload_bytes, truncated,"
+    " replay_requested_at, replayed_at"
+)
+
+
+def _dead_letters(
+    conn: psycopg.Connection,
+    where: sql.Composable,
+    params: Mapping[str, Any],
+    *,
+    with_payload: bool,
+    order: str,
+    limit: int,
+    lock: bool = False,
+) -> list[DeadLetter]:
+    columns = _DEAD_LETTER_COLUMNS + (", payload" if with_payload else "")
+    query = sql.SQL("SELECT {} FROM dead_letters WHERE {} ORDER BY {} LIMIT %(limit)s{}").format(
+        sql.SQL(columns), where, sql.SQL(order), sql.SQL(" FOR UPDATE" if lock else "")
+    )
+    rows = conn.execute(query, {**params, "limit": limit}).fetchall()
+    return [DeadLetter(*row) for row in rows]  # the payload, when selected, is the last column
+
+
+def store_dead_letter(conn: psycopg.Connection, letter: NewDeadLetter) -> int | None:
+    """Store one dead letter; its id, or None when it was stored before (a redelivery)."""
+    row = {
+        "tenant": letter.tenant_id,
+        "reason": letter.reason,
+        "detail": letter.detail,
+        "topic": letter.topic,
+        "received_at": letter.received_at,
+        "payload": letter.payload,
+        "payload_sample": f"{len(letter.payload)} bytes",
+        "payload_bytes": letter.payload_bytes,
+        "truncated": letter.truncated,
+        "fingerprint": letter.fingerprint,
+    }
+    with conn.transaction(), _refusals("dead_letter", row):
+        stored = conn.execute(
+            "INSERT INTO dead_letters (tenant_id, reason, detail, topic, received_at, payload,"
+            " payload_bytes, truncated, fingerprint)"
+            " VALUES ((SELECT id FROM tenants WHERE id = %(tenant)s), %(reason)s, %(detail)s, %(topic)s,"
+            " %(received_at)s, %(payload)s, %(payload_bytes)s, %(truncated)s, %(fingerprint)s)"
+            " ON CONFLICT (fingerprint) DO NOTHING RETURNING id",
+            row,
+        ).fetchone()
+    return None if stored is None else int(stored[0])
+
+
+def _filters(
+    tenant_id: str | None, reason: str | None, since: datetime | None
+) -> tuple[sql.Composable, dict[str, Any]]:
+    clauses: list[sql.Composable] = [sql.SQL("TRUE")]
+    if tenant_id is not None:
+        clauses.append(sql.SQL("tenant_id = %(tenant)s"))
+    if reason is not None:
+        clauses.append(sql.SQL("reason = %(reason)s"))
+    if since is not None:
+        clauses.append(sql.SQL("received_at >= %(since)s"))
+    return sql.SQL(" AND ").join(clauses), {"tenant": tenant_id, "reason": reason, "since": since}
+
+
+def list_dead_letters(
+    conn: psycopg.Connection,
+    *,
+    tenant_id: str | None = None,
+    reason: str | None = None,
+    since: datetime | None = None,
+    limit: int = 50,
+) -> list[DeadLetter]:
+    """Dead letters newest first (without their payload), optionally of one tenant, one reason,
+    received since a time; at most ``limit`` (1 to :data:`LIST_LIMIT_MAX`)."""
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise RegistryError(f"limit: {limit!r} is not between 1 and {LIST_LIMIT_MAX}")
+    where, params = _filters(tenant_id, reason, since)
+    return _dead_letters(
+        conn, where, params, with_payload=False, order="received_at DESC, id DESC", limit=limit
+    )
+
+
+def get_dead_letter(conn: psycopg.Connection, dead_letter_id: int) -> DeadLetter | None:
+    """One dead letter with its payload sample."""
+    found = _dead_letters(
+        conn, sql.SQL("id = %(id)s"), {"id": dead_letter_id}, with_payload=True, order="id", limit=1
+    )
+    return found[0] if found else None
+
+
+@dataclass
+class ReplayRequest:
+    """What one replay request marked, and what it left out and why."""
+
+    requested: list[int] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)
+
+
+def request_replay(
+    conn: psycopg.Connection,
+    *,
+    actor: str,
+    ids: Sequence[int] = (),
+    tenant_id: str | None = None,
+    reason: str | None = None,
+    since: datetime | None = None,
+    limit: int = REPLAY_LIMIT_MAX,
+) -> ReplayRequest:
+    """Mark dead letters for replay: those of ``ids``, or else those matching the filters (oldest
+    first, at most ``limit``). The consumer republishes them to ``replay/<topic>``. Each dead letter
+    replays once: one already requested or replayed, a truncated sample or a malformed document is
+    skipped with the reason. One audit event per tenant touched."""
+    if not 1 <= limit <= REPLAY_LIMIT_MAX:
+        raise RegistryError(f"limit: {limit!r} is not between 1 and {REPLAY_LIMIT_MAX}")
+    if ids:
+        where: sql.Composable = sql.SQL("id = ANY(%(ids)s)")
+        params: dict[str, Any] = {"ids": list(ids)}
+    else:
+        where, params = _filters(tenant_id, reason, since)
+        where = sql.SQL("{} AND replay_requested_at IS NULL").format(where)
+    result = ReplayRequest()
+    with conn.transaction():
+        candidates = _dead_letters(
+            conn,
+            where,
+            params,
+            with_payload=False,
+            order="received_at, id",
+            limit=len(ids) if ids else limit,
+            lock=True,
+        )
+        found = {letter.id for letter in candidates}
+        result.skipped.update({missing: "no such dead letter" for missing in ids if missing not in found})
+        by_tenant: dict[str | None, list[int]] = {}
+        for letter in candidates:
+            refusal = letter.not_replayable
+            if refusal is not None:
+                result.skipped[letter.id] = refusal
+                continue
+            result.requested.append(letter.id)
+            by_tenant.setdefault(letter.tenant_id, []).append(letter.id)
+        conn.execute(
+            "UPDATE dead_letters SET replay_requested_at = now()"
+            " WHERE id = ANY(%s) AND replay_requested_at IS NULL",
+            (result.requested,),
+        )
+        for tenant, requested in by_tenant.items():
+            record_event(
+                conn,
+                actor=actor,
+                action="dead_letters.replay_requested",
+                subject=f"{len(requested)} dead letters",
+                tenant_id=tenant,
+                details={"ids": requested},
+            )
+    return result
+
+
+def pending_replays(conn: psycopg.Connection, limit: int = 100) -> list[DeadLetter]:
+    """Dead letters requested for replay and not replayed yet, oldest request first, with payloads."""
+    where = sql.SQL("replay_requested_at IS NOT NULL AND replayed_at IS NULL")
+    return _dead_letters(conn, where, {}, with_payload=True, order="replay_requested_at, id", limit=limit)
+
+
+def mark_replayed(conn: psycopg.Connection, dead_letter_id: int) -> bool:
+    """Record that a dead letter was republished (the broker confirmed it); False if it is gone."""
+    with conn.transaction():
+        updated = conn.execute(
+            "UPDATE dead_letters SET replayed_at = now()"
+            " WHERE id = %s AND replay_requested_at IS NOT NULL AND replayed_at IS NULL",
+            (dead_letter_id,),
+        ).rowcount
+    return bool(updated)
+
+
+def purge_dead_letters(
+    conn: psycopg.Connection, retention_seconds: Mapping[str, int], default_seconds: int
+) -> dict[str | None, int]:
+    """Delete dead letters older than their tenant's retention (``retention_seconds``; the
+    registry's other tenants and unassigned dead letters get ``default_seconds``; 0 keeps
+    forever), in bounded batches. Returns how many went, per tenant (None: unassigned)."""
+    tenants: list[str | None] = [*tenant_ids(conn), None]
+    purged: dict[str | None, int] = {}
+    for tenant in tenants:
+        seconds = retention_seconds.get(tenant, default_seconds) if tenant is not None else default_seconds
+        if seconds <= 0:
+            continue
+        match = "tenant_id = %(tenant)s" if tenant is not None else "tenant_id IS NULL"
+        query = sql.SQL(
+            "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE {}"
+            " AND received_at < now() - make_interval(secs => %(seconds)s) LIMIT %(batch)s)"
+        ).format(sql.SQL(match))
+        while True:
+            with conn.transaction():
+                deleted = conn.execute(
+                    query, {"tenant": tenant, "seconds": seconds, "batch": _PURGE_BATCH}
+                ).rowcount
+            if deleted:
+                purged[tenant] = purged.get(tenant, 0) + deleted
+            if deleted < _PURGE_BATCH:
+                break
+    return purged

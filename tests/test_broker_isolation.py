@@ -31,7 +31,13 @@ from components.render.mosquitto import (
     render_mosquitto_conf,
     render_password_file,
 )
-from infra.tenancy import ingest_subscription, shared_subscription
+from infra.tenancy import (
+    DEAD_LETTER_SERVICE,
+    dead_letter_subscription,
+    ingest_subscription,
+    replay_subscription,
+    shared_subscription,
+)
 from localdev import pki, servers
 from registry.access import service_usernames
 from tests.conftest import MosquittoFactory
@@ -476,3 +482,38 @@ def test_mtls_takes_identity_from_the_certificate_and_keeps_tenants_apart(
     assert svc_b.expect(B_TOPIC, sentinel) == [(B_TOPIC, sentinel)]
     press.barrier()
     assert press.received() == [], "a device certificate read tenant B's telemetry"
+
+
+def test_only_the_dead_letter_consumer_reads_dead_letters_of_all_and_only_it_replays(
+    launch: Callable[..., Broker], clients: Callable[..., Probe]
+) -> None:
+    broker = launch()
+    dead_letters = connected(clients, broker, DEAD_LETTER_SERVICE)
+    dead_letters.subscribe(dead_letter_subscription(broker.fixture.config))
+    ingest = connected(clients, broker, "svc.ingest")
+    ingest.subscribe(replay_subscription(broker.fixture.config))
+    press = connected(clients, broker, A_PRESS)
+    svc_a = connected(clients, broker, "svc.acme")
+    snoopers = {A_PRESS: press, B_MOLDER: connected(clients, broker, B_MOLDER)}
+    for snooper in snoopers.values():
+        snooper.subscribe("dlq/#", f"dlq/{A_TOPIC}", "replay/#", f"replay/{A_TOPIC}", "$share/x/replay/#")
+
+    for username, probe in {**snoopers, "svc.acme": svc_a, "svc.ingest": ingest}.items():
+        code = probe.publish(f"replay/{A_TOPIC}", payload("forged-replay"))
+        assert code.getName() == "Not authorized", f"{username} published a replay: {code}"
+    assert dead_letters.publish(f"dlq/{A_TOPIC}", payload("forged")).getName() == "Not authorized"
+
+    letters = {topic: payload(f"dead-{topic}") for topic in (A_TOPIC, B_TOPIC)}
+    for topic, data in letters.items():
+        assert _accepted(ingest.publish(f"dlq/{topic}", data))
+    for topic, data in letters.items():
+        assert (f"dlq/{topic}", data) in dead_letters.expect(f"dlq/{topic}", data), (
+            "svc.deadletters reads dlq/#"
+        )
+    replayed = payload("replayed")
+    assert _accepted(dead_letters.publish(f"replay/{A_TOPIC}", replayed))
+    assert ingest.expect(f"replay/{A_TOPIC}", replayed) == [(f"replay/{A_TOPIC}", replayed)]
+
+    for username, snooper in snoopers.items():
+        snooper.barrier()
+        assert snooper.received() == [], f"{username} read dead letters or replays"

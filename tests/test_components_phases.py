@@ -12,9 +12,15 @@ from pyhocon import ConfigFactory
 
 from components.influxdb import influxdb_url
 from components.ingest_worker import TOKENS_FILE
-from components.render.kubernetes import ROLE_BACKUP, ROLE_BROKER, ROLE_GRAFANA, ROLE_INGEST
+from components.render.kubernetes import (
+    ROLE_BACKUP,
+    ROLE_BROKER,
+    ROLE_DEAD_LETTERS,
+    ROLE_GRAFANA,
+    ROLE_INGEST,
+)
 from infra.plan import SECRET, Plan, PlannedResource
-from infra.tenancy import INGEST_SERVICE, influxdb_instance, store_route
+from infra.tenancy import DEAD_LETTER_SERVICE, INGEST_SERVICE, influxdb_instance, store_route
 from ingest.settings import WorkerSettings
 from tests.pulumi_mocks import (
     PLANS,
@@ -131,13 +137,17 @@ def test_the_worker_autoscales_within_the_configured_bounds(stack: str) -> None:
     bounds = stack_config(stack).ingest.autoscaling
     assert bounds is not None
     hpa = plan.one("HorizontalPodAutoscaler", "ingest")
-    assert hpa.get("spec.scaleTargetRef") == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "ingest"}
+    assert hpa.get("spec.scaleTargetRef") == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": "ingest",
+    }
     assert (hpa.get("spec.minReplicas"), hpa.get("spec.maxReplicas")) == (
         bounds.min_replicas,
         bounds.max_replicas,
     )
     assert hpa.get("spec.metrics.0.resource.target.averageUtilization") == bounds.target_cpu_percent
-    assert plan.one("Deployment", "ingest").get("spec.replicas") is None, (
+    assert plan.one("StatefulSet", "ingest").get("spec.replicas") is None, (
         "the HPA, not pulumi up, owns the replicas"
     )
 
@@ -257,7 +267,7 @@ def test_the_namespace_denies_ingress_by_default(stack: str) -> None:
 @pytest.mark.parametrize("stack", STACKS)
 def test_only_the_worker_grafana_broker_and_backups_reach_the_databases(stack: str) -> None:
     plan = stack_plan(stack)
-    allowed_roles = {ROLE_INGEST, ROLE_GRAFANA, ROLE_BROKER, ROLE_BACKUP}
+    allowed_roles = {ROLE_INGEST, ROLE_GRAFANA, ROLE_BROKER, ROLE_BACKUP, ROLE_DEAD_LETTERS}
     for database in ["postgres", *(i.name for i in plan.find("InfluxDB"))]:
         labels, open_to_all = ingress_sources(plan, database)
         assert not open_to_all, f"{stack}: NetworkPolicy {database} lets any pod in"
@@ -271,6 +281,7 @@ def test_only_the_worker_grafana_broker_and_backups_reach_the_databases(stack: s
         v for k, v in ingress_sources(plan, "postgres")[0] if k == "app.kubernetes.io/component"
     }
     assert ROLE_INGEST not in postgres_roles, f"{stack}: the worker has no business in the registry database"
+    assert ROLE_DEAD_LETTERS in postgres_roles and ROLE_DEAD_LETTERS not in influx_roles, stack
     assert (ROLE_BROKER in postgres_roles) == (stack_config(stack).broker.engine == "emqx")
 
 
@@ -372,7 +383,7 @@ def test_generated_credentials_are_pulumi_secrets(stack: str) -> None:
 @pytest.mark.parametrize("stack", STACKS)
 def test_the_worker_reads_its_deployment_environment_and_reaches_every_store(stack: str) -> None:
     plan, config = stack_plan(stack), stack_config(stack)
-    deployment = plan.one("Deployment", "ingest")
+    deployment = plan.one("StatefulSet", "ingest")
     env = env_of(deployment)
     assert env["IRONLINK_MQTT_PASSWORD"] == {
         "secretKeyRef": {"key": "mqtt-password", "name": "ingest-credentials"}
@@ -477,8 +488,9 @@ def test_only_emqx_stacks_register_the_workers_broker_identity(stack: str) -> No
     plan, config = stack_plan(stack), stack_config(stack)
     accounts = plan.find("pulumi-python:dynamic/registry:ServiceAccount")
     if config.broker.engine == "emqx":
-        assert [(a.inputs["username"], a.inputs["password_hash"]) for a in accounts] == [
-            (INGEST_SERVICE, SECRET)
+        assert sorted((a.inputs["username"], a.inputs["password_hash"]) for a in accounts) == [
+            (DEAD_LETTER_SERVICE, SECRET),
+            (INGEST_SERVICE, SECRET),
         ], stack
         assert _sync_await(plan.platform.ingest_credential.password_hash.future()).startswith("$7$")
     else:

@@ -342,3 +342,50 @@ def test_a_valid_machine_credential_is_accepted() -> None:
         {"region": "eu", "tenants": [tenant(sites=[{"id": "s", "machines": [machine(password_hash=HASH)]}])]}
     )
     assert config.tenants[0].sites[0].machines[0].password_hash == HASH
+
+
+def test_the_age_bound_defaults_to_raw_retention_and_may_only_be_shorter() -> None:
+    tiers = parse_platform(
+        {
+            "region": "eu",
+            "influxdb": {
+                "retention_tiers": {
+                    "short": {"raw": "30d", "downsampled": "365d", "max_age": "2d"},
+                    "kept": {"raw": "forever", "downsampled": "forever"},
+                }
+            },
+        }
+    ).influxdb.retention_tiers
+    assert tiers["basic"].max_age_seconds == 7 * 86_400, "default: raw retention"
+    assert tiers["short"].max_age_seconds == 2 * 86_400
+    assert tiers["kept"].max_age_seconds is None, "raw data kept forever: no age bound"
+    problems = problems_of(
+        {"influxdb": {"retention_tiers": {"basic": {"max_age": "30d"}, "standard": {"max_age": "forever"}}}}
+    )
+    assert "ironlink:influxdb.retention_tiers.basic: max_age '30d' is longer than raw '7d'" in "\n".join(
+        problems
+    )
+    assert any(
+        p.startswith("ironlink:influxdb.retention_tiers.standard: max_age 'forever'") for p in problems
+    )
+
+
+def test_the_clock_skew_bound_defaults_to_five_minutes_and_stays_under_a_day() -> None:
+    for phase in PHASES:
+        assert parse_platform({"region": "eu", "phase": phase}).ingest.max_clock_skew_s == 300
+    problems = problems_of({"ingest": {"max_clock_skew_s": 2 * 86_400}})
+    assert any(p.startswith("ironlink:ingest.max_clock_skew_s: 172800 is invalid") for p in problems), (
+        problems
+    )
+
+
+def test_the_quota_is_shared_by_the_replicas_that_always_run() -> None:
+    assert parse_platform({"region": "eu", "phase": "A"}).ingest.min_replicas == 1
+    scaled = parse_platform(
+        {
+            "region": "eu",
+            "phase": "B",
+            "ingest": {"replicas": 4, "autoscaling": {"min_replicas": 3, "max_replicas": 6}},
+        }
+    )
+    assert scaled.ingest.min_replicas == 3, "the autoscaler's floor, not today's count"

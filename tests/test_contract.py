@@ -60,7 +60,19 @@ def run(body: dict[str, Any] | bytes, topic: str = TOPIC, registry: Any = REGIST
 
 def test_the_newest_version_is_the_canonical_model() -> None:
     assert max(MODELS) == CURRENT_SCHEMA_VERSION
-    assert MODELS[CURRENT_SCHEMA_VERSION] is TelemetryV2
+    assert issubclass(MODELS[CURRENT_SCHEMA_VERSION], TelemetryV2), "v3 is read downstream as v2"
+
+
+def test_v3_is_v2_with_the_gateways_sequence_id() -> None:
+    seq = {"gateway": "gw-1", "boot": 3, "n": 41}
+    from_v3, from_v2 = run(v2(schema_version=3, seq=seq)), run(v2())
+    assert isinstance(from_v3, Accepted) and isinstance(from_v2, Accepted)
+    assert from_v3.schema_version == 3 and from_v3.seq is not None
+    assert (from_v3.seq.gateway, from_v3.seq.boot, from_v3.seq.n) == ("gw-1", 3, 41)
+    assert from_v3.telemetry.model_dump(exclude={"schema_version", "seq"}) == from_v2.telemetry.model_dump(
+        exclude={"schema_version"}
+    ), "the measurement is v2's"
+    assert from_v2.seq is None
 
 
 def test_v1_maps_forward_to_the_same_canonical_sample_as_v2() -> None:
@@ -81,8 +93,10 @@ REJECTIONS = [
     (b"[1, 2]", Reason.MALFORMED, "object"),
     (b"\xff\xfe", Reason.MALFORMED, "payload"),
     (b"x" * 20_000, Reason.OVERSIZED, "20000 bytes"),
-    (v2(schema_version=3), Reason.UNKNOWN_SCHEMA_VERSION, "schema_version: 3 is not supported"),
-    (v2(schema_version="2"), Reason.UNKNOWN_SCHEMA_VERSION, "'2'"),
+    (v2(schema_version=4), Reason.UNKNOWN_SCHEMA_VERSION, "schema_version: 4 is not supported"),
+    (v2(schema_version=3), Reason.MISSING_FIELD, "seq: Field required"),
+    (v2(schema_version=3, seq={"gateway": "gw-1", "boot": -1, "n": 0}), Reason.INVALID_VALUE, "seq.boot"),
+    (v2(schema_version="2"), Reason.UNKNOWN_SCHEMA_VERSION, 'schema_version: "2" is not supported'),
     ({k: v for k, v in v2().items() if k != "schema_version"}, Reason.UNKNOWN_SCHEMA_VERSION, "required"),
     ({k: v for k, v in v2().items() if k != "status"}, Reason.MISSING_FIELD, "status"),
     (v2(ts="yesterday"), Reason.WRONG_TYPE, "ts: Input should be a valid number (got 'yesterday')"),
@@ -124,6 +138,38 @@ def test_each_rejection_has_its_reason_and_names_the_field_and_value(
     assert isinstance(result, Rejected), result
     assert result.reason is reason, result.detail
     assert detail in result.detail
+
+
+@pytest.mark.parametrize(
+    ("version", "shown", "kind"),
+    [
+        (True, "true", "a boolean"),
+        (False, "false", "a boolean"),
+        (1.0, "1.0", "a decimal number"),
+        (2.0, "2.0", "a decimal number"),
+        ("1", '"1"', "a string"),
+        ("2", '"2"', "a string"),
+        (None, "null", "null"),
+        ([2], "[2]", "an array"),
+    ],
+)
+@pytest.mark.parametrize("body", [v1, v2])
+def test_only_a_json_integer_is_a_schema_version(body: Any, version: object, shown: str, kind: str) -> None:
+    """``true == 1 == 1.0`` in Python; in the contract, a version is the JSON integer 1 or 2."""
+    result = run(body(schema_version=version))
+    assert isinstance(result, Rejected) and result.reason is Reason.UNKNOWN_SCHEMA_VERSION, result
+    assert result.detail == (
+        f"schema_version: {shown} is not supported "
+        f"(supported: 1, 2, 3; a version is a JSON integer, not {kind})"
+    )
+
+
+def test_the_integer_versions_are_accepted_as_themselves() -> None:
+    from_v1, from_v2 = run(v1(schema_version=1)), run(v2(schema_version=2))
+    assert isinstance(from_v1, Accepted) and from_v1.schema_version == 1
+    assert isinstance(from_v2, Accepted) and from_v2.schema_version == 2
+    crossed = run(v1(schema_version=2))
+    assert isinstance(crossed, Rejected) and crossed.reason is Reason.MISSING_FIELD, "a v1 body is no v2"
 
 
 def test_v1_needs_the_registry_for_its_machine_type() -> None:

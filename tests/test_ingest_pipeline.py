@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from ingest.pipeline import DeadLetter, Pipeline, Point, TenantQuota, dead_lette
 from ingest.points import to_line
 from ingest.settings import worker_settings_for
 from ingest.store import is_retryable
-from tests.fixtures.ingest import ACME_PRESS, platform, topic, v2
+from tests.fixtures.ingest import ACME_PRESS, GLOBEX_MOLDER, platform, topic, v1, v2
 
 T0 = 1_750_000_000.0
 
@@ -83,13 +84,36 @@ def test_a_late_or_redelivered_sample_changes_nothing() -> None:
 
 
 # ------------------------------------------------------------------------------------ quota
-def test_quota_counts_payload_time_so_a_drained_backlog_is_not_a_flood() -> None:
-    quota = TenantQuota(messages_per_second=2)  # 20 per 10 s of payload time
-    backlog = [T0 + i * 0.5 for i in range(60)]  # 30 s of telemetry at 2/s, arriving at once
-    assert all(quota.admit(ts) for ts in backlog)
-    flood = TenantQuota(messages_per_second=2)
-    admitted = [flood.admit(T0 + i * 0.01) for i in range(30)]  # 30 messages within 0.3 s
-    assert admitted == [True] * 20 + [False] * 10
+@dataclass
+class Clock:
+    """The worker's monotonic clock, moved by the test."""
+
+    now: float = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_quota_admits_its_burst_at_once_then_refills_at_its_rate() -> None:
+    clock = Clock()
+    quota = TenantQuota(messages_per_second=4, burst_s=60, clock=clock)
+    assert sum(quota.admit() for _ in range(300)) == 240, "60 s of 4/s pass at once, not one more"
+    clock.now += 0.25
+    assert [quota.admit(), quota.admit()] == [True, False], "a quarter second earns one message"
+    clock.now += 3600
+    assert sum(quota.admit() for _ in range(300)) == 240, "an idle hour refills only up to the burst"
+
+
+def test_a_sender_at_its_quota_is_never_refused() -> None:
+    clock = Clock()
+    quota = TenantQuota(messages_per_second=4, burst_s=1, clock=clock)
+    for _ in range(4):
+        quota.admit()  # the burst spent: from here on only the rate counts
+    admitted = []
+    for _ in range(400):
+        clock.now += 0.25
+        admitted.append(quota.admit())
+    assert all(admitted)
 
 
 # ------------------------------------------------------------------------------ line protocol
@@ -150,11 +174,14 @@ def test_a_dead_letter_keeps_text_payloads_as_text_and_binary_as_base64_within_t
 
 
 # ---------------------------------------------------------------------------------- pipeline
-def pipeline(**tenant_quota: Any) -> Pipeline:
-    config = platform(**({"broker": {"tenant_quota": tenant_quota}} if tenant_quota else {}))
-    return Pipeline(
-        worker_settings_for(config, mqtt_host="b", mqtt_port=1, store_urls={"influxdb": "http://s"})
+def pipeline(quota: float | None = None, clock: Clock | None = None, **settings: Any) -> Pipeline:
+    """The two-tenant test platform's pipeline; ``quota``: every tenant's messages per second."""
+    tenant_quota = {"max_devices": 50, "messages_per_second": quota}
+    config = platform(**({"broker": {"tenant_quota": tenant_quota}} if quota else {}))
+    worker = worker_settings_for(
+        config, mqtt_host="b", mqtt_port=1, store_urls={"influxdb": "http://s"}, **settings
     )
+    return Pipeline(worker, clock or Clock())
 
 
 def test_the_pipeline_turns_a_valid_message_into_a_point_of_its_tenant() -> None:
@@ -172,11 +199,112 @@ def test_a_tenant_unknown_to_this_platform_is_dead_lettered() -> None:
 
 
 def test_a_tenant_over_its_quota_is_dead_lettered() -> None:
-    tenant_pipeline = pipeline(max_devices=50, messages_per_second=0.1)  # 1 per 10 s
-    first = tenant_pipeline.process(topic(ACME_PRESS), v2(ACME_PRESS, T0), T0)
-    second = tenant_pipeline.process(topic(ACME_PRESS), v2(ACME_PRESS, T0 + 1), T0)
+    subject = pipeline(quota=1, quota_burst_s=1)  # one message, then one a second
+    first = subject.process(topic(ACME_PRESS), v2(ACME_PRESS, T0), T0)
+    second = subject.process(topic(ACME_PRESS), v2(ACME_PRESS, T0 + 1), T0)
     assert isinstance(first, Point)
     assert isinstance(second, DeadLetter) and second.reason is Reason.QUOTA_EXCEEDED
+    assert "'acme' is over its quota of 1 messages/s" in second.detail
+    assert json.loads(second.document)["reason"] == "quota_exceeded"
+    globex = subject.process(topic(GLOBEX_MOLDER), v2(GLOBEX_MOLDER, T0, mold_temp_c=60.0), T0)
+    assert isinstance(globex, Point), "each tenant has its own bucket"
+
+
+def test_spreading_ts_does_not_bypass_the_quota() -> None:
+    """Arrival counts, not the payload's ts: a flood stamped a second apart is still a flood."""
+    subject = pipeline(quota=2, quota_burst_s=10)  # 20 at once
+    outcomes = [
+        subject.process(topic(ACME_PRESS), v2(ACME_PRESS, T0 - 3600 + step), T0) for step in range(30)
+    ]
+    assert [isinstance(outcome, Point) for outcome in outcomes] == [True] * 20 + [False] * 10
+    assert {outcome.reason for outcome in outcomes[20:] if isinstance(outcome, DeadLetter)} == {
+        Reason.QUOTA_EXCEEDED
+    }
+
+
+def test_a_backlog_within_the_burst_passes_at_once() -> None:
+    """What the broker queued during a 30 s worker restart arrives at once, within the 60 s burst."""
+    subject = pipeline(quota=2)
+    backlog = [
+        subject.process(topic(ACME_PRESS), v2(ACME_PRESS, T0 + step / 2), T0 + 30) for step in range(60)
+    ]
+    assert all(isinstance(outcome, Point) for outcome in backlog)
+
+
+def test_each_replica_admits_its_share_of_the_quota() -> None:
+    clock = Clock()
+    subject = pipeline(quota=4, clock=clock, quota_burst_s=10, quota_share_replicas=2)  # 2/s here
+    at_once = [subject.process(topic(ACME_PRESS), v2(ACME_PRESS, T0 + step), T0) for step in range(30)]
+    assert sum(isinstance(outcome, Point) for outcome in at_once) == 20, "10 s of this replica's 2/s"
+    refused = at_once[-1]
+    assert (
+        isinstance(refused, DeadLetter) and "this replica admits 2/s (one of 2 sharing it)" in refused.detail
+    )
+    clock.now += 1
+    later = [subject.process(topic(ACME_PRESS), v2(ACME_PRESS, T0 + 100 + step), T0) for step in range(3)]
+    assert [isinstance(outcome, Point) for outcome in later] == [True, True, False]
+
+
+def test_a_message_refused_for_its_ts_does_not_spend_quota() -> None:
+    subject = pipeline(quota=1, quota_burst_s=1)
+    future = subject.process(topic(ACME_PRESS), v2(ACME_PRESS, T0 + 3 * DAY), T0)
+    assert isinstance(future, DeadLetter) and future.reason is Reason.TS_IN_FUTURE
+    assert isinstance(subject.process(topic(ACME_PRESS), v2(ACME_PRESS, T0), T0), Point)
+
+
+# ------------------------------------------------------------------------------- ts bounds
+DAY = 86_400
+RAW_BASIC = 7 * DAY  # the test platform's tenants are on tier "basic": raw data kept 7 days
+
+
+@pytest.mark.parametrize(
+    ("offset", "reason"),
+    [
+        (3 * DAY, Reason.TS_IN_FUTURE),  # a device whose clock is days ahead
+        (300.001, Reason.TS_IN_FUTURE),
+        (300, None),  # exactly at the skew bound
+        (0, None),
+        (-RAW_BASIC, None),  # exactly at the age bound
+        (-RAW_BASIC - 0.001, Reason.TS_TOO_OLD),
+        (-30 * DAY, Reason.TS_TOO_OLD),
+    ],
+)
+def test_ts_is_bounded_by_the_clock_skew_ahead_and_the_tiers_age_behind(
+    offset: float, reason: Reason | None
+) -> None:
+    outcome = pipeline().process(topic(ACME_PRESS), v2(ACME_PRESS, T0 + offset), T0)
+    if reason is None:
+        assert isinstance(outcome, Point), outcome
+    else:
+        assert isinstance(outcome, DeadLetter) and outcome.reason is reason, outcome
+        assert json.loads(outcome.document)["reason"] == reason.value
+
+
+def test_a_ts_rejection_names_the_field_the_value_and_the_bound() -> None:
+    ahead = pipeline().process(topic(ACME_PRESS), v2(ACME_PRESS, T0 + 3 * DAY), T0)
+    assert isinstance(ahead, DeadLetter)
+    assert ahead.detail == (
+        f"ts: {T0 + 3 * DAY!r} (2025-06-18T15:06:40.000+00:00) is 259200 s ahead of its arrival at "
+        "2025-06-15T15:06:40.000+00:00; at most 300 s is allowed (ingest.max_clock_skew_s)"
+    )
+    old = pipeline().process(topic(ACME_PRESS), v1(ACME_PRESS, int(T0) - 8 * DAY, T_OIL=50.0), T0)
+    assert isinstance(old, DeadLetter) and old.reason is Reason.TS_TOO_OLD
+    assert old.detail.startswith(f"ts: {T0 - 8 * DAY!r} (2025-06-07T15:06:40.000+00:00) is 691200 s older")
+    assert old.detail.endswith(f"tenant 'acme' accepts at most {RAW_BASIC} s (its retention tier's max_age)")
+
+
+def test_the_bounds_follow_the_config() -> None:
+    config = platform(
+        ingest={"max_clock_skew_s": 5},
+        influxdb={"retention_tiers": {"basic": {"raw": "forever", "downsampled": "forever"}}},
+    )
+    subject = Pipeline(
+        worker_settings_for(config, mqtt_host="b", mqtt_port=1, store_urls={"influxdb": "http://s"}), Clock()
+    )
+    ahead = subject.process(topic(ACME_PRESS), v2(ACME_PRESS, T0 + 6), T0)
+    assert isinstance(ahead, DeadLetter) and ahead.reason is Reason.TS_IN_FUTURE
+    ancient = subject.process(topic(ACME_PRESS), v2(ACME_PRESS, T0 - 3650 * DAY), T0)
+    assert isinstance(ancient, Point), "raw data kept forever: no age bound"
 
 
 def test_an_unforeseen_error_becomes_a_dead_letter_not_a_poison_message(

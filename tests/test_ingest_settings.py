@@ -105,3 +105,31 @@ def test_store_tokens_come_from_the_tokens_file_for_every_tenant(tmp_path: Path)
     with pytest.raises(SettingsError, match="cannot be read"):
         settings(store_tokens_file=tmp_path / "missing.json").store_tokens()
     assert settings().store_tokens() == {}, "no file: no tokens (VictoriaMetrics needs none)"
+
+
+def test_the_ts_bounds_come_from_the_stack_and_the_quota_share_from_the_deployment() -> None:
+    config = platform(
+        ingest={"max_clock_skew_s": 60},
+        influxdb={"retention_tiers": {"basic": {"raw": "7d", "downsampled": "180d", "max_age": "2d"}}},
+    )
+    subject = worker_settings_for(config, mqtt_host="b", mqtt_port=8883, store_urls=URLS)
+    assert subject.max_clock_skew_s == 60
+    assert {tenant: route.max_age_s for tenant, route in subject.tenants.items()} == {
+        "acme": 2 * 86_400,
+        "globex": 2 * 86_400,
+    }
+    assert settings().tenants["acme"].max_age_s == 7 * 86_400, "default: the tier's raw retention"
+    assert settings().quota_share_replicas == 1, "one replica unless the deployment says how many share"
+    shared = settings(quota_share_replicas=3)
+    assert WorkerSettings.from_env(shared.to_env()).quota_share_replicas == 3
+
+
+def test_bad_bounds_and_shares_are_named() -> None:
+    env = settings().to_env()
+    env.update(IRONLINK_QUOTA_SHARE_REPLICAS="0", IRONLINK_MAX_CLOCK_SKEW_S="-1", IRONLINK_QUOTA_BURST_S="x")
+    with pytest.raises(SettingsError) as caught:
+        WorkerSettings.from_env(env)
+    text = str(caught.value)
+    assert "IRONLINK_QUOTA_SHARE_REPLICAS: '0' is invalid" in text
+    assert "IRONLINK_MAX_CLOCK_SKEW_S: '-1' is invalid" in text
+    assert "IRONLINK_QUOTA_BURST_S: 'x' is invalid" in text

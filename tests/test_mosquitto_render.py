@@ -98,6 +98,14 @@ def test_mtls_requires_a_certificate_and_takes_the_cn_as_identity() -> None:
     } <= set(tls)
 
 
+def test_broker_saves_its_queue_every_hundred_changes_not_every_thirty_seconds() -> None:
+    """A SIGKILL loses what changed since the last save: bounded in messages, not in seconds
+    (tests/test_durability.py kills a real broker to measure it)."""
+    settings = _listeners(render_mosquitto_conf(platform().config, PATHS))[""]
+    assert {"autosave_on_changes true", "autosave_interval 100"} <= set(settings)
+    assert settings.index("autosave_on_changes true") < settings.index("autosave_interval 100")
+
+
 def test_session_queue_is_sized_for_a_store_outage_not_the_default_1000() -> None:
     assert "max_queued_messages 200000" in render_mosquitto_conf(platform().config, PATHS).splitlines()
     conf = render_mosquitto_conf(platform({"broker": {"max_queued_messages": 5000}}).config, PATHS)
@@ -115,11 +123,26 @@ def test_packet_size_comes_from_the_config_limits() -> None:
 def test_acl_gives_each_identity_only_its_own_topics() -> None:
     blocks = _acl_blocks(render_acl_file(platform().config))
     assert blocks == {
-        "svc.ingest": {"topic read ironlink/+/+/+/telemetry", "topic write dlq/#"},
-        "acme.plant-1.press-01": {"topic write ironlink/acme/plant-1/press-01/telemetry"},
-        "acme.plant-1.press-02": {"topic write ironlink/acme/plant-1/press-02/telemetry"},
+        "svc.ingest": {
+            "topic read ironlink/+/+/+/telemetry",
+            "topic read replay/#",
+            "topic write dlq/#",
+            "topic write ironlink/+/+/+/receipts",
+        },
+        "svc.deadletters": {"topic read dlq/#", "topic write replay/#"},
+        "acme.plant-1.press-01": {
+            "topic write ironlink/acme/plant-1/press-01/telemetry",
+            "topic read ironlink/acme/plant-1/press-01/receipts",
+        },
+        "acme.plant-1.press-02": {
+            "topic write ironlink/acme/plant-1/press-02/telemetry",
+            "topic read ironlink/acme/plant-1/press-02/receipts",
+        },
         "svc.acme": {"topic read ironlink/acme/#", "topic read dlq/ironlink/acme/#"},
-        "globex.line-a.molder-01": {"topic write ironlink/globex/line-a/molder-01/telemetry"},
+        "globex.line-a.molder-01": {
+            "topic write ironlink/globex/line-a/molder-01/telemetry",
+            "topic read ironlink/globex/line-a/molder-01/receipts",
+        },
         "svc.globex": {"topic read ironlink/globex/#", "topic read dlq/ironlink/globex/#"},
     }
     assert "$SYS" not in render_acl_file(platform().config)

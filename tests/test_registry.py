@@ -39,7 +39,8 @@ def synced(conn: psycopg.Connection) -> Platform:
         store.issue_service_credential(
             conn, username, fixture.hash_of(username), actor=ACTOR, tenant_id=tenant.id
         )
-    store.issue_service_credential(conn, "svc.ingest", fixture.hash_of("svc.ingest"), actor=ACTOR)
+    for username in ("svc.ingest", "svc.deadletters"):
+        store.issue_service_credential(conn, username, fixture.hash_of(username), actor=ACTOR)
     return fixture
 
 
@@ -146,9 +147,10 @@ def test_emqx_authorization_rows_are_the_access_rules_and_stay_within_the_tenant
     for username in synced.passwords:
         rows = set(emqx(conn, EMQX_AUTHZ_QUERY, username=username, clientid=username))
         assert rows == expected[username], username
-    assert emqx(conn, EMQX_AUTHZ_QUERY, username=A_PRESS, clientid=A_PRESS) == [
-        ("allow", "publish", "ironlink/acme/plant-1/press-01/telemetry")
-    ]
+    assert set(emqx(conn, EMQX_AUTHZ_QUERY, username=A_PRESS, clientid=A_PRESS)) == {
+        ("allow", "publish", "ironlink/acme/plant-1/press-01/telemetry"),
+        ("allow", "subscribe", "ironlink/acme/plant-1/press-01/receipts"),
+    }
     for username in ("svc.acme", A_PRESS, "acme.plant-1.press-02"):
         for _, _, topic in emqx(conn, EMQX_AUTHZ_QUERY, username=username, clientid=username):
             assert topic.startswith(("ironlink/acme/", "dlq/ironlink/acme/")), (username, topic)

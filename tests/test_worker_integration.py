@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from infra.tenancy import receipts_topic
 from localdev import servers
 from tests.conftest import MosquittoFactory
 from tests.fixtures.ingest import (
@@ -31,6 +32,7 @@ from tests.fixtures.ingest import (
     topic,
     v1,
     v2,
+    v3,
     wait_stored,
 )
 
@@ -103,7 +105,7 @@ def test_bad_payloads_reach_the_dead_letter_topic_with_their_reason_and_the_work
         "wrong_type": good.replace(f'"ts": {ts}', '"ts": "yesterday"').encode(),
         "out_of_bounds": v2(ACME_PRESS, ts, oil_temp_c=900.0),
         "topic_mismatch": good.replace('"tenant_id": "acme"', '"tenant_id": "globex"').encode(),
-        "unknown_schema_version": good.replace('"schema_version": 2', '"schema_version": 3').encode(),
+        "unknown_schema_version": good.replace('"schema_version": 2', '"schema_version": 4').encode(),
     }
     for payload in bad.values():
         live.device.publish(topic(ACME_PRESS), payload)
@@ -147,25 +149,36 @@ def test_a_30_second_store_outage_loses_nothing(live: Platform) -> None:
     for second in range(30):
         during += live.publish_series(ACME_PRESS, start + 100 + 2 * second, 2)
         time.sleep(max(0.0, outage_started + second + 1 - time.monotonic()))
-    assert not servers.http_ok(f"{live.worker.url}/readyz"), "a worker that cannot write is not ready"
-    assert live.worker.metric("ironlink_ingest_unacked_messages") == len(during), "held, not acknowledged"
+    servers.wait_until(
+        lambda: live.worker.metric("ironlink_ingest_spooled_points", tenant="acme") == len(during),
+        10,
+        "every message of the outage in the spool",
+    )
+    assert live.worker.metric("ironlink_ingest_unacked_messages") == 0, "spooled, so acknowledged"
+    assert live.worker.metric("ironlink_ingest_tenant_held", tenant="acme") == 1
     assert live.worker.metric("ironlink_ingest_store_write_errors_total", tenant="acme") > 0
+    readiness = live.worker.readiness()
+    assert readiness["held_tenants"]["acme"]["spooled"] == len(during), readiness
     live.store.start()
 
     points = wait_stored(live.store_url, ACME_PRESS, before + during, timeout=30)
     assert set(before + during) <= points.keys(), f"lost {sorted(set(before + during) - points.keys())}"
-    servers.wait_until(lambda: servers.http_ok(f"{live.worker.url}/readyz"), 10, "ready again")
+    servers.wait_until(
+        lambda: live.worker.metric("ironlink_ingest_tenant_held", tenant="acme") == 0, 10, "released"
+    )
+    assert live.worker.metric("ironlink_ingest_spooled_points", tenant="acme") == 0
     assert live.worker.metric("ironlink_ingest_points_written_total", tenant="acme") >= len(before + during)
 
 
-@pytest.mark.parametrize("live", [{"mqtt_receive_maximum": 5}], indirect=True)
 def test_a_broker_restart_loses_nothing(live: Platform) -> None:
-    """With the store down the worker holds 5 deliveries (its window) and the broker queues the
-    rest; both survive a Mosquitto restart (persisted session), and so does what comes after."""
+    """With the store down the worker spools what it received; the worker's session and what the
+    broker queued survive a Mosquitto restart (persisted), and so does what comes after."""
     start = int(time.time()) - 600
     live.store.stop()
     before = live.publish_series(ACME_PRESS, start, 15)
-    servers.wait_until(lambda: live.worker.metric("ironlink_ingest_unacked_messages") == 5, 10, "window full")
+    servers.wait_until(
+        lambda: live.worker.metric("ironlink_ingest_spooled_points", tenant="acme") == 15, 10, "spooled"
+    )
     live.device.close()
     live.dead_letters.close()
     live.broker.stop()
@@ -183,8 +196,8 @@ def test_a_broker_restart_loses_nothing(live: Platform) -> None:
 
 
 def test_a_worker_killed_with_sigkill_and_restarted_loses_nothing(live: Platform) -> None:
-    """Deliveries the worker held when killed were never acknowledged, so the broker redelivers
-    them to the restarted worker's persistent session, with everything queued meanwhile."""
+    """What the worker spooled before the kill is on disk and drains after the restart; what it
+    had not acknowledged is redelivered to its persistent session, with everything queued meanwhile."""
     start = int(time.time()) - 600
     live.store.stop()
     held = live.publish_series(ACME_PRESS, start, 10)
@@ -202,3 +215,86 @@ def test_a_worker_killed_with_sigkill_and_restarted_loses_nothing(live: Platform
         lambda: live.worker.metric("ironlink_ingest_unacked_messages") == 0, 10, "all acknowledged"
     )
     assert live.worker.stop(signal.SIGTERM) == 0, "SIGTERM is a clean exit after flushing"
+
+
+def test_a_skewed_clock_an_old_reading_and_non_integer_versions_are_dead_lettered_not_lost(
+    live: Platform,
+) -> None:
+    """What the store would drop after answering (VictoriaMetrics: > ~2 days ahead; InfluxDB: outside
+    the bucket's retention) and versions Python would take for 1 or 2 (``true``, ``1.0``) end on the
+    dead-letter topic with their reason; the readings next to them, a little ahead or six days old
+    on the "basic" tier (7 days), are stored. Every message ends in one place or the other."""
+    day, now = 86_400, int(time.time())
+    press, press_v1 = v2(ACME_PRESS, now - 30).decode(), v1(ACME_PRESS, now - 30, T_OIL=50.0).decode()
+    refused = [  # (payload from press-01, reason)
+        (v2(ACME_PRESS, now + 3 * day), "ts_in_future"),
+        (v2(ACME_PRESS, now - 8 * day), "ts_too_old"),
+        (press.replace('"schema_version": 2', '"schema_version": true').encode(), "unknown_schema_version"),
+        (press.replace('"schema_version": 2', '"schema_version": 2.0').encode(), "unknown_schema_version"),
+        (press_v1.replace('"schema_version": 1', '"schema_version": 1.0').encode(), "unknown_schema_version"),
+    ]
+    kept = [  # (machine, ts, payload)
+        (ACME_PRESS_2, now + 2, v2(ACME_PRESS_2, now + 2)),
+        (ACME_MILL, now - 6 * day, v1(ACME_MILL, now - 6 * day, spindle_speed_rpm=12000.0)),
+    ]
+    for payload, _ in refused:
+        live.device.publish(topic(ACME_PRESS), payload)
+    for machine, _, payload in kept:
+        live.device.publish(topic(machine), payload)
+
+    letters = {
+        letter["payload"]: (dlq_topic, letter["reason"])
+        for dlq_topic, letter in live.dead_letters.collect(len(refused))
+    }
+    for payload, reason in refused:
+        assert letters.get(payload.decode()) == (f"dlq/{topic(ACME_PRESS)}", reason), payload
+    assert series(live.store_url, ACME_PRESS) == {}, "nothing of a dead-lettered message is stored"
+    for machine, ts, payload in kept:
+        assert payload.decode() not in letters
+        assert ts * 1000 in wait_stored(live.store_url, machine, [ts * 1000]), f"{payload!r} is gone"
+    reasons = [reason for _, reason in refused]
+    for reason in set(reasons):
+        assert live.worker.metric(
+            "ironlink_ingest_messages_rejected_total", tenant="acme", reason=reason
+        ) == reasons.count(reason), reason
+
+
+def confirmed(gateway: Mqtt, wanted: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """(boot, n) pairs the receipts confirm, collected until ``wanted`` are in (or the wait ends)."""
+    got: set[tuple[int, int]] = set()
+    deadline = time.monotonic() + 20
+    while not wanted <= got and time.monotonic() < deadline:
+        for _, receipt in gateway.collect(1, timeout=0.5):
+            assert receipt["gateway"] == "gw-7", receipt
+            got |= {(boot, n) for boot, first, last in receipt["stored"] for n in range(first, last + 1)}
+    return got
+
+
+def test_receipts_confirm_what_is_stored_not_what_was_acknowledged(live: Platform) -> None:
+    """The hook for the edge agent: per gateway and boot, the ranges of ``n`` now in the store, on
+    the machine's receipts topic. Points spooled while the store is down are acknowledged to the
+    broker at once, but confirmed to the gateway only once they are written."""
+    gateway = Mqtt(live.mqtt_port, "gateway-7")
+    gateway.subscribe(receipts_topic(*ACME_PRESS))
+    start = int(time.time()) - 300
+    try:
+        for n in range(5):
+            live.device.publish(topic(ACME_PRESS), v3(ACME_PRESS, start + n, "gw-7", 1, n))
+        assert confirmed(gateway, {(1, n) for n in range(5)}) == {(1, n) for n in range(5)}
+
+        live.store.stop()
+        for n in range(5, 10):
+            live.device.publish(topic(ACME_PRESS), v3(ACME_PRESS, start + n, "gw-7", 1, n))
+        live.device.publish(topic(ACME_PRESS), v3(ACME_PRESS, start + 20, "gw-7", 2, 0))
+        servers.wait_until(
+            lambda: live.worker.metric("ironlink_ingest_spooled_points", tenant="acme") == 6, 10, "spooled"
+        )
+        assert gateway.collect(1, timeout=1.0) == [], "acknowledged to the broker is not stored"
+        live.store.start()
+
+        wanted = {(1, n) for n in range(5, 10)} | {(2, 0)}
+        assert confirmed(gateway, wanted) == wanted
+        stored_ms = wait_stored(live.store_url, ACME_PRESS, [(start + n) * 1000 for n in (*range(10), 20)])
+        assert len(stored_ms) == 11
+    finally:
+        gateway.close()

@@ -24,8 +24,11 @@ ROLE_GRAFANA = "grafana"
 ROLE_INFLUXDB = "influxdb"
 ROLE_POSTGRES = "postgres"
 ROLE_BACKUP = "backup"
+ROLE_DEAD_LETTERS = "dead-letters"
 
 CLUSTER_DOMAIN = "svc.cluster.local"
+# Which side of a blue/green rollout a pod belongs to (the ingest worker's colours).
+COLOUR_LABEL = "ironlink.io/colour"
 
 
 # ------------------------------------------------------------------------------------ metadata
@@ -232,6 +235,30 @@ def ingress_policy_spec(pod_selector: Mapping[str, str], rules: list[Manifest]) 
     return {"podSelector": {"matchLabels": dict(pod_selector)}, "policyTypes": ["Ingress"], "ingress": rules}
 
 
+def egress_rule(ports: Iterable[tuple[int, str]], peers: list[Manifest] | None) -> Manifest:
+    """Allow connections to ``ports`` of ``peers``; ``None`` means to anywhere."""
+    rule: Manifest = {"ports": [{"port": port, "protocol": protocol} for port, protocol in ports]}
+    if peers is not None:
+        rule["to"] = peers
+    return rule
+
+
+# Name resolution, which every pod with restricted egress still needs (kube-dns / CoreDNS).
+DNS_EGRESS: Manifest = egress_rule([(53, "UDP"), (53, "TCP")], [{"namespaceSelector": {}}])
+
+
+def isolated_policy_spec(
+    pod_selector: Mapping[str, str], ingress: list[Manifest], egress: list[Manifest]
+) -> Manifest:
+    """Ingress *and* egress limited to the rules (the namespace's default deny covers ingress only)."""
+    return {
+        "podSelector": {"matchLabels": dict(pod_selector)},
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": ingress,
+        "egress": [*egress, DNS_EGRESS],
+    }
+
+
 def backup_peer(instance: str) -> Manifest:
     """The backup CronJob pods of one database instance."""
     return pod_peer({**role_selector(ROLE_BACKUP), "app.kubernetes.io/instance": instance})
@@ -284,8 +311,10 @@ def pod_template(
     annotations: Mapping[str, str] | None = None,
     api_access: bool = False,
     restart_policy: str | None = None,
+    termination_grace_s: int | None = None,
 ) -> Manifest:
-    """A pod template; the API token is mounted only for pods that call the Kubernetes API (EMQX)."""
+    """A pod template; the API token is mounted only for pods that call the Kubernetes API (EMQX).
+    ``termination_grace_s``: how long after SIGTERM the kubelet waits before SIGKILL (default 30)."""
     spec: Manifest = {
         "serviceAccountName": service_account,
         "automountServiceAccountToken": api_access,
@@ -299,6 +328,8 @@ def pod_template(
         spec["affinity"] = affinity
     if restart_policy:
         spec["restartPolicy"] = restart_policy
+    if termination_grace_s is not None:
+        spec["terminationGracePeriodSeconds"] = termination_grace_s
     metadata: Manifest = {"labels": dict(pod_labels)}
     if annotations:
         metadata["annotations"] = dict(annotations)

@@ -17,6 +17,7 @@ app = typer.Typer(
 
 # Command modules register themselves on `app` when imported.
 from infra.cli import (  # noqa: E402  (after `app`, which they register on)
+    deadletters,  # noqa: F401  (ironlink deadletters list|show|replay)
     dev,  # noqa: F401  (ironlink dev up|status|down|logs, ironlink simulate)
     plan,  # noqa: F401  (ironlink plan STACK | --all)
     tenant,  # noqa: F401  (ironlink tenant ..., ironlink device ...)
