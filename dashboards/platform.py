@@ -19,6 +19,7 @@ from ingest.metrics import WorkerMetrics
 
 GROUP = "ironlink-platform"
 WRITE_ERRORS_FOR = "5m"
+TENANT_HELD_FOR = "2m"
 DEAD_LETTER_RATIO = 0.05
 DEAD_LETTER_FOR = "10m"
 BROKER_DOWN_FOR = "2m"
@@ -57,6 +58,14 @@ def platform_rules(metrics: WorkerMetrics | None = None) -> dict[str, Any]:
             WRITE_ERRORS_FOR,
             "critical",
             "InfluxDB keeps refusing writes of tenant {{ $labels.tenant }}; its telemetry waits.",
+        ),
+        _alert(
+            "IronlinkTenantHeld",
+            f"max by (tenant) ({series(m.held)}) == 1",
+            TENANT_HELD_FOR,
+            "critical",
+            "Tenant {{ $labels.tenant }}'s store fails: its telemetry goes to the workers' spool"
+            " (dead-lettered once the spool is full).",
         ),
         _alert(
             "IronlinkDeadLetterRateHigh",

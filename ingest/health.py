@@ -1,10 +1,10 @@
-"""``/healthz``, ``/readyz`` and ``/metrics`` on one small HTTP server (a daemon thread).
+"""``/healthz``, ``/readyz`` and ``/metrics`` on one small HTTP server (a daemon thread), for the
+worker and the dead-letter consumer alike.
 
-- ``/healthz`` (liveness): the main loop has turned within ``STALL_S``; it keeps turning while
-  it waits for the store, so an outage does not get the pod killed and its backlog redelivered.
-- ``/readyz`` (readiness): connected to the broker, and the spool takes what a held tenant's store
-  cannot. A held tenant does not make the worker unready (the others flow on, and a rollout must
-  not stall on one customer's outage): the answer lists it under ``held_tenants``.
+- ``/healthz`` (liveness): the service's main loop has turned within ``STALL_S``; it keeps turning
+  while it waits for a store or the registry, so an outage does not get the pod killed and its
+  backlog redelivered.
+- ``/readyz`` (readiness): what the service's ``readiness()`` says, with its detail as JSON.
 """
 
 from __future__ import annotations
@@ -13,19 +13,27 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-if TYPE_CHECKING:
-    from ingest.worker import Worker
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 STALL_S = 60.0
 
 
+class Probed(Protocol):
+    """What the probes read of a service."""
+
+    heartbeat: float
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry: ...
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]: ...
+
+
 class HealthServer:
-    def __init__(self, worker: Worker, host: str, port: int) -> None:
-        handler = type("Handler", (_Handler,), {"worker": worker})
+    def __init__(self, host: str, port: int, service: Probed) -> None:
+        handler = type("Handler", (_Handler,), {"service": service})
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -41,29 +49,22 @@ class HealthServer:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    worker: Worker
+    service: Probed
 
     def do_GET(self) -> None:
-        worker = self.worker
+        service = self.service
         if self.path == "/metrics":
-            self._send(200, generate_latest(worker.metrics.registry), CONTENT_TYPE_LATEST)
+            self._send(200, generate_latest(service.metrics_registry), CONTENT_TYPE_LATEST)
         elif self.path == "/healthz":
-            stalled = time.monotonic() - worker.heartbeat
+            stalled = time.monotonic() - service.heartbeat
             self._json(200 if stalled < STALL_S else 503, {"loop_stalled_s": round(stalled, 1)})
         elif self.path == "/readyz":
-            ready = worker.connected and worker.spool_ok
-            self._json(
-                200 if ready else 503,
-                {
-                    "broker_connected": worker.connected,
-                    "spool_ok": worker.spool_ok,
-                    "held_tenants": worker.held_tenants(),
-                },
-            )
+            ready, detail = service.readiness()
+            self._json(200 if ready else 503, detail)
         else:
             self._json(404, {"error": f"no such path {self.path!r}"})
 
-    def _json(self, status: int, body: dict[str, object]) -> None:
+    def _json(self, status: int, body: dict[str, Any]) -> None:
         self._send(status, json.dumps(body).encode(), "application/json")
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import queue
-import ssl
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -45,6 +44,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from prometheus_client import CollectorRegistry
 
 from infra.tenancy import REPLAY_ROOT, dead_letter_topic, original_topic, receipts_topic
 from ingest.contract import Reason, Rejected, parse_topic
@@ -52,6 +52,7 @@ from ingest.health import HealthServer
 from ingest.metrics import WorkerMetrics
 from ingest.mqtt_fast import accelerate, ack_many
 from ingest.pipeline import DeadLetter, Pipeline, Point, dead_letter_document
+from ingest.session import connect_persistent, persistent_client
 from ingest.settings import WorkerSettings
 from ingest.spool import Spool, SpooledPoint, SpoolError
 from ingest.store import Store, store_answer
@@ -137,22 +138,7 @@ class Worker:
 
     # ---------------------------------------------------------------------------- broker side
     def _client(self) -> mqtt.Client:
-        s = self.settings
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=mqtt.MQTTv5, manual_ack=True
-        )
-        if s.mqtt_password is not None:
-            client.username_pw_set(s.mqtt_username, s.mqtt_password.get_secret_value())
-        else:
-            client.username_pw_set(s.mqtt_username)
-        if s.mqtt_tls:
-            client.tls_set(
-                ca_certs=str(s.mqtt_ca_file) if s.mqtt_ca_file else None,
-                certfile=str(s.mqtt_cert_file) if s.mqtt_cert_file else None,
-                keyfile=str(s.mqtt_key_file) if s.mqtt_key_file else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-        client.reconnect_delay_set(1, 10)
+        client = persistent_client(self.settings)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -216,9 +202,24 @@ class Worker:
         return self._connected.is_set()
 
     @property
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
+    @property
     def spool_ok(self) -> bool:
         """False while a spool failure makes the worker hold deliveries in memory (not ready)."""
         return not self._holding_in_memory
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: connected, and the spool takes what a held tenant's store cannot. A held tenant
+        does not make the worker unready (the others flow on, and a rollout must not stall on one
+        customer's outage): it is listed under ``held_tenants``."""
+        detail = {
+            "broker_connected": self.connected,
+            "spool_ok": self.spool_ok,
+            "held_tenants": self.held_tenants(),
+        }
+        return self.connected and self.spool_ok, detail
 
     def held_tenants(self) -> dict[str, dict[str, Any]]:
         """Readiness detail: each held tenant, since when, why, and what waits in the spool."""
@@ -245,13 +246,8 @@ class Worker:
 
     def run(self) -> None:
         s = self.settings
-        health = HealthServer(self, s.http_host, s.http_port).start()
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = s.mqtt_session_expiry_s
-        properties.ReceiveMaximum = s.receive_maximum
-        self.client.connect_async(
-            s.mqtt_host, s.mqtt_port, keepalive=s.mqtt_keepalive_s, clean_start=False, properties=properties
-        )
+        health = HealthServer(s.http_host, s.http_port, self).start()
+        connect_persistent(self.client, s, s.receive_maximum)
         self.client.loop_start()
         self._drainer.start()
         log.info(

@@ -139,6 +139,7 @@ needs_promtool = pytest.mark.skipif(
 def test_platform_rules_use_series_the_worker_exposes() -> None:
     metrics = WorkerMetrics()
     metrics.write_errors.labels(tenant="acme").inc()
+    metrics.held.labels(tenant="acme").set(1)
     metrics.rejected.labels(tenant="acme", reason="schema").inc()
     metrics.received.labels(tenant="acme").inc()
     metrics.lag_seconds.observe(0.2)
@@ -189,6 +190,10 @@ def test_promtool_rule_tests_fire_for_the_broken_tenant_only(tmp_path: Path) -> 
         # acme's writes fail from the start; globex's never do
         ("ironlink_ingest_store_write_errors_total{tenant='acme'}", "0+6x30"),
         ("ironlink_ingest_store_write_errors_total{tenant='globex'}", "0x30"),
+        # and acme is held (its points spooled) on one of the two replicas
+        ("ironlink_ingest_tenant_held{tenant='acme',pod='ingest-0'}", "1x30"),
+        ("ironlink_ingest_tenant_held{tenant='acme',pod='ingest-1'}", "0x30"),
+        ("ironlink_ingest_tenant_held{tenant='globex',pod='ingest-0'}", "0x30"),
         # acme dead-letters 10 % of its messages, globex 1 %
         ("ironlink_ingest_messages_received_total{tenant='acme'}", "0+600x30"),
         ("ironlink_ingest_messages_rejected_total{tenant='acme',reason='schema'}", "0+60x30"),
@@ -220,6 +225,17 @@ def test_promtool_rule_tests_fire_for_the_broken_tenant_only(tmp_path: Path) -> 
                             "tenant": "acme",
                             "severity": "critical",
                             "summary": "InfluxDB keeps refusing writes of tenant acme; its telemetry waits.",
+                        },
+                    ),
+                    alert("IronlinkTenantHeld", "1m"),  # not yet for 2 minutes
+                    alert(
+                        "IronlinkTenantHeld",
+                        "5m",
+                        {
+                            "tenant": "acme",
+                            "severity": "critical",
+                            "summary": "Tenant acme's store fails: its telemetry goes to the workers' spool"
+                            " (dead-lettered once the spool is full).",
                         },
                     ),
                     alert(
@@ -282,4 +298,5 @@ def test_rule_file_has_one_group_of_named_alerts() -> None:
         "IronlinkIngestWorkerAbsent",
         "IronlinkIngestionLagHigh",
         "IronlinkStoreWriteErrors",
+        "IronlinkTenantHeld",
     ]

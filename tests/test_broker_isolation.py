@@ -35,6 +35,7 @@ from infra.tenancy import (
     DEAD_LETTER_SERVICE,
     dead_letter_subscription,
     ingest_subscription,
+    receipts_topic,
     replay_subscription,
     shared_subscription,
 )
@@ -517,3 +518,26 @@ def test_only_the_dead_letter_consumer_reads_dead_letters_of_all_and_only_it_rep
     for username, snooper in snoopers.items():
         snooper.barrier()
         assert snooper.received() == [], f"{username} read dead letters or replays"
+
+
+def test_a_machines_receipts_reach_only_that_machine_and_only_the_worker_writes_them(
+    launch: Callable[..., Broker], clients: Callable[..., Probe]
+) -> None:
+    """A receipt tells a gateway it may forget readings: a forged or misdirected one loses data."""
+    broker = launch()
+    ingest = connected(clients, broker, "svc.ingest")
+    press = connected(clients, broker, A_PRESS)
+    own = receipts_topic(*A_PRESS.split("."))
+    press.subscribe(own)
+    snoopers = {name: connected(clients, broker, name) for name in (A_NEIGHBOUR, B_MOLDER)}
+    for snooper in snoopers.values():
+        snooper.subscribe(own, "ironlink/+/+/+/receipts", "ironlink/#")
+
+    for username, probe in {**snoopers, A_PRESS: press}.items():
+        assert probe.publish(own, payload("forged-receipt")).getName() == "Not authorized", username
+    receipt = payload("receipt")
+    assert _accepted(ingest.publish(own, receipt))
+    assert press.expect(own, receipt) == [(own, receipt)], "the machine reads its own receipts"
+    for username, snooper in snoopers.items():
+        snooper.barrier()
+        assert all(topic != own for topic, _ in snooper.received()), f"{username} read another's receipt"

@@ -15,28 +15,25 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import queue
-import ssl
 import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import psycopg
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from infra.tenancy import replay_topic
 from ingest.contract import Reason
 from ingest.deadletters.document import read_dead_letter
 from ingest.deadletters.settings import DeadLetterSettings
+from ingest.health import HealthServer
+from ingest.session import connect_persistent, persistent_client
 from registry import store
 from registry.migrate import apply_migrations
 
@@ -45,7 +42,6 @@ UNKNOWN_TENANT_LABEL = "_unknown"
 OTHER_REASON_LABEL = "other"
 # Metric labels stay bounded: the worker's reasons and ours; anything else is "other".
 KNOWN_REASONS = frozenset({*(reason.value for reason in Reason), store.MALFORMED_DEAD_LETTER})
-STALL_S = 60.0
 IDLE_WAIT_S = 0.5
 
 
@@ -114,20 +110,7 @@ class DeadLetterConsumer:
 
     # ------------------------------------------------------------------------------ broker
     def _client(self) -> mqtt.Client:
-        s = self.settings
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=mqtt.MQTTv5, manual_ack=True
-        )
-        password = s.mqtt_password.get_secret_value() if s.mqtt_password is not None else None
-        client.username_pw_set(s.mqtt_username, password)
-        if s.mqtt_tls:
-            client.tls_set(
-                ca_certs=str(s.mqtt_ca_file) if s.mqtt_ca_file else None,
-                certfile=str(s.mqtt_cert_file) if s.mqtt_cert_file else None,
-                keyfile=str(s.mqtt_key_file) if s.mqtt_key_file else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-        client.reconnect_delay_set(1, 10)
+        client = persistent_client(self.settings)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -173,6 +156,15 @@ class DeadLetterConsumer:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: connected to the broker and the registry reachable."""
+        detail = {"broker_connected": self.connected, "registry_ok": self.registry_ok}
+        return self.connected and self.registry_ok, detail
+
     # ----------------------------------------------------------------------------- main loop
     def stop(self) -> None:
         """Finish: store and acknowledge what has arrived; a registry that stays away longer than
@@ -185,13 +177,8 @@ class DeadLetterConsumer:
 
     def run(self) -> None:
         s = self.settings
-        health = ProbeServer(self, s.http_host, s.http_port).start()
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = s.mqtt_session_expiry_s
-        properties.ReceiveMaximum = s.mqtt_receive_maximum
-        self.client.connect_async(
-            s.mqtt_host, s.mqtt_port, keepalive=s.mqtt_keepalive_s, clean_start=False, properties=properties
-        )
+        health = HealthServer(s.http_host, s.http_port, self).start()
+        connect_persistent(self.client, s, s.mqtt_receive_maximum)
         self.client.loop_start()
         log.info("consumer_started", broker=f"{s.mqtt_host}:{s.mqtt_port}", subscription=s.mqtt_subscription)
         next_replay = next_purge = time.monotonic()
@@ -360,56 +347,3 @@ class DeadLetterConsumer:
 
 class GaveUp(Exception):
     """Shutdown's grace ran out while the registry was away."""
-
-
-class ProbeServer:
-    """``/healthz`` (the main loop turns), ``/readyz`` (broker and registry reachable), ``/metrics``."""
-
-    def __init__(self, consumer: DeadLetterConsumer, host: str, port: int) -> None:
-        handler = type("Handler", (_Handler,), {"consumer": consumer})
-        self.server = ThreadingHTTPServer((host, port), handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, name="probes", daemon=True)
-
-    def start(self) -> ProbeServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    consumer: DeadLetterConsumer
-
-    def do_GET(self) -> None:
-        consumer = self.consumer
-        if self.path == "/metrics":
-            self._send(200, generate_latest(consumer.metrics.registry), CONTENT_TYPE_LATEST)
-        elif self.path == "/healthz":
-            stalled = time.monotonic() - consumer.heartbeat
-            self._json(200 if stalled < STALL_S else 503, {"loop_stalled_s": round(stalled, 1)})
-        elif self.path == "/readyz":
-            ready = consumer.connected and consumer.registry_ok
-            body: dict[str, object] = {
-                "broker_connected": consumer.connected,
-                "registry_ok": consumer.registry_ok,
-            }
-            self._json(200 if ready else 503, body)
-        else:
-            self._json(404, {"error": f"no such path {self.path[:100]!r}"})
-
-    def _json(self, status: int, body: dict[str, object]) -> None:
-        self._send(status, json.dumps(body).encode(), "application/json")
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # probes every few seconds: not news
-        return
