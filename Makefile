@@ -43,7 +43,7 @@ test: deps lint
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy infra components ingest dashboards registry localdev
+	$(BIN)/mypy infra components ingest dashboards registry localdev provisioning
 
 .PHONY: demo
 # Phase A end to end on this machine (localdev/demo.py): `ironlink dev up`, ~20 s of simulated

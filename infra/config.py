@@ -936,7 +936,8 @@ def read_stack_text(path: Path, stack: str | None = None) -> str:
 
 
 def _check_yaml_shape(text: str, refuse: Callable[[str], NoReturn]) -> None:
-    """Bound the nesting and the expanded size of a YAML text from its parser events alone.
+    """Bound the nesting and the expanded size of a YAML text from its parser events alone, and
+    refuse a mapping key given twice (PyYAML would keep the last silently).
 
     One pass, no objects built: each anchored node's size is recorded when it closes, and an alias
     adds that size to its parent. An alias of a node still open (recursion) is refused too.
@@ -944,6 +945,19 @@ def _check_yaml_shape(text: str, refuse: Callable[[str], NoReturn]) -> None:
     anchor_sizes: dict[str, int] = {}
     open_anchors: list[str | None] = []
     open_sizes: list[int] = []
+    # Per open collection: a mapping's keys seen so far (key -> line) and whether a key comes next.
+    open_keys: list[dict[str, int] | None] = []
+    key_next: list[bool] = []
+
+    def completed(key: str | None, line: int) -> None:
+        if not open_keys or open_keys[-1] is None:
+            return
+        if key_next[-1] and key is not None:
+            if key in open_keys[-1]:
+                refuse(f"key {_clip(key)!r} is given twice (lines {open_keys[-1][key]} and {line})")
+            open_keys[-1][key] = line
+        key_next[-1] = not key_next[-1]
+
     for event in yaml.parse(text, Loader=_EVENT_LOADER):
         line = event.start_mark.line + 1 if event.start_mark else 0
         if isinstance(event, yaml.CollectionStartEvent):
@@ -951,11 +965,16 @@ def _check_yaml_shape(text: str, refuse: Callable[[str], NoReturn]) -> None:
                 refuse(f"nests deeper than {MAX_STACK_DEPTH} levels (line {line})")
             open_anchors.append(event.anchor)
             open_sizes.append(1)
+            open_keys.append({} if isinstance(event, yaml.MappingStartEvent) else None)
+            key_next.append(True)
             continue
         if isinstance(event, yaml.CollectionEndEvent):
             anchor, size = open_anchors.pop(), open_sizes.pop()
+            open_keys.pop(), key_next.pop()
+            completed(None, line)
         elif isinstance(event, yaml.ScalarEvent):
             anchor, size = event.anchor, 1
+            completed(event.value, line)
         elif isinstance(event, yaml.AliasEvent):
             if event.anchor not in anchor_sizes:
                 refuse(
@@ -963,6 +982,7 @@ def _check_yaml_shape(text: str, refuse: Callable[[str], NoReturn]) -> None:
                     "(an undefined anchor, or the node that holds the alias)"
                 )
             anchor, size = None, anchor_sizes[event.anchor]
+            completed(None, line)
         else:
             continue
         if anchor is not None:

@@ -133,7 +133,12 @@ class WorkerSettings(BaseModel):
     spool_max_bytes_per_tenant: int = Field(
         default=256 * 2**20,
         ge=2**16,
-        description="Line protocol spooled per held tenant; beyond it: dead letter store_unavailable.",
+        description="Bytes spooled per held tenant (line, payload, topic); beyond: store_unavailable.",
+    )
+    spool_max_bytes: int = Field(
+        default=768 * 2**20,
+        ge=2**16,
+        description="Bytes spooled in all: keep it well below the spool volume (1Gi by default).",
     )
     direct_write_timeout_ms: int = Field(
         default=1500,
@@ -168,7 +173,10 @@ class WorkerSettings(BaseModel):
         description="Seconds of quota a tenant may send at once (token bucket size).",
     )
     dead_letter_payload_bytes: int = Field(
-        default=4096, ge=0, description="Payload bytes kept in a dead letter."
+        default=DEFAULT_MAX_PAYLOAD_BYTES,
+        ge=0,
+        description="Payload bytes kept in a dead letter: at least max_payload_bytes, so that every"
+        " message the contract admits is kept whole and can be replayed.",
     )
     derived_window_s: int = Field(default=900, ge=10, description="Window of duty cycle and uptime %.")
     derived_max_gap_s: int = Field(
@@ -180,6 +188,17 @@ class WorkerSettings(BaseModel):
     http_port: int = Field(default=9108, ge=0, le=65535)
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("dead_letter_payload_bytes")
+    @classmethod
+    def _dead_letters_keep_whole_messages(cls, value: int, info: ValidationInfo) -> int:
+        largest = info.data.get("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES)
+        if value < largest:
+            raise ValueError(
+                f"{value} is smaller than max_payload_bytes ({largest}): a dead letter would keep only a"
+                " sample of an admitted message, which could then never be replayed"
+            )
+        return value
 
     @field_validator("tenants")
     @classmethod

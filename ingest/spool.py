@@ -12,7 +12,8 @@ disk (fsynced) before the worker acknowledges anything it holds; a SIGKILL loses
 took. Points carry their payload's timestamp, so a point written twice (a drain interrupted between
 the write and the delete) is the same point again, not a duplicate.
 
-Bounded: ``max_bytes_per_tenant`` of line protocol per tenant. A tenant at its cap is not spooled
+Bounded: ``max_bytes_per_tenant`` per tenant and ``max_bytes`` in all, counting what a row keeps
+(line, payload, topic); keep ``max_bytes`` well below the volume. A tenant at a cap is not spooled
 further: the worker dead-letters its messages with reason ``store_unavailable`` (counted, and
 replayable from the registry once the store is back), so one tenant's long outage neither fills the
 disk nor stops anyone else.
@@ -77,8 +78,9 @@ class SpoolError(RuntimeError):
 class Spool:
     """One SQLite file per worker replica (on its volume), safe to use from two threads."""
 
-    def __init__(self, folder: Path, max_bytes_per_tenant: int) -> None:
+    def __init__(self, folder: Path, max_bytes_per_tenant: int, max_bytes: int | None = None) -> None:
         self.max_bytes_per_tenant = max_bytes_per_tenant
+        self.max_bytes = max_bytes if max_bytes is not None else max_bytes_per_tenant
         try:
             folder.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(folder / FILE_NAME, check_same_thread=False, isolation_level=None)
@@ -86,7 +88,9 @@ class Spool:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             rows = self._db.execute(
-                "SELECT tenant, COUNT(*), COALESCE(SUM(LENGTH(line)), 0) FROM spooled GROUP BY tenant"
+                "SELECT tenant, COUNT(*),"
+                " COALESCE(SUM(LENGTH(line) + LENGTH(payload) + LENGTH(topic)), 0)"
+                " FROM spooled GROUP BY tenant"
             ).fetchall()
         except (OSError, sqlite3.Error) as error:
             raise SpoolError(f"spool {folder}: {error}") from error
@@ -103,9 +107,23 @@ class Spool:
         with self._lock:
             return self._points.get(tenant, 0)
 
-    def has_room(self, tenant: str, lines: Iterable[str]) -> bool:
+    def fitting(self, tenant: str, entries: Iterable[SpoolEntry]) -> int:
+        """How many of ``entries``, from the first, fit under the tenant's cap and the spool's."""
         with self._lock:
-            return self._bytes.get(tenant, 0) + sum(map(len, lines)) <= self.max_bytes_per_tenant
+            tenant_room = self.max_bytes_per_tenant - self._bytes.get(tenant, 0)
+            room = min(tenant_room, self.max_bytes - sum(self._bytes.values()))
+        count = 0
+        for entry in entries:
+            room -= _size(entry)
+            if room < 0:
+                break
+            count += 1
+        return count
+
+    def describe_caps(self) -> str:
+        with self._lock:
+            used = sum(self._bytes.values())
+        return f"{self.max_bytes_per_tenant} bytes per tenant, {self.max_bytes} in all, {used} used"
 
     def put(self, tenant: str, entries: list[SpoolEntry]) -> None:
         """Append ``(line, ts, topic, payload, received_at, gateway, boot, n)`` rows (the sequence
@@ -123,15 +141,18 @@ class Spool:
             except sqlite3.Error as error:
                 raise SpoolError(f"spool write for tenant {tenant!r}: {error}") from error
             self._points[tenant] = self._points.get(tenant, 0) + len(rows)
-            self._bytes[tenant] = self._bytes.get(tenant, 0) + sum(len(row[1]) for row in rows)
+            self._bytes[tenant] = self._bytes.get(tenant, 0) + sum(map(_size, entries))
 
     def oldest(self, tenant: str, limit: int) -> list[SpooledPoint]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, line, ts, topic, payload, received_at, gateway, boot, n FROM spooled"
-                " WHERE tenant = ? ORDER BY id LIMIT ?",
-                (tenant, limit),
-            ).fetchall()
+            try:
+                rows = self._db.execute(
+                    "SELECT id, line, ts, topic, payload, received_at, gateway, boot, n FROM spooled"
+                    " WHERE tenant = ? ORDER BY id LIMIT ?",
+                    (tenant, limit),
+                ).fetchall()
+            except sqlite3.Error as error:
+                raise SpoolError(f"spool read for tenant {tenant!r}: {error}") from error
         return [SpooledPoint(*row) for row in rows]
 
     def remove(self, tenant: str, points: list[SpooledPoint]) -> None:
@@ -143,7 +164,10 @@ class Spool:
             except sqlite3.Error as error:
                 raise SpoolError(f"spool delete for tenant {tenant!r}: {error}") from error
             self._points[tenant] = max(0, self._points.get(tenant, 0) - len(points))
-            self._bytes[tenant] = max(0, self._bytes.get(tenant, 0) - sum(len(p.line) for p in points))
+            self._bytes[tenant] = max(
+                0,
+                self._bytes.get(tenant, 0) - sum(len(p.line) + len(p.payload) + len(p.topic) for p in points),
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -159,3 +183,9 @@ class Spool:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+def _size(entry: SpoolEntry) -> int:
+    """What a row keeps, as the caps count it: line, payload, topic."""
+    line, _, topic, payload, *_ = entry
+    return len(line) + len(payload) + len(topic)

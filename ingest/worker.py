@@ -24,8 +24,9 @@ At least once, and no tenant waits for another:
   until ``drain_quiet_ms`` of silence, writes and acknowledges it, then ends its session (session
   expiry 0) so the broker hands its share to the other replicas at once; with a plain
   subscription (one replica) the session is kept for the next start;
-- after a reconnect *without* a session, delivery ids of the old session are void: their
-  acknowledgements are skipped, so an old id can never acknowledge a new message.
+- delivery ids belong to one connection: after a reconnect, deliveries of the old one are written
+  but not acknowledged (the broker redelivers them if it kept the session), so an old id can
+  never acknowledge a new message.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from ingest.mqtt_fast import accelerate, ack_many
 from ingest.pipeline import DeadLetter, Pipeline, Point, dead_letter_document
 from ingest.session import connect_persistent, persistent_client
 from ingest.settings import WorkerSettings
-from ingest.spool import Spool, SpooledPoint, SpoolError
+from ingest.spool import Spool, SpooledPoint, SpoolEntry, SpoolError
 from ingest.store import Store, store_answer
 
 log = structlog.get_logger("ingest")
@@ -70,7 +71,7 @@ class Delivery:
     topic: str
     payload: bytes
     received_at: float
-    epoch: int
+    connection: int
 
 
 @dataclass
@@ -80,10 +81,19 @@ class Batch:
     started: float = field(default_factory=time.monotonic)
     deliveries: list[Delivery] = field(default_factory=list)
     points: dict[str, list[tuple[Point, Delivery]]] = field(default_factory=dict)
-    dead_letters: list[int] = field(default_factory=list)
+    dead_letters: list[SentLetter] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.deliveries)
+
+
+@dataclass(slots=True)
+class SentLetter:
+    """A dead letter on its way: kept until the broker confirms it, published again if refused."""
+
+    mid: int
+    topic: str
+    document: bytes
 
 
 Source = Delivery | SpooledPoint  # what a dead letter is made of: topic, payload, received_at
@@ -107,13 +117,13 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.pipeline = Pipeline(settings)
         self.store = Store(settings, tokens)
-        self.spool = Spool(settings.spool_dir, settings.spool_max_bytes_per_tenant)
+        self.spool = Spool(settings.spool_dir, settings.spool_max_bytes_per_tenant, settings.spool_max_bytes)
         self.heartbeat = time.monotonic()
         self._inbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._give_up_at: float | None = None
         self._connected = threading.Event()
-        self._epoch = 0
+        self._connection = 0  # which connection a delivery came on: only its own may ack it
         self._confirmations = threading.Condition()
         self._confirmed: dict[int, bool] = {}
         # Single-writer counters (network thread, main thread): their difference is the backlog.
@@ -124,12 +134,13 @@ class Worker:
         self._receipts_unconfirmed: list[int] = []
         self._holds: dict[str, Hold] = {}
         self._hold_lock = threading.Lock()
-        self._holding_in_memory = False
+        self._spool_failed = False
         self._writers = concurrent.futures.ThreadPoolExecutor(
             settings.store_write_threads, thread_name_prefix="store"
         )
         self._drainer_stop = threading.Event()
         self._drainer = threading.Thread(target=self._drain_spool, name="spool-drainer", daemon=True)
+        self._drainer_started = False
         for tenant in self.spool.tenants():  # a previous run's held points: drain them first
             self._hold(tenant, "points spooled by a previous run")
         self.metrics.unacked.set_function(lambda: self.unacked)
@@ -157,8 +168,6 @@ class Worker:
         if code.is_failure:
             log.error("broker_refused", reason=str(code), host=self.settings.mqtt_host)
             return
-        if not flags.session_present:
-            self._epoch += 1
         if not self._stop.is_set():
             client.subscribe([(topic_filter, 1) for topic_filter in self.subscriptions])
         self._connected.set()
@@ -166,6 +175,10 @@ class Worker:
         log.info("broker_connected", session_present=flags.session_present, client_id=self.settings.client_id)
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, code: ReasonCode, _p: Any) -> None:
+        # Packet ids belong to a connection: after a reconnect the broker redelivers what we did not
+        # acknowledge (session kept) or starts afresh (session lost), and an old id must never
+        # acknowledge a new message. Deliveries of an earlier connection are written but not acked.
+        self._connection += 1
         self._connected.clear()
         self.metrics.connected.set(0)
         level = log.info if self._stop.is_set() else log.warning
@@ -183,7 +196,7 @@ class Worker:
         if topic.startswith(_REPLAY_PREFIX):
             topic = original_topic(topic) or topic
         self._inbox.put(
-            Delivery(message.mid, message.qos, topic, bytes(message.payload), time.time(), self._epoch)
+            Delivery(message.mid, message.qos, topic, bytes(message.payload), time.time(), self._connection)
         )
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, code: ReasonCode, _p: Any) -> None:
@@ -207,8 +220,9 @@ class Worker:
 
     @property
     def spool_ok(self) -> bool:
-        """False while a spool failure makes the worker hold deliveries in memory (not ready)."""
-        return not self._holding_in_memory
+        """False after the spool's disk failed (held tenants are then dead-lettered) until it
+        takes a write again, and if the drainer thread has died."""
+        return not self._spool_failed and (self._drainer.is_alive() or not self._drainer_started)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready: connected, and the spool takes what a held tenant's store cannot. A held tenant
@@ -250,6 +264,7 @@ class Worker:
         connect_persistent(self.client, s, s.receive_maximum)
         self.client.loop_start()
         self._drainer.start()
+        self._drainer_started = True
         log.info(
             "worker_started",
             broker=f"{s.mqtt_host}:{s.mqtt_port}",
@@ -310,17 +325,21 @@ class Worker:
                     self._handle(self._inbox.get(timeout=0.05), batch)
                 except queue.Empty:
                     continue
-                last = time.monotonic()
                 if len(batch) >= self._batch_limit:
                     self._flush(batch)
                     batch = Batch()
+                last = time.monotonic()  # silence counts from here, not from before our own flush
         else:
             self._take_arrived(batch)
         while batch:
             self._flush(batch)
             batch = Batch()
             self._take_arrived(batch)
-        return s.shared_subscription and self.unacked == 0
+        if not s.shared_subscription or self.unacked:
+            return False
+        self._drainer_stop.set()
+        self._drainer.join(timeout=max(0.0, (self._give_up_at or time.monotonic()) - time.monotonic()))
+        return not self._drainer.is_alive() and self._hand_over_spool() and self.unacked == 0
 
     def _disconnect(self, *, end_session: bool) -> None:
         properties = None
@@ -347,18 +366,19 @@ class Worker:
             self.metrics.received.labels(outcome.tenant_label).inc()
             batch.dead_letters.append(self._dead_letter(delivery.topic, outcome))
 
-    def _dead_letter(self, topic: str, letter: DeadLetter) -> int:
-        """Publish a dead letter (QoS 1); its mid, to wait for the broker's confirmation."""
-        info = self.client.publish(dead_letter_topic(topic), letter.document, qos=1)
+    def _dead_letter(self, topic: str, letter: DeadLetter) -> SentLetter:
+        """Publish a dead letter (QoS 1), to be confirmed by the broker before anything is acked."""
+        dlq_topic = dead_letter_topic(topic)
+        info = self.client.publish(dlq_topic, letter.document, qos=1)
         self.metrics.rejected.labels(letter.tenant_label, letter.reason.value).inc()
         log.info("rejected", topic=topic, reason=letter.reason.value, detail=letter.detail)
-        return info.mid
+        return SentLetter(info.mid, dlq_topic, letter.document)
 
     def _dead_letter_refused(
         self, tenant: str, refused: Mapping[int, str], sources: Sequence[Source], reason: Reason
-    ) -> list[int]:
+    ) -> list[SentLetter]:
         """Messages the pipeline accepted but their store cannot take (``refused``: index into
-        ``sources`` -> why), dead-lettered with the reason; their mids, to confirm."""
+        ``sources`` -> why), dead-lettered with the reason, to confirm."""
         mids = []
         for index, detail in refused.items():
             source = sources[index]
@@ -379,22 +399,23 @@ class Worker:
     def _flush(self, batch: Batch) -> None:
         """Make every point safe (stored, spooled or dead-lettered), confirm the dead letters,
         then acknowledge every delivery of the batch in arrival order."""
-        if not self._store_batch(batch) or not self._confirm(batch.dead_letters):
+        self._store_batch(batch)
+        if not self._confirm(batch.dead_letters):
             log.warning("batch_abandoned", messages=len(batch), note="left unacknowledged for redelivery")
             return
-        ack_many(self.client, {d.mid: d.qos for d in batch.deliveries if d.epoch == self._epoch}.items())
+        current = self._connection
+        ack_many(self.client, {d.mid: d.qos for d in batch.deliveries if d.connection == current}.items())
         self._settled += len(batch)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.flush_seconds.observe(time.monotonic() - batch.started)
 
-    def _store_batch(self, batch: Batch) -> bool:
+    def _store_batch(self, batch: Batch) -> None:
         """Write each tenant's points to its store in parallel; a held tenant, or one whose store
         fails or does not answer in time, is diverted to the spool instead of holding the batch."""
         direct: dict[str, list[tuple[Point, Delivery]]] = {}
         for tenant, entries in batch.points.items():
             if tenant in self._holds:
-                if not self._divert(tenant, entries, batch):
-                    return False
+                self._divert(tenant, entries, batch)
             else:
                 direct[tenant] = entries
         writes = {
@@ -409,18 +430,16 @@ class Worker:
             if error is not None:
                 self.metrics.write_errors.labels(tenant).inc()
                 self._hold(tenant, store_answer(error))
-                if not self._divert(tenant, entries, batch):
-                    return False
+                self._divert(tenant, entries, batch)
                 continue
             self._stored(tenant, entries, write.result(), batch.dead_letters)
-        return True
 
     def _stored(
         self,
         tenant: str,
         entries: Sequence[tuple[Point | SpooledPoint, Source]],
         refused: Mapping[int, str],
-        mids: list[int],
+        mids: list[SentLetter],
     ) -> None:
         """A write the store answered: its refused points dead-lettered, the rest counted."""
         mids += self._dead_letter_refused(
@@ -459,63 +478,36 @@ class Worker:
             pending = self._receipts_unconfirmed + mids
             self._receipts_unconfirmed = [mid for mid in pending if self._confirmed.pop(mid, None) is None]
 
-    def _divert(self, tenant: str, entries: list[tuple[Point, Delivery]], batch: Batch) -> bool:
-        """A held tenant's points go to the durable spool; at its cap they are dead-lettered as
-        ``store_unavailable``. Should the spool's disk fail, the last resort is the old way: retry
-        this tenant's store until it takes them, holding the batch (False: shutdown gave up)."""
-        lines = [point.line for point, _ in entries]
+    def _divert(self, tenant: str, entries: list[tuple[Point, Delivery]], batch: Batch) -> None:
+        """A held tenant's points go to the durable spool. Beyond its caps, or should the spool's
+        disk fail, they are dead-lettered as ``store_unavailable`` (replayable from the registry):
+        a held tenant never holds the batch, whatever happens to it."""
+        rows: list[SpoolEntry] = [
+            (p.line, p.ts, d.topic, d.payload, d.received_at, *(p.seq or _NO_SEQ)) for p, d in entries
+        ]
+        hold = self._holds.get(tenant)
+        why = f"tenant {tenant!r}: store unavailable ({hold.error if hold else 'held'})"
         with self._hold_lock:
-            room = self.spool.has_room(tenant, lines)
-            if room:
-                try:
-                    self.spool.put(
-                        tenant,
-                        [
-                            (p.line, p.ts, d.topic, d.payload, d.received_at, *(p.seq or _NO_SEQ))
-                            for p, d in entries
-                        ],
-                    )
-                except SpoolError as error:
-                    self.metrics.spool_failures.inc()
-                    log.error("spool_failed", tenant=tenant, error=str(error))
-                else:
-                    self.metrics.spooled.labels(tenant).set(self.spool.points(tenant))
-                    return True
-        if not room:
-            hold = self._holds.get(tenant)
-            detail = (
-                f"tenant {tenant!r}: store unavailable ({hold.error if hold else 'held'}) and its spool "
-                f"is at its cap of {self.spool.max_bytes_per_tenant} bytes"
-            )
+            fitting = self.spool.fitting(tenant, rows)
+            if fitting < len(rows):
+                why += f" and its spool is full ({self.spool.describe_caps()})"
+            try:
+                if fitting:
+                    self.spool.put(tenant, rows[:fitting])
+            except SpoolError as error:
+                self.metrics.spool_failures.inc()
+                self._spool_failed = True
+                log.error("spool_failed", tenant=tenant, error=str(error))
+                why += f" and its spool failed ({str(error)[:200]})"
+                fitting = 0
+            else:
+                self._spool_failed = False
+                self.metrics.spooled.labels(tenant).set(self.spool.points(tenant))
+        if fitting < len(rows):
+            refused = dict.fromkeys(range(fitting, len(rows)), why)
             batch.dead_letters += self._dead_letter_refused(
-                tenant,
-                dict.fromkeys(range(len(entries)), detail),
-                [delivery for _, delivery in entries],
-                Reason.STORE_UNAVAILABLE,
+                tenant, refused, [d for _, d in entries], Reason.STORE_UNAVAILABLE
             )
-            return True
-        return self._write_holding(tenant, entries, batch)
-
-    def _write_holding(self, tenant: str, entries: list[tuple[Point, Delivery]], batch: Batch) -> bool:
-        self._holding_in_memory = True
-        try:
-            attempt = 0
-            while True:
-                try:
-                    refused = self.store.write_each(tenant, [point.line for point, _ in entries])
-                except Exception as error:
-                    self.metrics.write_errors.labels(tenant).inc()
-                    log.warning(
-                        "store_write_failed", tenant=tenant, attempt=attempt, error=store_answer(error)
-                    )
-                    if not self._pause(self._backoff_s(attempt)):
-                        return False
-                    attempt += 1
-                    continue
-                self._stored(tenant, entries, refused, batch.dead_letters)
-                return True
-        finally:
-            self._holding_in_memory = False
 
     def _backoff_s(self, attempt: int) -> float:
         s = self.settings
@@ -560,9 +552,11 @@ class Worker:
                     continue
                 try:
                     progressed |= self._drain_tenant(tenant)
-                except SpoolError as error:
-                    self.metrics.spool_failures.inc()
-                    self._retry_later(tenant, str(error))
+                except Exception as error:  # the drainer must outlive any one tenant's trouble
+                    if isinstance(error, SpoolError):
+                        self.metrics.spool_failures.inc()
+                    log.exception("spool_drain_failed", tenant=tenant)
+                    self._retry_later(tenant, f"{type(error).__name__}: {str(error)[:300]}")
             if not progressed:
                 self._drainer_stop.wait(0.1)
 
@@ -571,13 +565,16 @@ class Worker:
         if not points:
             self._release_if_drained(tenant)
             return False
+        if tenant not in self.settings.tenants:  # spooled by a run that still had the tenant
+            why = f"tenant_id: {tenant!r} is no longer a tenant of this platform"
+            return self._dead_letter_spooled(tenant, points, why, Reason.UNKNOWN_TENANT)
         try:
             refused = self.store.write_each(tenant, [point.line for point in points])
         except Exception as error:
             self.metrics.write_errors.labels(tenant).inc()
             self._retry_later(tenant, store_answer(error))
             return False
-        letters: list[int] = []
+        letters: list[SentLetter] = []
         self._stored(tenant, [(point, point) for point in points], refused, letters)
         if not self._confirm(letters):
             return False
@@ -586,20 +583,66 @@ class Worker:
         self._release_if_drained(tenant)
         return True
 
-    def _confirm(self, mids: list[int]) -> bool:
-        """Wait until the broker has confirmed every dead letter (paho resends them after a
-        reconnect); a refused one is counted and logged, not retried forever."""
-        with self._confirmations:
-            for mid in mids:
-                while mid not in self._confirmed:
-                    self.heartbeat = time.monotonic()
-                    if self._giving_up():
-                        return False
-                    self._confirmations.wait(0.5)
-                if not self._confirmed.pop(mid):
-                    self.metrics.dead_letter_failures.inc()
-                    log.error("dead_letter_refused", mid=mid)
+    def _dead_letter_spooled(self, tenant: str, points: list[SpooledPoint], why: str, reason: Reason) -> bool:
+        """Spooled points that can no longer wait for their store, dead-lettered (confirmed) and
+        then forgotten by the spool. False if shutdown gave up first: they stay spooled."""
+        letters = self._dead_letter_refused(tenant, dict.fromkeys(range(len(points)), why), points, reason)
+        if not self._confirm(letters):
+            return False
+        self.spool.remove(tenant, points)
+        self.metrics.spooled.labels(tenant).set(self.spool.points(tenant))
+        self._release_if_drained(tenant)
         return True
+
+    def _hand_over_spool(self) -> bool:
+        """A replica leaving a shared group may never come back (scale-in, an old colour), and
+        what its spool holds was acknowledged already: dead-letter it (``store_unavailable``,
+        replayable once the store is back) before the session ends. True once the spool is empty."""
+        for tenant in self.spool.tenants():
+            hold = self._holds.get(tenant)
+            why = (
+                f"tenant {tenant!r}: store unavailable ({hold.error if hold else 'held'}) when replica "
+                f"{self.settings.client_id!r} stopped; replay once the store is back"
+            )
+            while points := self.spool.oldest(tenant, self._batch_limit):
+                reason = (
+                    Reason.STORE_UNAVAILABLE if tenant in self.settings.tenants else Reason.UNKNOWN_TENANT
+                )
+                if not self._dead_letter_spooled(tenant, points, why, reason):
+                    return False
+        return not self.spool.tenants()
+
+    def _confirm(self, letters: list[SentLetter]) -> bool:
+        """Wait until the broker has confirmed every dead letter (paho resends them after a
+        reconnect). One the broker refuses (its ACL) is published again with backoff: its message
+        is held, never acknowledged without a trace. False once shutdown must give up."""
+        for letter in letters:
+            attempt = 0
+            while not self._await_confirmation(letter.mid):
+                if self._giving_up():
+                    return False
+                self.metrics.dead_letter_failures.inc()
+                log.error(
+                    "dead_letter_refused",
+                    topic=letter.topic,
+                    attempt=attempt,
+                    note="held and published again: the broker must let svc.ingest publish to dlq/#",
+                )
+                if not self._pause(self._backoff_s(attempt)):
+                    return False
+                attempt += 1
+                letter.mid = self.client.publish(letter.topic, letter.document, qos=1).mid
+        return True
+
+    def _await_confirmation(self, mid: int) -> bool:
+        """The broker's answer to one publish: True accepted, False refused (or shutdown gave up)."""
+        with self._confirmations:
+            while mid not in self._confirmed:
+                self.heartbeat = time.monotonic()
+                if self._giving_up():
+                    return False
+                self._confirmations.wait(0.5)
+            return self._confirmed.pop(mid)
 
     def _pause(self, seconds: float) -> bool:
         """Sleep between retries, staying alive for probes; False once shutdown must give up."""

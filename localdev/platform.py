@@ -32,8 +32,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -41,7 +39,6 @@ from functools import cached_property
 from pathlib import Path
 
 import psycopg
-from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 from components.render.mosquitto import (
@@ -93,8 +90,6 @@ STOP_SIGNALS = {
     "ingest": signal.SIGTERM,
     "dead-letters": signal.SIGTERM,
 }
-# The worker's per-tenant dead-letter counter (``ingest`` exposes it on ``/metrics``).
-DEAD_LETTER_METRIC = "ironlink_ingest_messages_rejected"
 PORT_FIELDS = {
     "postgres": "postgres",
     "victoria-metrics": "victoria_metrics",
@@ -134,7 +129,8 @@ class ProcessHealth:
 
 @dataclass(frozen=True)
 class TenantActivity:
-    """One tenant as ``status`` shows it: what reached the store, and what the worker refused."""
+    """One tenant as ``status`` shows it: what reached the store, and its dead letters in the
+    registry (None: the registry does not answer)."""
 
     tenant_id: str
     name: str
@@ -568,7 +564,7 @@ class DevPlatform:
     def status(self) -> PlatformStatus:
         processes = self.processes()
         running = {p.name for p in processes if p.alive and p.listening}
-        dead_letters = self.dead_lettered() if "ingest" in running else None
+        dead_letters = self.dead_lettered() if "postgres" in running else None
         activity: dict[str, TenantSeen] = {}
         store_error = None if "victoria-metrics" in running else "victoria-metrics is not running"
         if store_error is None:
@@ -593,24 +589,16 @@ class DevPlatform:
             )
         return PlatformStatus(processes, tenants, store_error)
 
-    def dead_lettered(self) -> dict[str, int] | None:
-        """Messages the worker dead-lettered since it started, per tenant (its ``/metrics``);
-        None when the worker does not answer."""
+    def dead_lettered(self, since: datetime | None = None) -> dict[str, int] | None:
+        """Dead letters the registry holds per tenant (optionally those received since a time):
+        what the consumer stored, which no restart resets, and what ``ironlink deadletters list``
+        shows. None when the registry does not answer or has no dead-letter table yet."""
         try:
-            with urllib.request.urlopen(
-                f"http://{LOOPBACK}:{self.ports.worker}/metrics", timeout=2
-            ) as response:
-                text = response.read().decode()
-        except (urllib.error.URLError, OSError):
+            with psycopg.connect(self.registry_dsn(), autocommit=True, connect_timeout=2) as conn:
+                counts = registry.count_dead_letters(conn, since=since)
+        except psycopg.Error:
             return None
-        counts: dict[str, int] = {}
-        for family in text_string_to_metric_families(text):
-            if family.name == DEAD_LETTER_METRIC:
-                for sample in family.samples:
-                    if sample.name.endswith("_total") and "tenant" in sample.labels:
-                        tenant = sample.labels["tenant"]
-                        counts[tenant] = counts.get(tenant, 0) + int(sample.value)
-        return counts
+        return {tenant: count for tenant, count in counts.items() if tenant is not None}
 
 
 def down(state_dir: Path, notify: Notify = _quiet) -> dict[str, str]:

@@ -50,7 +50,7 @@ def status_view(status: PlatformStatus) -> Group:
             health = "[green]up[/]" if item.listening else "[yellow]not listening[/]"
         processes.add_row(item.name, str(item.pid or "-"), item.user or "-", str(item.port or "-"), health)
     tenants = Table(title="tenants (machines: last hour; rate: last minute)", title_justify="left")
-    for column in ("tenant", "machines seen", "messages/s", "last seen", "dead-lettered"):
+    for column in ("tenant", "machines seen", "messages/s", "last seen", "dead letters (registry)"):
         tenants.add_column(column)
     for tenant in status.tenants:
         tenants.add_row(

@@ -51,11 +51,18 @@ class AccessRule:
     tenant_id: str | None = None
 
 
+def machine_rules(tenant_id: str, site_id: str, machine_id: str) -> list[AccessRule]:
+    """One device's rules (also written by the provisioning service when it enrolls a device)."""
+    username = device_username(tenant_id, site_id, machine_id)
+    return [
+        AccessRule(username, "publish", telemetry_topic(tenant_id, site_id, machine_id), tenant_id),
+        AccessRule(username, "subscribe", receipts_topic(tenant_id, site_id, machine_id), tenant_id),
+    ]
+
+
 def device_rules(tenant: Tenant) -> Iterator[AccessRule]:
     for site, machine in tenant.machines:
-        username = device_username(tenant.id, site.id, machine.id)
-        yield AccessRule(username, "publish", telemetry_topic(tenant.id, site.id, machine.id), tenant.id)
-        yield AccessRule(username, "subscribe", receipts_topic(tenant.id, site.id, machine.id), tenant.id)
+        yield from machine_rules(tenant.id, site.id, machine.id)
 
 
 def tenant_service_rules(tenant: Tenant) -> Iterator[AccessRule]:

@@ -577,6 +577,14 @@ def list_dead_letters(
     )
 
 
+def count_dead_letters(conn: psycopg.Connection, *, since: datetime | None = None) -> dict[str | None, int]:
+    """How many dead letters the registry holds per tenant (None: those naming no known tenant),
+    optionally only those received since a time; a tenant with none is absent."""
+    where, params = _filters(None, None, since)
+    query = sql.SQL("SELECT tenant_id, count(*) FROM dead_letters WHERE {} GROUP BY tenant_id").format(where)
+    return {tenant: int(count) for tenant, count in conn.execute(query, params).fetchall()}
+
+
 def get_dead_letter(conn: psycopg.Connection, dead_letter_id: int) -> DeadLetter | None:
     """One dead letter with its payload sample."""
     found = _dead_letters(

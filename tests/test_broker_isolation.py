@@ -16,7 +16,7 @@ import queue
 import ssl
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -24,23 +24,29 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
 from components.render.mosquitto import (
+    DYNSEC_ADMIN,
     BrokerAccount,
+    DynamicSecurity,
     MosquittoPaths,
     device_accounts,
     render_acl_file,
+    render_dynamic_security_config,
     render_mosquitto_conf,
     render_password_file,
 )
 from infra.tenancy import (
     DEAD_LETTER_SERVICE,
     dead_letter_subscription,
+    device_username,
     ingest_subscription,
     receipts_topic,
     replay_subscription,
     shared_subscription,
 )
 from localdev import pki, servers
-from registry.access import service_usernames
+from provisioning.brokers import MosquittoDynamicSecurity
+from registry.access import AccessRule, service_usernames
+from registry.credentials import generate_password
 from tests.conftest import MosquittoFactory
 from tests.fixtures.registry import Platform, platform
 
@@ -83,9 +89,37 @@ class Broker:
     ca: pki.Issued
     fixture: Platform
     plaintext_port: int
+    mode: str
+    mtls_port: int | None = None
+    """``DYNAMIC`` mode: the certificate listener (``port`` itself on an mTLS-only stack)."""
+    directory: MosquittoDynamicSecurity | None = None
+    """``DYNAMIC`` mode: the admin's connection, which created the devices."""
 
     def password(self, username: str) -> str:
         return self.fixture.passwords[username]
+
+    def admin(self, *, mtls: bool = False) -> MosquittoDynamicSecurity:
+        """A connected admin client (with a certificate on the mTLS listener when ``mtls``)."""
+        client_cert = None
+        if mtls:
+            issued = pki.issue_client_cert(self.ca, DYNSEC_ADMIN)
+            (self.folder / "admin.pem").write_bytes(issued.cert_pem)
+            (self.folder / "admin.key").write_bytes(issued.key_pem)
+            client_cert = (str(self.folder / "admin.pem"), str(self.folder / "admin.key"))
+        port = self.mtls_port if mtls and self.mtls_port else self.port
+        admin = MosquittoDynamicSecurity(
+            "127.0.0.1",
+            port,
+            DYNSEC_ADMIN,
+            None if mtls else self.password(DYNSEC_ADMIN),
+            ca_file=str(self.folder / "ca.pem"),
+            client_cert=client_cert,
+        )
+        return admin.connect()
+
+    def close(self) -> None:
+        if self.directory is not None:
+            self.directory.close()
 
 
 @dataclass
@@ -126,7 +160,7 @@ class Probe:
         client.on_disconnect = lambda *_: self.disconnected.set()
         client.on_message = lambda _c, _u, msg: self.messages.put((msg.topic, bytes(msg.payload)))
         client.on_publish = self._on_ack
-        client.on_subscribe = lambda _c, _u, mid, _codes, _p: self._ack(mid)
+        client.on_subscribe = lambda _c, _u, mid, codes, _p: self._ack(mid, codes[0])
         self.client = client
 
     def _write(self, name: str, data: bytes) -> str:
@@ -169,13 +203,17 @@ class Probe:
             self.client.loop_stop()  # no reconnect attempts by a refused client
         return accepted
 
-    def subscribe(self, *filters: str) -> None:
+    def subscribe(self, *filters: str) -> list[ReasonCode]:
+        """SUBSCRIBE each filter in turn; their SUBACK reason codes (the acl-file grants them all)."""
+        codes = []
         for topic in filters:
             result, mid = self.client.subscribe(topic, qos=1)
             assert result == mqtt.MQTT_ERR_SUCCESS and mid is not None, (
                 f"{self.username}: SUBSCRIBE {topic} not sent"
             )
             self._wait(mid)
+            codes.append(self._codes[mid])
+        return codes
 
     def publish(self, topic: str, data: bytes) -> ReasonCode:
         info = self.client.publish(topic, data, qos=1)
@@ -216,52 +254,113 @@ def _accepted(code: ReasonCode) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- broker
-@pytest.fixture
-def launch(start_mosquitto: MosquittoFactory, server_root: Path, tmp_path: Path) -> Callable[..., Broker]:
+STATIC, DYNAMIC = "acl-file", "dynamic-security"
+
+
+def dynamic_security_plugin() -> str:
+    """Debian's plugin (``dpkg -L mosquitto``), wherever the architecture puts it."""
+    found = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))
+    assert found, "mosquitto_dynamic_security.so is not installed (Debian package mosquitto)"
+    return str(found[0])
+
+
+def start_broker(
+    start_mosquitto: MosquittoFactory,
+    folder: Path,
+    mode: str,
+    overrides: dict[str, object] | None = None,
+    extra_readers: dict[str, str] | None = None,
+) -> Broker:
     """Render files for a fixture platform and start Mosquitto with them.
 
-    The broker drops root for the ``mosquitto`` account, so its files live in a folder that
-    account can read (pytest's ``tmp_path`` is root-only); the config itself is read as root.
+    ``STATIC``: the password and ACL files hold every identity. ``DYNAMIC``: the plugin starts with
+    the admin and the services only; devices (certificate devices under ``broker.tls: mtls``) and
+    ``extra_readers`` are then created at runtime through :class:`MosquittoDynamicSecurity`.
+    The broker drops root for the ``mosquitto`` account, so ``folder`` must be one that account can
+    read (pytest's ``tmp_path`` is root-only); the config itself is read as root.
     """
+    fixture = platform(overrides)
+    config = fixture.config
+    extra_readers = extra_readers or {}
+    fixture.passwords.update({name: f"{name}-password" for name in extra_readers})
+    (folder / "data").mkdir(parents=True)
+    ca = pki.make_ca()
+    server = pki.issue_server_cert(ca)
+    paths = MosquittoPaths(
+        cafile=str(folder / "ca.pem"),
+        certfile=str(folder / "server.pem"),
+        keyfile=str(folder / "server.key"),
+        password_file=str(folder / "passwd"),
+        acl_file=str(folder / "acl"),
+        persistence_dir=str(folder / "data"),
+    )
+    services = [BrokerAccount(name, fixture.hash_of(name)) for name in service_usernames(config)]
+    (folder / "ca.pem").write_bytes(ca.cert_pem)
+    (folder / "server.pem").write_bytes(server.cert_pem)
+    (folder / "server.key").write_bytes(server.key_pem)
+    mtls_only = config.broker.tls == "mtls"
+    plaintext_port, mtls_port = servers.free_port(), servers.free_port()
+    dynamic = None
+    if mode == STATIC:
+        readers = [BrokerAccount(name, fixture.hash_of(name)) for name in extra_readers]
+        extra_acl = "".join(f"\nuser {name}\ntopic read {topic}\n" for name, topic in extra_readers.items())
+        (folder / "passwd").write_text(render_password_file([*device_accounts(config), *services, *readers]))
+        (folder / "acl").write_text(render_acl_file(config) + extra_acl)
+    else:
+        fixture.passwords[DYNSEC_ADMIN] = generate_password()
+        admin = BrokerAccount(DYNSEC_ADMIN, fixture.hash_of(DYNSEC_ADMIN))
+        dynamic_config = folder / "dynamic-security.json"
+        dynamic_config.write_text(render_dynamic_security_config(config, admin, services))
+        dynamic = DynamicSecurity(dynamic_security_plugin(), str(dynamic_config), mtls_port)
+    servers.hand_over(folder, servers.service_user("mosquitto"))
+
+    def render(port: int) -> str:
+        # Readiness is checked on ``port``: the mTLS listener's where it is the only TLS one.
+        listener = replace(dynamic, mtls_port=port) if dynamic and mtls_only else dynamic
+        return render_mosquitto_conf(
+            config,
+            paths,
+            tls_port=port,
+            plaintext_port=plaintext_port,
+            bind_address="127.0.0.1",
+            dynamic_security=listener,
+        )
+
+    _, port = start_mosquitto(render)
+    broker = Broker(port, folder, ca, fixture, plaintext_port, mode)
+    if dynamic is not None:
+        broker.mtls_port = port if mtls_only else mtls_port
+        broker.directory = broker.admin(mtls=mtls_only)
+        for tenant in config.tenants:
+            for site, machine in tenant.machines:
+                username = device_username(tenant.id, site.id, machine.id)
+                password = None if mtls_only else fixture.passwords[username]
+                broker.directory.add_device(
+                    username, password, tenant_id=tenant.id, site_id=site.id, machine_id=machine.id
+                )
+        for name, topic in extra_readers.items():
+            rules = [AccessRule(name, "subscribe", topic)]
+            broker.directory.add_identity(name, fixture.passwords[name], rules)
+    return broker
+
+
+@pytest.fixture(params=[STATIC, DYNAMIC])
+def launch(
+    request: pytest.FixtureRequest, start_mosquitto: MosquittoFactory, server_root: Path, tmp_path: Path
+) -> Iterator[Callable[..., Broker]]:
+    """``launch(overrides, extra_readers)``: every test of this suite runs against both modes."""
+    started: list[Broker] = []
 
     def start(
         overrides: dict[str, object] | None = None, extra_readers: dict[str, str] | None = None
     ) -> Broker:
-        fixture = platform(overrides)
-        extra_readers = extra_readers or {}
-        fixture.passwords.update({name: f"{name}-password" for name in extra_readers})
-        extra_acl = "".join(f"\nuser {name}\ntopic read {topic}\n" for name, topic in extra_readers.items())
         folder = server_root / f"mosquitto-{tmp_path.name}-{next(_payloads)}"
-        (folder / "data").mkdir(parents=True)
-        ca = pki.make_ca()
-        server = pki.issue_server_cert(ca)
-        paths = MosquittoPaths(
-            cafile=str(folder / "ca.pem"),
-            certfile=str(folder / "server.pem"),
-            keyfile=str(folder / "server.key"),
-            password_file=str(folder / "passwd"),
-            acl_file=str(folder / "acl"),
-            persistence_dir=str(folder / "data"),
-        )
-        services = [
-            BrokerAccount(name, fixture.hash_of(name))
-            for name in [*service_usernames(fixture.config), *extra_readers]
-        ]
-        (folder / "ca.pem").write_bytes(ca.cert_pem)
-        (folder / "server.pem").write_bytes(server.cert_pem)
-        (folder / "server.key").write_bytes(server.key_pem)
-        (folder / "passwd").write_text(render_password_file([*device_accounts(fixture.config), *services]))
-        (folder / "acl").write_text(render_acl_file(fixture.config) + extra_acl)
-        servers.hand_over(folder, servers.service_user("mosquitto"))
-        plaintext_port = servers.free_port()
-        _, port = start_mosquitto(
-            lambda port: render_mosquitto_conf(
-                fixture.config, paths, tls_port=port, plaintext_port=plaintext_port, bind_address="127.0.0.1"
-            )
-        )
-        return Broker(port, folder, ca, fixture, plaintext_port)
+        started.append(start_broker(start_mosquitto, folder, request.param, overrides, extra_readers))
+        return started[-1]
 
-    return start
+    yield start
+    for broker in started:
+        broker.close()
 
 
 @pytest.fixture
@@ -302,6 +401,7 @@ def test_tenant_a_reads_nothing_of_tenant_b_while_legitimate_traffic_flows(
     svc_a = connected(clients, broker, "svc.acme")
     svc_a.subscribe("ironlink/acme/#", "dlq/ironlink/acme/#")
     svc_b = connected(clients, broker, "svc.globex")
+    svc_b.subscribe("ironlink/globex/#")  # its own (dynamic security refuses the wider filters below)
     attackers = {
         "svc.globex": svc_b,
         B_MOLDER: connected(clients, broker, B_MOLDER),

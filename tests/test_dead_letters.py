@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -20,7 +21,7 @@ from psycopg import sql
 from typer.testing import CliRunner
 
 from infra.cli import app
-from infra.tenancy import REPLAY_FILTER, dead_letter_topic, replay_topic
+from infra.tenancy import REPLAY_FILTER, dead_letter_topic, replay_topic, store_routes
 from ingest.contract import Reason, Rejected
 from ingest.deadletters.consumer import DeadLetterConsumer
 from ingest.deadletters.document import read_dead_letter
@@ -29,7 +30,16 @@ from ingest.pipeline import dead_letter_document
 from registry import store
 from tests import test_broker_isolation as isolation
 from tests.conftest import PostgresCluster
-from tests.test_broker_isolation import A_TOPIC, B_TOPIC, Broker, Probe, connected
+from tests.fixtures.ingest import ACME_PRESS_2, WorkerProcess, series, start_store, v1, wait_stored
+from tests.test_broker_isolation import (
+    A_NEIGHBOUR,
+    A_NEIGHBOUR_TOPIC,
+    A_TOPIC,
+    B_TOPIC,
+    Broker,
+    Probe,
+    connected,
+)
 
 # The attack suite's broker (rendered files, real Mosquitto) and its MQTT 5 probes.
 launch = isolation.launch
@@ -155,6 +165,7 @@ def test_consumer_stores_each_dead_letter_with_its_tenant_reason_topic_time_and_
     assert [(letter.tenant_id, letter.reason) for letter in everything if letter.topic == unknown_topic] == [
         (None, "unknown_tenant")
     ]
+    assert store.count_dead_letters(conn) == {"acme": 2, "globex": 1, None: 1}
     assert service.metrics.stored.labels("acme", "out_of_bounds")._value.get() == 1
 
 
@@ -247,6 +258,86 @@ def test_replay_request_republishes_the_original_payload_on_the_replay_topic(
     }
 
 
+def test_a_dead_letter_replayed_once_its_cause_is_fixed_is_stored_by_the_worker(
+    registry: tuple[psycopg.Connection, Broker],
+    consumer: Callable[..., DeadLetterConsumer],
+    clients: Callable[..., Probe],
+    postgres_dsn: str,
+    server_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """End to end, every hop real: the worker (a process, over TLS as ``svc.ingest``) dead-letters
+    a v1 reading of a machine its settings lack, the consumer stores it, the operator lists it,
+    fixes the settings, replays it by tenant and reason; the worker stores the point."""
+    conn, broker = registry
+    consumer()
+    folder = server_root / f"replay-{tmp_path.name}"
+    folder.mkdir()
+    vm, store_url = start_store(folder)
+    monkeypatch.setenv("IRONLINK_MQTT_PASSWORD", broker.password("svc.ingest"))
+    fixed = WorkerProcess.for_platform(
+        broker.fixture.config,
+        broker.port,
+        store_url,
+        folder,
+        mqtt_tls=True,
+        mqtt_ca_file=broker.folder / "ca.pem",
+        store_urls={route.instance: store_url for route in store_routes(broker.fixture.config).values()},
+    )
+    routes = dict(fixed.settings.tenants)
+    unregistered = dict(routes["acme"].machines)
+    del unregistered["plant-1/press-02"]  # the cause: the registry export the worker read missed it
+    routes["acme"] = routes["acme"].model_copy(update={"machines": unregistered})
+    broken = WorkerProcess(fixed.settings.model_copy(update={"tenants": routes}), folder / "broken.log")
+    worker = broken.start()
+    try:
+        ts = int(time.time()) - 30
+        reading = v1(ACME_PRESS_2, ts, systemPressure=187.5)
+        press = connected(clients, broker, A_NEIGHBOUR)
+        assert not press.publish(A_NEIGHBOUR_TOPIC, reading).is_failure
+
+        (letter,) = stored(conn, 1, tenant_id="acme")
+        assert (letter.reason, letter.topic, letter.payload_bytes) == (
+            "unknown_machine",
+            A_NEIGHBOUR_TOPIC,
+            len(reading),
+        )
+        listed = runner.invoke(
+            app, ["deadletters", "list", "--registry", postgres_dsn, "--tenant", "acme", "--json"]
+        )
+        assert listed.exit_code == 0, listed.output
+        assert [(row["id"], row["reason"], row["replay"]) for row in json.loads(listed.output)] == [
+            (letter.id, "unknown_machine", "none")
+        ]
+
+        assert worker.stop() == 0  # a plain subscription: the session stays for the next start
+        worker = WorkerProcess(fixed.settings, folder / "fixed.log").start()
+        replay = runner.invoke(
+            app,
+            [
+                *("deadletters", "replay", "--registry", postgres_dsn),
+                *("--tenant", "acme", "--reason", "unknown_machine", "--json"),
+            ],
+        )
+        assert replay.exit_code == 0, replay.output
+        assert json.loads(replay.output)["requested"] == [letter.id]
+
+        wait_stored(store_url, ACME_PRESS_2, [ts * 1000])
+        assert series(store_url, ACME_PRESS_2)["telemetry_pressure_bar"] == {ts * 1000: 187.5}
+        eventually(
+            lambda: (row := store.get_dead_letter(conn, letter.id)) and row.replayed_at, "marked replayed"
+        )
+        # Through the pipeline once, stored, not dead-lettered again: still the one row.
+        assert worker.metric("ironlink_ingest_messages_received_total", tenant="acme") == 1
+        assert worker.metric("ironlink_ingest_messages_rejected_total") == 0
+        assert [row.id for row in store.list_dead_letters(conn)] == [letter.id]
+    finally:
+        if worker.process is not None and worker.process.poll() is None:
+            worker.stop()
+        vm.stop()
+
+
 def test_cli_lists_per_tenant_and_shows_one_with_its_payload(
     registry: tuple[psycopg.Connection, Broker], postgres_dsn: str
 ) -> None:
@@ -280,6 +371,10 @@ def test_cli_lists_per_tenant_and_shows_one_with_its_payload(
         ["deadletters", "list", "--registry", postgres_dsn, "--tenant", "acme", "--since", "12h", "--json"],
     )
     assert [row["id"] for row in json.loads(recent.output)] == [rows[0]["id"]]
+    assert store.count_dead_letters(conn, since=datetime.now(UTC) - timedelta(hours=12)) == {
+        "acme": 1,
+        "globex": 1,
+    }
     table = runner.invoke(app, ["deadletters", "list", "--registry", postgres_dsn, "--tenant", "acme"])
     assert table.exit_code == 0 and "out_of_bounds" in table.output
 

@@ -60,6 +60,10 @@ BAD_FILES: dict[str, tuple[str | bytes, str]] = {
         GOOD + "  ironlink:loop: &loop [*loop]\n",
         "alias *loop on line 14 repeats no node defined before it",
     ),
+    "duplicate-key": (
+        GOOD + "  ironlink:region: elsewhere\n",
+        "key 'ironlink:region' is given twice (lines 3 and 14)",
+    ),
     "two-boms": (
         b"\xef\xbb\xbf\xef\xbb\xbf" + GOOD.encode(),
         "has a stray byte-order mark (U+FEFF) on line 1",

@@ -239,3 +239,38 @@ def test_a_replayed_dead_letter_goes_through_the_pipeline_again(
         replayer.close()
         letters.close()
         worker.stop()
+
+
+def test_a_replica_leaving_the_group_hands_over_what_it_spooled_as_dead_letters(
+    folder: Path, broker: tuple[servers.Server, int], stores: dict[str, tuple[servers.Server, str]]
+) -> None:
+    """Scale-in: the replica may never come back, and what its spool holds was acknowledged. So
+    before it ends its session it dead-letters those points (``store_unavailable``, replayable)."""
+    _, port = broker
+    worker = WorkerProcess.for_platform(
+        platform(),
+        port,
+        stores["influxdb"][1],
+        folder,
+        mqtt_client_id="svc.ingest-ingest-1",
+        mqtt_subscription="$share/ingest/ironlink/+/+/+/telemetry",
+    ).start()
+    letters = Mqtt(port, "dlq-reader")
+    letters.subscribe("dlq/#")
+    device = Mqtt(port, "device")
+    start = int(time.time()) - 300
+    try:
+        stores["influxdb"][0].stop()
+        for offset in range(20):
+            device.publish(topic(GLOBEX_MOLDER), v2(GLOBEX_MOLDER, start + offset))
+        servers.wait_until(
+            lambda: worker.metric("ironlink_ingest_spooled_points", tenant="globex") == 20, 10, "spooled"
+        )
+        assert worker.stop(signal.SIGTERM) == 0
+        handed = letters.collect(20)
+        assert len(handed) == 20 and {letter["reason"] for _, letter in handed} == {"store_unavailable"}
+        assert all("replay once the store is back" in letter["detail"] for _, letter in handed)
+        assert '"session_ended": true' in worker.log_path.read_text()
+    finally:
+        letters.close()
+        device.close()

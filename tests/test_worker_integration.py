@@ -8,6 +8,7 @@ which it stops to simulate an outage. Points are read back through ``/api/v1/exp
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -298,3 +299,25 @@ def test_receipts_confirm_what_is_stored_not_what_was_acknowledged(live: Platfor
         assert len(stored_ms) == 11
     finally:
         gateway.close()
+
+
+@pytest.mark.parametrize("live", [{"spool_max_bytes_per_tenant": 65_536}], indirect=True)
+def test_a_held_tenant_past_its_spool_cap_is_dead_lettered_never_dropped(live: Platform) -> None:
+    """Counts prove it: every message of the outage is either spooled (and stored once the store
+    is back) or on the dead-letter topic as ``store_unavailable``, replayable from the registry."""
+    start = int(time.time()) - 600
+    live.store.stop()
+    published = live.publish_series(ACME_PRESS, start, 300)
+    servers.wait_until(lambda: live.worker.metric("ironlink_ingest_unacked_messages") == 0, 20, "all acked")
+    spooled = int(live.worker.metric("ironlink_ingest_spooled_points", tenant="acme"))
+    letters = live.dead_letters.collect(300 - spooled)
+    assert 0 < spooled < 300, "the cap must bite within this outage"
+    assert {letter["reason"] for _, letter in letters} == {"store_unavailable"}
+    assert len(letters) == 300 - spooled, "spooled + dead-lettered = every message"
+    assert "spool is full" in letters[0][1]["detail"]
+    letter_ts = {json.loads(letter["payload"])["ts"] * 1000 for _, letter in letters}
+    live.store.start()
+
+    points = wait_stored(live.store_url, ACME_PRESS, set(published) - letter_ts, timeout=30)
+    assert set(published) - letter_ts <= points.keys(), "what was spooled is stored"
+    assert letter_ts.isdisjoint(points), "and what was dead-lettered was not also written"

@@ -43,13 +43,16 @@ def test_spooled_points_survive_a_reopen_in_order_and_leave_only_when_removed(tm
     assert reopened.tenants() == ["globex"]
 
 
-def test_a_tenant_at_its_cap_has_no_room_while_another_tenant_still_has(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, max_bytes_per_tenant=100)
-    spool.put("acme", [entry("x" * 90)])
-    assert not spool.has_room("acme", ["y" * 20])
-    assert spool.has_room("globex", ["y" * 20]), "the cap is per tenant"
+def test_caps_count_what_a_row_keeps_per_tenant_and_in_all(tmp_path: Path) -> None:
+    row_size = len("x" * 100) + len(b"{}") + len("ironlink/acme/plant-1/press-01/telemetry")
+    spool = Spool(tmp_path, max_bytes_per_tenant=3 * row_size, max_bytes=5 * row_size)
+    rows = [entry("x" * 100) for _ in range(4)]
+    assert spool.fitting("acme", rows) == 3, "the tenant's cap counts line, payload and topic"
+    spool.put("acme", rows[:3])
+    assert spool.fitting("acme", rows) == 0
+    assert spool.fitting("globex", rows) == 2, "the spool's own cap leaves globex two rows"
     spool.remove("acme", spool.oldest("acme", 1))
-    assert spool.has_room("acme", ["y" * 20]), "room comes back as the spool drains"
+    assert spool.fitting("acme", rows) == 1, "room comes back as the spool drains"
 
 
 def test_the_spool_is_durable_sqlite_in_wal_mode(tmp_path: Path) -> None:

@@ -23,13 +23,15 @@ Hardening decisions:
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from infra.config import PlatformConfig
 from infra.tenancy import device_username
-from registry.access import access_rules
+from registry.access import AccessRule, access_rules, platform_rules, tenant_service_rules
+from registry.credentials import SALT_BYTES, parse_hash
 
 _SIZE = re.compile(r"^(\d+)(KB|MB)?$")
 _SIZE_FACTOR = {None: 1, "KB": 1024, "MB": 1024 * 1024}
@@ -87,6 +89,20 @@ def persistence_settings(persistence_dir: str, autosave_changes: int = AUTOSAVE_
     ]
 
 
+@dataclass(frozen=True)
+class DynamicSecurity:
+    """Dynamic-security mode: identities and ACLs live in the plugin, changed at runtime over
+    ``$CONTROL/dynamic-security/v1`` (:mod:`provisioning.brokers`), instead of the static files."""
+
+    plugin: str
+    """``mosquitto_dynamic_security.so`` (Debian: ``/usr/lib/x86_64-linux-gnu/``)."""
+    config_file: str
+    """The plugin's JSON state (seeded by :func:`render_dynamic_security_config`, rewritten by the
+    plugin after every change: the broker's account must be able to write it)."""
+    mtls_port: int = 8884
+    """The certificate listener (CN = identity) beside the password listener on ``tls_port``."""
+
+
 def render_mosquitto_conf(
     config: PlatformConfig,
     paths: MosquittoPaths,
@@ -94,16 +110,24 @@ def render_mosquitto_conf(
     tls_port: int = 8883,
     plaintext_port: int = 1883,
     bind_address: str | None = None,
+    dynamic_security: DynamicSecurity | None = None,
 ) -> str:
+    """The broker config; with ``dynamic_security`` the plugin replaces the password and ACL files
+    and an mTLS listener joins the password one (see :func:`_dynamic_security_listeners`)."""
     broker = config.broker
     bind = f" {bind_address}" if bind_address else ""
-    mtls = broker.tls == "mtls"
+    if dynamic_security is None:
+        security = [f"password_file {paths.password_file}", f"acl_file {paths.acl_file}"]
+    else:
+        security = [
+            f"plugin {dynamic_security.plugin}",
+            f"plugin_opt_config_file {dynamic_security.config_file}",
+        ]
     lines = [
         f"# Rendered by Ironlink for a phase {config.phase} stack in region {config.region}: do not edit.",
         "per_listener_settings false",
         "allow_anonymous false",
-        f"password_file {paths.password_file}",
-        f"acl_file {paths.acl_file}",
+        *security,
         f"max_packet_size {packet_size_bytes(broker.limits.max_packet_size)}",
         # Mosquitto silently drops past this per client (default 1000): see Broker.max_queued_messages.
         f"max_queued_messages {broker.max_queued_messages}",
@@ -114,19 +138,11 @@ def render_mosquitto_conf(
         "log_type notice",
         "log_type information",
         "connection_messages true",
-        "",
-        f"# MQTT over TLS{' with client certificates (CN = username)' if mtls else ''}",
-        f"listener {tls_port}{bind}",
-        "protocol mqtt",
-        f"cafile {paths.cafile}",
-        f"certfile {paths.certfile}",
-        f"keyfile {paths.keyfile}",
-        "tls_version tlsv1.2",
-        f"require_certificate {str(mtls).lower()}",
     ]
-    if mtls:
-        lines.append("use_identity_as_username true")
-    lines.append("use_username_as_clientid true")
+    if dynamic_security is None:
+        lines += _tls_listener(paths, f"{tls_port}{bind}", mtls=broker.tls == "mtls")
+    else:
+        lines += _dynamic_security_listeners(config, paths, tls_port, dynamic_security.mtls_port, bind)
     if broker.allow_plaintext:
         lines += [
             "",
@@ -136,6 +152,41 @@ def render_mosquitto_conf(
             "use_username_as_clientid true",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _tls_listener(paths: MosquittoPaths, address: str, *, mtls: bool) -> list[str]:
+    lines = [
+        "",
+        f"# MQTT over TLS{' with client certificates (CN = username)' if mtls else ''}",
+        f"listener {address}",
+        "protocol mqtt",
+        f"cafile {paths.cafile}",
+        f"certfile {paths.certfile}",
+        f"keyfile {paths.keyfile}",
+        "tls_version tlsv1.2",
+        f"require_certificate {str(mtls).lower()}",
+    ]
+    if mtls:
+        lines.append("use_identity_as_username true")
+    return [*lines, "use_username_as_clientid true"]
+
+
+def _dynamic_security_listeners(
+    config: PlatformConfig, paths: MosquittoPaths, tls_port: int, mtls_port: int, bind: str
+) -> list[str]:
+    """A password listener (unless the stack demands certificates) and a certificate listener.
+
+    ``per_listener_settings`` stays ``false``: ``require_certificate`` and
+    ``use_identity_as_username`` are listener options either way, and one plugin instance means one
+    client list and one ``$CONTROL`` topic for both listeners (Mosquitto 2.0.11 loads a plugin
+    named on two listeners into shared state; later 2.0.x refuse it, mosquitto#2601). Mosquitto
+    skips password authentication on an identity listener ("Authentication assumed to be cleared",
+    ``src/handle_connect.c``): any certificate of ``cafile`` connects, and the plugin's ACLs alone
+    decide what its CN may do, so :class:`provisioning.brokers.MosquittoDynamicSecurity` strips a
+    disabled client of its role and this listener must trust a CA that signs only devices.
+    """
+    lines = [] if config.broker.tls == "mtls" else _tls_listener(paths, f"{tls_port}{bind}", mtls=False)
+    return lines + _tls_listener(paths, f"{mtls_port}{bind}", mtls=True)
 
 
 def render_password_file(accounts: Iterable[BrokerAccount]) -> str:
@@ -178,3 +229,110 @@ def device_accounts(config: PlatformConfig) -> list[BrokerAccount]:
         for site, machine in tenant.machines
         if machine.password_hash is not None
     ]
+
+
+# --------------------------------------------------------------------------- dynamic security
+DYNSEC_ADMIN = "admin.dynsec"
+"""The identity that drives the plugin over ``$CONTROL`` (two labels: no device or ``svc.`` name)."""
+DYNSEC_CONTROL = "$CONTROL/dynamic-security/v1"
+# Everything not granted is denied; unsubscribing is harmless and stays allowed.
+DYNSEC_DEFAULT_ACCESS = {
+    "publishClientSend": False,
+    "publishClientReceive": False,
+    "subscribe": False,
+    "unsubscribe": True,
+}
+
+
+def _acl(acltype: str, topic: str) -> dict[str, object]:
+    return {"acltype": acltype, "topic": topic, "priority": 0, "allow": True}
+
+
+def dynsec_acls(rules: Iterable[AccessRule]) -> list[dict[str, object]]:
+    """The plugin's ACLs for one identity's rules: the same rule set as the ACL file, in dynsec terms.
+
+    A publish rule is ``publishClientSend``. A subscribe rule allows the SUBSCRIBE itself
+    (``subscribeLiteral``, or ``subscribePattern`` for a filter: a subscription within it), the
+    same filter shared (``$share/<any group>/<filter>``: the plugin sees the whole ``$share`` filter,
+    and both brokers authorize a shared subscription by its topic filter), and the delivery
+    (``publishClientReceive``). Unlike the ACL file, a SUBSCRIBE outside these is refused.
+    """
+    acls: list[dict[str, object]] = []
+    for rule in rules:
+        if rule.action == "publish":
+            acls.append(_acl("publishClientSend", rule.topic))
+            continue
+        wildcard = "+" in rule.topic.split("/") or rule.topic.endswith("#")
+        acls += [
+            _acl("subscribePattern" if wildcard else "subscribeLiteral", rule.topic),
+            _acl("subscribePattern", f"$share/+/{rule.topic}"),
+            _acl("publishClientReceive", rule.topic),
+        ]
+    return acls
+
+
+def dynsec_role(rolename: str, rules: Iterable[AccessRule]) -> dict[str, object]:
+    return {"rolename": rolename, "acls": dynsec_acls(rules)}
+
+
+def dynsec_admin_role() -> dict[str, object]:
+    """The admin may use the plugin's control topic and nothing else."""
+    control = "$CONTROL/dynamic-security/#"
+    return {
+        "rolename": DYNSEC_ADMIN,
+        "acls": [
+            _acl("publishClientSend", control),
+            _acl("subscribePattern", control),
+            _acl("publishClientReceive", control),
+        ],
+    }
+
+
+def dynsec_password(password_hash: str, field: str) -> dict[str, object]:
+    """A ``$7$`` hash as the plugin stores it: base64 ``password`` and ``salt``, ``iterations``."""
+    try:
+        parsed = parse_hash(password_hash)
+    except ValueError as error:
+        raise ValueError(f"{field}: {error}") from error
+    if len(parsed.salt) != SALT_BYTES:
+        raise ValueError(f"{field}: the plugin needs a {SALT_BYTES}-byte salt, got {len(parsed.salt)} bytes")
+    salt, digest = str(parsed).split("$")[3:5]
+    return {"password": digest, "salt": salt, "iterations": parsed.iterations}
+
+
+def render_dynamic_security_config(
+    config: PlatformConfig, admin: BrokerAccount, services: Iterable[BrokerAccount]
+) -> str:
+    """The plugin's first state: the admin and the platform's services, each with its own role.
+
+    Devices are not in it: provisioning adds them at runtime. ``services`` must be exactly the
+    stack's service identities (:func:`registry.access.service_usernames`); each gets the rules of
+    :func:`registry.access.platform_rules` or :func:`registry.access.tenant_service_rules`.
+    """
+    rules: dict[str, list[AccessRule]] = {}
+    for rule in [*platform_rules(), *(r for tenant in config.tenants for r in tenant_service_rules(tenant))]:
+        rules.setdefault(rule.username, []).append(rule)
+    accounts = {account.username: account for account in services}
+    problems = [f"services: {name!r} has no credential" for name in rules if name not in accounts]
+    problems += [
+        f"services: {name!r} is not a service of this stack" for name in accounts if name not in rules
+    ]
+    if admin.username in rules:
+        problems.append(f"admin.username: {admin.username!r} is a service identity")
+    if problems:
+        raise ValueError("; ".join(problems))
+    clients = [
+        {
+            "username": account.username,
+            "roles": [{"rolename": account.username}],
+            **dynsec_password(account.password_hash, f"{account.username}.password_hash"),
+        }
+        for account in [admin, *(accounts[name] for name in rules)]
+    ]
+    document = {
+        "defaultACLAccess": DYNSEC_DEFAULT_ACCESS,
+        "clients": clients,
+        "groups": [],
+        "roles": [dynsec_admin_role(), *(dynsec_role(name, own) for name, own in rules.items())],
+    }
+    return json.dumps(document, indent=2) + "\n"

@@ -274,11 +274,14 @@ class DeadLetterConsumer:
         log.info("dead_letter_stored", id=stored, topic=letter.topic, reason=letter.reason)
 
     def _store(self, conn: psycopg.Connection, letter: store.NewDeadLetter) -> int | None:
-        """Store the row; a row the schema refuses is stored as ``malformed_dead_letter`` instead,
-        so a bad document cannot block the ones behind it."""
+        """Store the row; a row the schema or the database refuses (a constraint, a value it cannot
+        take) is stored as ``malformed_dead_letter`` instead, so one letter cannot block the ones
+        behind it nor crash-loop the consumer."""
         try:
             return store.store_dead_letter(conn, letter)
-        except store.RegistryError as error:
+        except (store.RegistryError, psycopg.DatabaseError) as error:
+            if isinstance(error, psycopg.OperationalError):
+                raise  # the registry is away: retried with backoff, nothing acknowledged
             self.metrics.failures.labels("store").inc()
             log.error("dead_letter_refused", topic=letter.topic, error=str(error)[:300])
             return store.store_dead_letter(
