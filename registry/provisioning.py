@@ -33,9 +33,13 @@ _ID_HEX = 16
 class Refused(Exception):
     """A provisioning request refused: ``code`` for machines, ``detail`` for people."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code}: {detail}")
-        self.code, self.detail = code, detail
+        self.code, self.detail, self.retry_after_s = code, detail, retry_after_s
+        self.tenant_id: str | None = None
+        """The tenant concerned, once known (for the audit trail)."""
+        self.audited = True
+        """False for refusals not worth one audit row each (a flood already audited once)."""
 
 
 # ----------------------------------------------------------------------------------------- tokens
@@ -329,10 +333,7 @@ def remove_machine(
 
 
 def _delete_device(conn: psycopg.Connection, username: str) -> None:
-    conn.execute(
-        "UPDATE device_certificates SET revoked_at = now() WHERE username = %s AND revoked_at IS NULL",
-        (username,),
-    )
+    revoke_certificates(conn, username)
     conn.execute("DELETE FROM acl_rules WHERE username = %s", (username,))
     conn.execute("DELETE FROM devices WHERE username = %s", (username,))
 
@@ -415,18 +416,14 @@ def revoke_device(conn: psycopg.Connection, tenant_id: str, username: str, *, ac
             if found is None or found[0] != tenant_id:
                 raise Refused("device_unknown", f"{username!r} is not a device of tenant {tenant_id!r}")
             return False
-        serials = conn.execute(
-            "UPDATE device_certificates SET revoked_at = now() WHERE username = %s AND revoked_at IS NULL"
-            " RETURNING serial",
-            (username,),
-        ).fetchall()
+        serials = revoke_certificates(conn, username)
         record_event(
             conn,
             actor=actor,
             action="device.revoked",
             subject=username,
             tenant_id=tenant_id,
-            details={"certificates_revoked": [s[0] for s in serials]},
+            details={"certificates_revoked": serials},
         )
     return True
 
@@ -470,6 +467,16 @@ def certificate(conn: psycopg.Connection, serial: str) -> CertificateRecord | No
             " revoked_at FROM device_certificates WHERE serial = %s",
             (serial,),
         ).fetchone()
+
+
+def revoke_certificates(conn: psycopg.Connection, username: str) -> list[str]:
+    """Revoke every valid certificate of a device (they go on the CRL); returns their serials."""
+    rows = conn.execute(
+        "UPDATE device_certificates SET revoked_at = now() WHERE username = %s AND revoked_at IS NULL"
+        " RETURNING serial",
+        (username,),
+    ).fetchall()
+    return [row[0] for row in rows]
 
 
 def revoked_certificates(conn: psycopg.Connection, issuer: str) -> list[tuple[str, datetime]]:

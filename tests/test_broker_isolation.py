@@ -551,7 +551,7 @@ def test_plaintext_listener_where_allowed_still_requires_credentials(
     assert not clients(broker, None, tls=False).connect(port), "anonymous client accepted"
     assert not clients(broker, A_PRESS, password="guess", tls=False).connect(port), "wrong password accepted"
     svc_b = connected(clients, broker, "svc.globex", tls=False, port=port)
-    svc_b.subscribe("#")
+    svc_b.subscribe("#", "ironlink/globex/#")  # the wide filter, and its own for dynamic security
     press = connected(clients, broker, A_PRESS, tls=False, port=port)
     assert press.publish(B_TOPIC, payload("forged")).getName() == "Not authorized"
     reading, sentinel = payload("a-reading"), payload("b-sentinel")
@@ -574,7 +574,7 @@ def test_mtls_takes_identity_from_the_certificate_and_keeps_tenants_apart(
     press = connected(clients, broker, "svc.globex", cert=cert(A_PRESS))
     press.subscribe("#", "ironlink/globex/#")
     svc_b = connected(clients, broker, "svc.globex", cert=cert("svc.globex"), client_id="svc.globex")
-    svc_b.subscribe("#")
+    svc_b.subscribe("#", "ironlink/globex/#")  # the wide filter, and its own for dynamic security
     molder = connected(clients, broker, B_MOLDER, cert=cert(B_MOLDER))
     reading, sentinel = payload("a-reading"), payload("b-sentinel")
     assert _accepted(press.publish(A_TOPIC, reading)), "the CN's own topic must work"

@@ -14,7 +14,7 @@ from pulumi.dynamic.dynamic import serialize_provider
 
 from components.providers.registry import RegistryServiceAccountProvider, RegistryTenantProvider
 from infra.config import Machine, Site, Tenant
-from infra.tenancy import INGEST_SERVICE, TELEMETRY_FILTER
+from infra.tenancy import INGEST_SERVICE, RECEIPTS_FILTER, TELEMETRY_FILTER
 from registry import store
 from registry.credentials import hash_password
 from registry.queries import EMQX_AUTHN_QUERY, EMQX_AUTHZ_QUERY
@@ -160,7 +160,8 @@ def test_the_worker_account_signs_in_and_may_read_telemetry_once_created_and_not
         for _, action, topic in emqx(conn, EMQX_AUTHZ_QUERY, username=INGEST_SERVICE, clientid=INGEST_SERVICE)
     }
     assert ("subscribe", TELEMETRY_FILTER) in rules
-    assert all(action != "publish" or topic.startswith("dlq/") for action, topic in rules)
+    published = {topic for action, topic in rules if action == "publish"}
+    assert published == {"dlq/#", RECEIPTS_FILTER}, "the worker writes only dead letters and receipts"
 
     service.delete(INGEST_SERVICE, props)
     assert emqx(conn, EMQX_AUTHN_QUERY, username=INGEST_SERVICE, clientid=INGEST_SERVICE) == []

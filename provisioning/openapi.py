@@ -1,0 +1,30 @@
+"""``python -m provisioning.openapi``: write ``provisioning/openapi.json`` from the app
+(``tests/test_provisioning.py`` checks the committed document is the app's)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from fastapi.openapi.utils import get_openapi
+
+from provisioning.app import create_app
+
+PATH = Path(__file__).resolve().parent / "openapi.json"
+
+
+def document() -> dict[str, Any]:
+    # The routes need no registry to be described: a stand-in service is never called.
+    app = create_app(mock.Mock())
+    return get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+
+
+def main() -> None:
+    PATH.write_text(json.dumps(document(), indent=2, sort_keys=True) + "\n")
+    print(f"wrote {PATH}")
+
+
+if __name__ == "__main__":
+    main()
