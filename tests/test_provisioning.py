@@ -412,3 +412,19 @@ def test_the_committed_openapi_document_is_the_apps() -> None:
 
     committed = (Path(__file__).resolve().parent.parent / "provisioning" / "openapi.json").read_text()
     assert json.loads(committed) == document(), "run: python -m provisioning.openapi"
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_the_cli_mints_the_first_platform_token_and_refuses_bad_flags(api: Api) -> None:
+    from typer.testing import CliRunner
+
+    from infra.cli import app
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["provisioning", "token", "create", "--registry", api.dsn, "--expires", "99y"])
+    assert bad.exit_code == 2 and "--expires" in bad.output
+    made = runner.invoke(app, ["provisioning", "token", "create", "--registry", api.dsn, "--expires", "30d"])
+    assert made.exit_code == 0, made.output
+    token = made.output.strip().splitlines()[-1]
+    answer = api.client.get("/v1/tenants/acme/sites", headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200
