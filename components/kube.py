@@ -108,9 +108,16 @@ class Kube:
         return k8s.apps.v1.Deployment(name, metadata=self.meta(name, labels), spec=body, opts=self.opts())
 
     def volume_claim(
-        self, name: str, labels: Mapping[str, str], storage: str, storage_class: str | None
+        self,
+        name: str,
+        labels: Mapping[str, str],
+        storage: str,
+        storage_class: str | None,
+        *,
+        access_mode: str = "ReadWriteOnce",
     ) -> k8s.core.v1.PersistentVolumeClaim:
-        spec: Any = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": storage}}}
+        """``access_mode="ReadWriteMany"`` for a volume that pods on several nodes share."""
+        spec: Any = {"accessModes": [access_mode], "resources": {"requests": {"storage": storage}}}
         if storage_class:
             spec["storageClassName"] = storage_class
         return k8s.core.v1.PersistentVolumeClaim(

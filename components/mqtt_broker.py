@@ -60,7 +60,6 @@ from components.render.kubernetes import (
 from components.render.mosquitto import (
     BrokerAccount,
     MosquittoPaths,
-    device_accounts,
     render_acl_file,
     render_mosquitto_conf,
     render_password_file,
@@ -93,7 +92,7 @@ class MqttBrokerArgs(TypedDict):
     """EMQX only: the PostgreSQL holding the device registry it authenticates and authorizes against."""
     service_accounts: NotRequired[Mapping[str, pulumi.Input[str]]]
     """Mosquitto only: service username → ``$7$`` hash for the password file (e.g. ``svc.ingest``);
-    device credentials come from the stack's ``password_hash`` values."""
+    devices are never in it: they come from the registry at runtime (dynamic security)."""
 
 
 def config_hash(*documents: str) -> str:
@@ -314,14 +313,10 @@ class MqttBroker(pulumi.ComponentResource):
         )
         acl = render_acl_file(config)
         kube.config_map(f"{name}-config", self._labels, {"mosquitto.conf": conf, "acl": acl})
-        devices = device_accounts(config)
         usernames = list(service_accounts)
         password_file = pulumi.Output.all(*service_accounts.values()).apply(
             lambda hashes: render_password_file(
-                [
-                    *devices,
-                    *(BrokerAccount(user, hashed) for user, hashed in zip(usernames, hashes, strict=True)),
-                ]
+                BrokerAccount(user, hashed) for user, hashed in zip(usernames, hashes, strict=True)
             )
         )
         kube.secret(f"{name}-passwd", self._labels, {"passwd": password_file})
@@ -350,8 +345,8 @@ class MqttBroker(pulumi.ComponentResource):
             readiness=tcp_probe("mqtts"),
             liveness=tcp_probe("mqtts", period=20, failures=6),
         )
-        # Device hashes are public config; the service hashes change only with their (kept) salt.
-        annotations = {"ironlink.io/config-hash": config_hash(conf, acl, render_password_file(devices))}
+        # The service hashes change only with their (kept) salt; devices are not in these files.
+        annotations = {"ironlink.io/config-hash": config_hash(conf, acl)}
         template = pod_template(
             self._labels,
             [server],

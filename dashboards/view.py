@@ -24,8 +24,8 @@ class TenantView:
 
     @property
     def machine_types(self) -> list[MachineType]:
-        """The catalog types of the tenant's machines, by name."""
-        return [MACHINE_TYPES[name] for name in sorted({machine.type for _, machine in self.tenant.machines})]
+        """The catalog types the stack declares for the tenant (``machine_types``), by name."""
+        return [MACHINE_TYPES[name] for name in sorted(set(self.tenant.machine_types))]
 
     def query(self, text: str, ref_id: str = "A") -> FluxQuery:
         return FluxQuery(text, self.datasource_uid).ref_id(ref_id)

@@ -238,6 +238,15 @@ KubernetesVersion = Annotated[
 ]
 
 
+ProvisioningCAArn = Annotated[
+    str,
+    Field(
+        max_length=256,
+        pattern=r"^arn:aws[a-z-]*:acm-pca:[a-z0-9-]+:[0-9]{12}:certificate-authority/[0-9a-f-]+$",
+    ),
+]
+
+
 # ------------------------------------------------------------------------------------ the model
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are immutable."""
@@ -411,33 +420,50 @@ class Ingest(Section):
         return self.autoscaling.min_replicas if self.autoscaling else self.replicas
 
 
-class Machine(Section):
-    """A machine and the device identity that publishes its telemetry."""
+class ProvisioningCA(Section):
+    """Where the issuing CAs' signing keys live: never in the stack or Pulumi state."""
 
-    id: MachineId
-    type: MachineTypeName
-    password_hash: PasswordHash | None = None
+    mode: Literal["in-cluster", "aws-pca"] = "in-cluster"
+    """``in-cluster``: the service generates each key on first start, on its own volume.
+    ``aws-pca`` (AWS Private CA holds the key) is refused until it is implemented."""
+    arn: ProvisioningCAArn | None = None
+    """The Private CA's ARN; only with mode ``aws-pca``."""
 
 
-class Site(Section):
-    id: SiteId
-    name: DisplayName | None = None
-    machines: list[Machine] = []
+class Provisioning(Section):
+    """The provisioning service's deployment (its runtime settings live in ``provisioning/``)."""
+
+    image: ImageRef
+    replicas: int = Field(ge=1, le=10)
+    """Several replicas share the CA volume: its storage class must offer ReadWriteMany."""
+    resources: ComputeResources
+    ca_storage: Quantity = "64Mi"
+    """The volume holding the region's and level-3 tenants' CA keys and certificates."""
+    ca_storage_class: DnsName | None = None
+    """Its storage class (default ``cluster.storage_class``); ReadWriteMany when replicas > 1."""
+    cert_validity_days: int = Field(default=90, ge=1, le=825)
+    """Validity of a device certificate."""
+    renew_before_days: int = Field(default=30, ge=1)
+    """A device may renew from this many days before its certificate expires (the overlap window)."""
+    claim_rate_per_source: float = Field(default=1.0, gt=0, le=1000)
+    """Claims per second one source address may make (token bucket)."""
+    claim_burst_per_source: int = Field(default=10, ge=1, le=10_000)
+    ca: ProvisioningCA = ProvisioningCA()
 
 
 class Tenant(Section):
+    """A tenant and what it needs. Its sites, machines and devices are runtime state in the
+    registry (``infra/fleet.py``), never in a stack file."""
+
     id: TenantId
     name: DisplayName
     tier: TierName
     isolation: IsolationLevel | None = None
     quota: TenantQuota | None = None
-    sites: list[Site] = []
+    machine_types: list[MachineTypeName] = []
+    """Catalog types its drilldown dashboards and alert rules are built for (none: fleet dashboards only)."""
     alert_emails: list[EmailAddress] = []
     """Who Grafana notifies of the tenant's alerts (none: alerts show in Grafana only)."""
-
-    @property
-    def machines(self) -> Iterator[tuple[Site, Machine]]:
-        return ((site, machine) for site in self.sites for machine in site.machines)
 
 
 class PlatformConfig(Section):
@@ -451,6 +477,7 @@ class PlatformConfig(Section):
     postgres: Postgres
     grafana: Grafana
     ingest: Ingest
+    provisioning: Provisioning
     default_isolation: IsolationLevel
     protect_stateful: bool
     high_availability: bool
@@ -484,6 +511,7 @@ _IMAGES = {
     "postgres": "postgres:16.6",
     "grafana": "grafana/grafana:11.4.0",
     "ingest": "ghcr.io/ironlink/ingest:0.1.0",
+    "provisioning": "ghcr.io/ironlink/provisioning:0.1.0",
 }
 _TIERS = {
     "basic": {"raw": "7d", "downsampled": "180d"},
@@ -529,6 +557,11 @@ PHASE_PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 500,
             "flush_interval_ms": 1000,
         },
+        "provisioning": {
+            "image": _IMAGES["provisioning"],
+            "replicas": 1,
+            "resources": _compute("50m", "128Mi", "500m", "256Mi"),
+        },
         "default_isolation": 1,
         "protect_stateful": False,
         "high_availability": False,
@@ -573,6 +606,11 @@ PHASE_PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 1000,
             "flush_interval_ms": 500,
         },
+        "provisioning": {
+            "image": _IMAGES["provisioning"],
+            "replicas": 2,
+            "resources": _compute("100m", "128Mi", "500m", "256Mi"),
+        },
         "default_isolation": 2,
         "protect_stateful": True,
         "high_availability": False,
@@ -616,6 +654,11 @@ PHASE_PRESETS: dict[str, dict[str, Any]] = {
             "resources": _compute("500m", "512Mi", "2", "1Gi"),
             "batch_size": 5000,
             "flush_interval_ms": 250,
+        },
+        "provisioning": {
+            "image": _IMAGES["provisioning"],
+            "replicas": 2,
+            "resources": _compute("250m", "256Mi", "1", "512Mi"),
         },
         "default_isolation": 2,
         "protect_stateful": True,
@@ -723,7 +766,6 @@ def _rule_ingest_colours(s: Sections) -> Iterator[Problem]:
 
 def _rule_tenants(s: Sections) -> Iterator[Problem]:
     tiers = s["influxdb"].retention_tiers if "influxdb" in s else None
-    quota: TenantQuota | None = s["broker"].tenant_quota if "broker" in s else None
     seen: dict[str, int] = {}
     for index, tenant in s["tenants"]:
         if tenant.id in seen:
@@ -742,17 +784,11 @@ def _rule_tenants(s: Sections) -> Iterator[Problem]:
                 _path(["tenants", index, "isolation"]),
                 f"{tenant.isolation} is not available in phase {s['phase']} (level 3 needs phase C)",
             )
-        yield from _unique_ids(tenant.sites, ["tenants", index, "sites"])
-        for site_index, site in enumerate(tenant.sites):
-            yield from _unique_ids(site.machines, ["tenants", index, "sites", site_index, "machines"])
-        effective_quota = tenant.quota or quota
-        limit = effective_quota.max_devices if effective_quota else None
-        count = sum(len(site.machines) for site in tenant.sites)
-        if limit is not None and count > limit:
-            yield Problem(
-                _path(["tenants", index, "sites"]),
-                f"{count} machines exceed the tenant quota of {limit} devices",
-            )
+        for type_index, name in enumerate(tenant.machine_types):
+            if name in tenant.machine_types[:type_index]:
+                yield Problem(
+                    _path(["tenants", index, "machine_types", type_index]), f"{name!r} is listed twice"
+                )
 
 
 # Tenant ids whose derived names would be the platform's own: svc.<tenant> == svc.ingest (the
@@ -777,14 +813,22 @@ def _rule_reserved_tenant_ids(s: Sections) -> Iterator[Problem]:
             )
 
 
-def _unique_ids(items: Iterable[Site | Machine], where: list[str | int]) -> Iterator[Problem]:
-    seen: dict[str, int] = {}
-    for index, item in enumerate(items):
-        if item.id in seen:
-            yield Problem(
-                _path([*where, index, "id"]), f"{item.id!r} is already used by {where[-1]}[{seen[item.id]}]"
-            )
-        seen.setdefault(item.id, index)
+def _rule_provisioning(s: Sections) -> Iterator[Problem]:
+    section: Provisioning = s["provisioning"]
+    if section.renew_before_days >= section.cert_validity_days:
+        yield Problem(
+            _path(["provisioning", "renew_before_days"]),
+            f"{section.renew_before_days} must be less than cert_validity_days ({section.cert_validity_days})",
+        )
+    ca = section.ca
+    if ca.mode == "aws-pca":
+        yield Problem(
+            _path(["provisioning", "ca", "mode"]),
+            "'aws-pca' is not implemented yet (use 'in-cluster': the service generates the CA keys "
+            "on its own volume)",
+        )
+    elif ca.arn is not None:
+        yield Problem(_path(["provisioning", "ca", "arn"]), f"{ca.arn!r} is only read with mode 'aws-pca'")
 
 
 # Each rule runs only when the sections it reads are valid, so that one bad section does not hide
@@ -795,6 +839,7 @@ _RULES: list[tuple[tuple[str, ...], Callable[[Sections], Iterator[Problem]]]] = 
     (("phase", "high_availability"), _rule_high_availability),
     (("influxdb",), _rule_single_node_influxdb),
     (("ingest",), _rule_autoscaling),
+    (("provisioning",), _rule_provisioning),
     (("broker", "ingest"), _rule_ingest_colours),
     (("tenants",), _rule_tenants),
     (("tenants",), _rule_reserved_tenant_ids),
@@ -803,6 +848,13 @@ _RULES: list[tuple[tuple[str, ...], Callable[[Sections], Iterator[Problem]]]] = 
 
 
 # ------------------------------------------------------------------------------------- parsing
+FLEET_KEY = "sites"
+OLD_STYLE_FLEET = (
+    "sites and machines live in the registry now, not in a stack file; "
+    "run 'ironlink fleet import STACK' to move them there"
+)
+
+
 def parse_platform(raw: Mapping[str, Any], stack: str | None = None) -> PlatformConfig:
     """Validate a stack's ``ironlink:`` settings (keys without the namespace) on top of its preset.
 
@@ -838,6 +890,9 @@ def parse_platform(raw: Mapping[str, Any], stack: str | None = None) -> Platform
         tenants_raw = []
     valid_tenants: list[tuple[int, Tenant]] = []
     for index, item in enumerate(tenants_raw):
+        if isinstance(item, Mapping) and FLEET_KEY in item:
+            problems.append(Problem(_path(["tenants", index, FLEET_KEY]), OLD_STYLE_FLEET))
+            item = {key: value for key, value in item.items() if key != FLEET_KEY}
         try:
             valid_tenants.append((index, Tenant.model_validate(item)))
         except ValidationError as error:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ingest.contract import Accepted, Reason, Rejected, decode, parse_topic
+from ingest.contract import Accepted, MachineKey, Reason, Rejected, decode, parse_topic
 from ingest.derive import DerivedMetrics
 from ingest.points import to_line
 from ingest.settings import WorkerSettings
@@ -112,7 +112,10 @@ class Pipeline:
     def __init__(self, settings: WorkerSettings, clock: Callable[[], float] = time.monotonic) -> None:
         """``clock``: the monotonic clock the quota counts arrivals on."""
         self.settings = settings
-        self._machine_types = settings.machine_types()
+        self._machine_types: Mapping[MachineKey, str] = settings.machine_types()
+        # With a registry its fleet is the whole truth: a machine it lacks is unknown_machine in
+        # every schema version (from settings, v2/v3 of a known tenant pass without a type check).
+        self._registry_fleet = settings.registry_dsn is not None
         # Each replica admits its share: the broker spreads a shared subscription's messages
         # evenly over the group's members (ingest/README.md, "Quota", for the trade-off).
         self._quotas = {
@@ -123,6 +126,11 @@ class Pipeline:
             if route.messages_per_second is not None
         }
         self.derived = DerivedMetrics(settings.derived_window_s, settings.derived_max_gap_s)
+
+    def use_machine_types(self, machine_types: Mapping[MachineKey, str]) -> None:
+        """The registry's fleet (``ingest/fleet.py``, from its thread): the map is replaced whole,
+        never changed in place, so each message sees one fleet or the next."""
+        self._machine_types = machine_types
 
     def tenant_label(self, topic: str) -> str:
         """The tenant a topic names, as a metric label (bounded: only configured tenants)."""
@@ -142,12 +150,16 @@ class Pipeline:
         return DeadLetter(self.tenant_label(topic), outcome.reason, outcome.detail, document)
 
     def _process(self, topic: str, payload: bytes, received_at: float) -> Point | Rejected:
+        machine_types = self._machine_types  # one reading: the fleet thread may swap it meanwhile
         result = decode(
-            topic, payload, machine_types=self._machine_types, max_bytes=self.settings.max_payload_bytes
+            topic, payload, machine_types=machine_types, max_bytes=self.settings.max_payload_bytes
         )
         if not isinstance(result, Accepted):
             return result
         sample = result.telemetry
+        machine = (sample.tenant_id, sample.site_id, sample.machine_id)
+        if self._registry_fleet and machine not in machine_types:
+            return Rejected(Reason.UNKNOWN_MACHINE, f"machine {'/'.join(machine)!r} is not registered")
         if sample.tenant_id not in self.settings.tenants:
             return Rejected(
                 Reason.UNKNOWN_TENANT, f"tenant_id: {sample.tenant_id!r} is not a tenant of this platform"

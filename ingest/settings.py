@@ -3,11 +3,12 @@
 Every field of :class:`WorkerSettings` is read from ``IRONLINK_<FIELD NAME IN CAPITALS>``
 (mappings as JSON), on top of ``IRONLINK_SETTINGS_FILE`` (JSON or YAML with the lower-case field
 names). Secrets never travel with the rest: the broker password comes from
-``IRONLINK_MQTT_PASSWORD`` only and the store tokens from the JSON file named by
-``IRONLINK_STORE_TOKENS_FILE`` (``{"<tenant>": "<token>"}``). :meth:`WorkerSettings.to_env` gives
-the non-secret environment of a deployment (the ``IngestWorker`` component, ``ironlink dev``), and
-:func:`worker_settings_for` derives it from the stack config, so tenants, buckets and subscription
-come from ``infra/tenancy.py`` and nowhere else.
+``IRONLINK_MQTT_PASSWORD`` only, the registry's DSN from ``IRONLINK_REGISTRY_DSN`` only, and the
+store tokens from the JSON file named by ``IRONLINK_STORE_TOKENS_FILE`` (``{"<tenant>":
+"<token>"}``). :meth:`WorkerSettings.to_env` gives the non-secret environment of a deployment
+(the ``IngestWorker`` component, ``ironlink dev``), and :func:`worker_settings_for` derives it
+from the stack config, so tenants, buckets and subscription come from ``infra/tenancy.py`` and
+nowhere else.
 
 Bad settings raise :class:`SettingsError` naming each offending variable and value::
 
@@ -39,7 +40,7 @@ from ingest.contract import DEFAULT_MAX_PAYLOAD_BYTES, MachineKey
 
 ENV_PREFIX = "IRONLINK_"
 SETTINGS_FILE_VAR = "IRONLINK_SETTINGS_FILE"
-_SECRETS = {"mqtt_password"}
+_SECRETS = {"mqtt_password", "registry_dsn"}
 _JSON_FIELDS = {"store_urls", "tenants"}
 M = TypeVar("M", bound=BaseModel)
 
@@ -118,6 +119,18 @@ class WorkerSettings(BaseModel):
     store_tokens_file: Path | None = Field(default=None, description="JSON {tenant: write token}.")
     store_timeout_ms: int = Field(default=10_000, ge=100)
     tenants: dict[TenantId, TenantRoute]
+
+    # The fleet (ingest/fleet.py): with a registry, machines come from it and follow its changes;
+    # tenants[*].machines is then ignored (and best left empty: one variable holds at most 128 KiB).
+    registry_dsn: SecretStr | None = Field(
+        default=None, description="From IRONLINK_REGISTRY_DSN only; read-only access suffices."
+    )
+    fleet_poll_s: float = Field(
+        default=60.0,
+        ge=1,
+        le=3600,
+        description="Full re-read of the registry's machines, in case a change notification was lost.",
+    )
 
     # Batching and retries.
     batch_size: int = Field(default=500, ge=1, le=50_000)
@@ -374,11 +387,15 @@ def worker_settings_for(
     mqtt_host: str,
     mqtt_port: int,
     store_urls: Mapping[str, str],
+    machines: Mapping[str, Mapping[str, str]] | None = None,
     **overrides: Any,
 ) -> WorkerSettings:
-    """The worker's settings for a stack: routes and quotas per tenant, the registry's machines,
-    the subscription for the stack's broker engine, batching from ``ingest:``. ``overrides`` are
-    further :class:`WorkerSettings` fields (TLS file paths, ``http_port``, ...)."""
+    """The worker's settings for a stack: routes and quotas per tenant, the subscription for the
+    stack's broker engine, batching from ``ingest:``. ``overrides`` are further
+    :class:`WorkerSettings` fields (TLS file paths, ``http_port``, ...). The stack holds no
+    machines: ``machines`` (tenant id → ``'<site>/<machine>'`` → type, e.g.
+    :meth:`infra.fleet.Fleet.route_machines`) passes them explicitly; without it the routes carry
+    none, for a worker that reads them from the registry (``registry_dsn``)."""
     routes = store_routes(config)
     tenants = {
         tenant.id: TenantRoute(
@@ -387,7 +404,7 @@ def worker_settings_for(
             bucket=routes[tenant.id].bucket,
             messages_per_second=config.quota_of(tenant).messages_per_second,
             max_age_s=config.retention_of(tenant).max_age_seconds,
-            machines={f"{site.id}/{machine.id}": machine.type for site, machine in tenant.machines},
+            machines=dict((machines or {}).get(tenant.id, {})),
         )
         for tenant in config.tenants
     }

@@ -49,6 +49,7 @@ from prometheus_client import CollectorRegistry
 
 from infra.tenancy import REPLAY_ROOT, dead_letter_topic, original_topic, receipts_topic
 from ingest.contract import Reason, Rejected, parse_topic
+from ingest.fleet import Fleet
 from ingest.health import HealthServer
 from ingest.metrics import WorkerMetrics
 from ingest.mqtt_fast import accelerate, ack_many
@@ -116,6 +117,16 @@ class Worker:
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
         self.pipeline = Pipeline(settings)
+        self.fleet = (
+            Fleet(
+                settings.registry_dsn.get_secret_value(),
+                settings.fleet_poll_s,
+                self.pipeline.use_machine_types,
+                self.metrics.registry,
+            )
+            if settings.registry_dsn is not None
+            else None
+        )
         self.store = Store(settings, tokens)
         self.spool = Spool(settings.spool_dir, settings.spool_max_bytes_per_tenant, settings.spool_max_bytes)
         self.heartbeat = time.monotonic()
@@ -233,7 +244,11 @@ class Worker:
             "spool_ok": self.spool_ok,
             "held_tenants": self.held_tenants(),
         }
-        return self.connected and self.spool_ok, detail
+        # The registry away is not unready (the last good copy serves); no copy yet is.
+        fleet_loaded = self.fleet is None or self.fleet.loaded.is_set()
+        if self.fleet is not None:
+            detail["fleet"] = self.fleet.detail()
+        return self.connected and self.spool_ok and fleet_loaded, detail
 
     def held_tenants(self) -> dict[str, dict[str, Any]]:
         """Readiness detail: each held tenant, since when, why, and what waits in the spool."""
@@ -261,6 +276,10 @@ class Worker:
     def run(self) -> None:
         s = self.settings
         health = HealthServer(s.http_host, s.http_port, self).start()
+        if self.fleet is not None:  # no delivery before the fleet is known: it would be unknown_machine
+            self.fleet.start()
+            while not self.fleet.wait_loaded(IDLE_WAIT_S) and not self._stop.is_set():
+                self.heartbeat = time.monotonic()
         connect_persistent(self.client, s, s.receive_maximum)
         self.client.loop_start()
         self._drainer.start()
@@ -296,6 +315,8 @@ class Worker:
             self._writers.shutdown(wait=False, cancel_futures=True)
             self.store.close()
             self.spool.close()
+            if self.fleet is not None:
+                self.fleet.stop()
             health.stop()
             log.info("worker_stopped", unacked=self.unacked, session_ended=handed_over)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from infra.config import PlatformConfig, Tenant
+from infra.fleet import Fleet
 from infra.tenancy import (
     DEAD_LETTER_ROOT,
     DEAD_LETTER_SERVICE,
@@ -60,9 +61,10 @@ def machine_rules(tenant_id: str, site_id: str, machine_id: str) -> list[AccessR
     ]
 
 
-def device_rules(tenant: Tenant) -> Iterator[AccessRule]:
-    for site, machine in tenant.machines:
-        yield from machine_rules(tenant.id, site.id, machine.id)
+def device_rules(fleet: Fleet) -> Iterator[AccessRule]:
+    """The rules of a fleet's devices (the registry's, at runtime; a fleet file's, in static mode)."""
+    for tenant_id, site, machine in fleet.machines():
+        yield from machine_rules(tenant_id, site.id, machine.id)
 
 
 def tenant_service_rules(tenant: Tenant) -> Iterator[AccessRule]:
@@ -72,8 +74,9 @@ def tenant_service_rules(tenant: Tenant) -> Iterator[AccessRule]:
 
 
 def tenant_rules(tenant: Tenant) -> list[AccessRule]:
-    """Every rule that belongs to one tenant (removed with it)."""
-    return [*device_rules(tenant), *tenant_service_rules(tenant)]
+    """The rules the stack declares for one tenant (its service identity's); its devices' rules
+    are the registry's, written when a device is enrolled."""
+    return list(tenant_service_rules(tenant))
 
 
 def platform_rules() -> list[AccessRule]:
@@ -88,8 +91,13 @@ def platform_rules() -> list[AccessRule]:
     ]
 
 
-def access_rules(config: PlatformConfig) -> list[AccessRule]:
-    return [*platform_rules(), *(rule for tenant in config.tenants for rule in tenant_rules(tenant))]
+def access_rules(config: PlatformConfig, fleet: Fleet | None = None) -> list[AccessRule]:
+    """The stack's rules, and ``fleet``'s devices' rules for a broker without a runtime registry."""
+    return [
+        *platform_rules(),
+        *(rule for tenant in config.tenants for rule in tenant_rules(tenant)),
+        *(device_rules(fleet) if fleet else ()),
+    ]
 
 
 def service_usernames(config: PlatformConfig) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import socket
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from infra.config import PlatformConfig, Tenant
-from infra.tenancy import device_username
+from infra.tenancy import device_username, tenant_service_username
 from registry.access import AccessRule, platform_rules, tenant_rules
 from registry.migrate import apply_migrations
 
@@ -74,14 +74,6 @@ def _refusals(where: str, row: Mapping[str, object]) -> Iterator[None]:
         if column in row:
             raise RegistryError(f"{where}.{column}: {row[column]!r} {message}") from error
         raise RegistryError(f"{where}: {error.diag.message_primary or error}") from error
-
-
-def _refuse_duplicates(where: str, ids: Iterable[str]) -> None:
-    seen: set[str] = set()
-    for item in ids:
-        if item in seen:
-            raise RegistryError(f"{where}.id: {item!r} is used twice")
-        seen.add(item)
 
 
 def _shown(credential: str) -> str:
@@ -169,23 +161,17 @@ def tenant_ids(conn: psycopg.Connection) -> list[str]:
 def sync_tenant(
     conn: psycopg.Connection, tenant: Tenant, *, isolation: int, actor: str, must_be_new: bool = False
 ) -> SyncResult:
-    """Make the registry hold exactly ``tenant``: its row, sites, machines, credentials and rules.
+    """Make the registry hold ``tenant`` as the stack declares it: its row and its service rules.
 
-    Idempotent (a second call changes nothing and records nothing). Sites and machines missing
-    from ``tenant`` are removed with their credentials. A machine's credential is (re)issued when
-    its ``password_hash`` differs from the stored one; a revoked credential stays revoked until a
-    new hash is issued. ``must_be_new`` refuses a tenant the registry already has.
+    Idempotent (a second call changes nothing and records nothing). Its sites, machines and
+    devices are runtime state that the stack does not declare: they are never touched here
+    (``registry/fleet_import.py`` and the provisioning service write them). ``must_be_new``
+    refuses a tenant the registry already has.
     """
-    _refuse_duplicates(f"tenants[{tenant.id}].sites", (site.id for site in tenant.sites))
-    for site in tenant.sites:
-        _refuse_duplicates(f"tenants[{tenant.id}].sites[{site.id}].machines", (m.id for m in site.machines))
     result = SyncResult(tenant.id)
     with conn.transaction():
         record = _Recorder(conn, actor, tenant.id, result)
         _sync_tenant_row(conn, tenant, isolation, must_be_new, record)
-        _sync_sites(conn, tenant, record)
-        _sync_machines(conn, tenant, record)
-        _sync_credentials(conn, tenant, record)
         _replace_rules(conn, tenant.id, tenant_rules(tenant))
     return result
 
@@ -216,74 +202,6 @@ def _sync_tenant_row(
             record("tenant.updated", tenant.id, before=before, after=dict(zip(before, wanted, strict=True)))
 
 
-def _sync_sites(conn: psycopg.Connection, tenant: Tenant, record: _Recorder) -> None:
-    stored = dict(conn.execute("SELECT id, name FROM sites WHERE tenant_id = %s", (tenant.id,)).fetchall())
-    for site in tenant.sites:
-        if site.id not in stored:
-            with _refusals(f"tenants[{tenant.id}].sites", {"id": site.id}):
-                conn.execute(
-                    "INSERT INTO sites (tenant_id, id, name) VALUES (%s, %s, %s)",
-                    (tenant.id, site.id, site.name),
-                )
-            stored[site.id] = site.name
-            record("site.added", site.id, name=site.name)
-        elif stored[site.id] != site.name:
-            conn.execute(
-                "UPDATE sites SET name = %s WHERE tenant_id = %s AND id = %s", (site.name, tenant.id, site.id)
-            )
-            stored[site.id] = site.name
-    for site_id in sorted(set(stored) - {site.id for site in tenant.sites}):
-        conn.execute("DELETE FROM sites WHERE tenant_id = %s AND id = %s", (tenant.id, site_id))
-        record("site.removed", site_id)
-
-
-def _sync_machines(conn: psycopg.Connection, tenant: Tenant, record: _Recorder) -> None:
-    rows = conn.execute(
-        "SELECT site_id, id, type FROM machines WHERE tenant_id = %s", (tenant.id,)
-    ).fetchall()
-    stored = {(site_id, machine_id): kind for site_id, machine_id, kind in rows}
-    wanted = set()
-    for site, machine in tenant.machines:
-        key = (site.id, machine.id)
-        subject = f"{site.id}/{machine.id}"
-        wanted.add(key)
-        if key not in stored:
-            with _refusals(
-                f"tenants[{tenant.id}].sites[{site.id}].machines", {"id": machine.id, "type": machine.type}
-            ):
-                conn.execute(
-                    "INSERT INTO machines (tenant_id, site_id, id, type) VALUES (%s, %s, %s, %s)",
-                    (tenant.id, site.id, machine.id, machine.type),
-                )
-            stored[key] = machine.type
-            record("machine.added", subject, type=machine.type)
-        elif stored[key] != machine.type:
-            with _refusals(f"tenants[{tenant.id}].sites[{site.id}].machines", {"type": machine.type}):
-                conn.execute(
-                    "UPDATE machines SET type = %s WHERE tenant_id = %s AND site_id = %s AND id = %s",
-                    (machine.type, tenant.id, site.id, machine.id),
-                )
-            record("machine.updated", subject, before={"type": stored[key]}, after={"type": machine.type})
-    for site_id, machine_id in sorted(set(stored) - wanted):
-        conn.execute(
-            "DELETE FROM machines WHERE tenant_id = %s AND site_id = %s AND id = %s",
-            (tenant.id, site_id, machine_id),
-        )
-        record("machine.removed", f"{site_id}/{machine_id}")
-
-
-def _sync_credentials(conn: psycopg.Connection, tenant: Tenant, record: _Recorder) -> None:
-    stored: dict[str, str] = dict(
-        conn.execute("SELECT username, credential FROM devices WHERE tenant_id = %s", (tenant.id,)).fetchall()
-    )
-    for site, machine in tenant.machines:
-        username = device_username(tenant.id, site.id, machine.id)
-        if machine.password_hash is None or stored.get(username) == machine.password_hash:
-            continue
-        _store_device_credential(conn, tenant.id, site.id, machine.id, machine.password_hash)
-        record("credential.issued", username, rotated=username in stored)
-
-
 _UPSERT_DEVICE = (
     "INSERT INTO devices (username, tenant_id, site_id, machine_id, credential) VALUES (%s, %s, %s, %s, %s)"
     " ON CONFLICT (username) DO UPDATE"
@@ -307,10 +225,14 @@ def _store_device_credential(
 
 
 def _replace_rules(conn: psycopg.Connection, tenant_id: str | None, rules: Sequence[AccessRule]) -> None:
+    """Replace the platform's rules, or a tenant's service rules: its devices' rules stay."""
     if tenant_id is None:
         conn.execute("DELETE FROM acl_rules WHERE tenant_id IS NULL")
     else:
-        conn.execute("DELETE FROM acl_rules WHERE tenant_id = %s", (tenant_id,))
+        conn.execute(
+            "DELETE FROM acl_rules WHERE tenant_id = %s AND username = %s",
+            (tenant_id, tenant_service_username(tenant_id)),
+        )
     with conn.cursor() as cursor:
         cursor.executemany(
             "INSERT INTO acl_rules (username, tenant_id, permission, action, topic)"

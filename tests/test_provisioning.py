@@ -36,7 +36,7 @@ class RecordingDirectory(RegistryOnly):
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
 
-    def add_device(self, username: str, password: str | None, **_: str) -> None:  # type: ignore[override]
+    def add_device(self, username: str, password: str | None, **_: str) -> None:
         self.calls.append(("add_device", username))
 
     def disable(self, username: str) -> None:
@@ -290,7 +290,7 @@ def test_a_device_claims_with_its_own_csr_and_resumes_with_the_same_key(api: Api
     token = claim_token(api)
     payload = json.loads(token["qr_payload"])
     assert payload == {"v": 1, "endpoint": "https://prov.example.com/v1/claim", "token": token["token"]}
-    key, csr = key_and_csr()
+    _, csr = key_and_csr()
     first = api.client.post("/v1/claim", json={"token": token["token"], "machine_id": "mill-07", "csr": csr})
     assert first.status_code == 201, first.text
     again = api.client.post("/v1/claim", json={"token": token["token"], "machine_id": "mill-07", "csr": csr})

@@ -25,6 +25,7 @@ ROLE_INFLUXDB = "influxdb"
 ROLE_POSTGRES = "postgres"
 ROLE_BACKUP = "backup"
 ROLE_DEAD_LETTERS = "dead-letters"
+ROLE_PROVISIONING = "provisioning"
 
 CLUSTER_DOMAIN = "svc.cluster.local"
 # Which side of a blue/green rollout a pod belongs to (the ingest worker's colours).
@@ -121,10 +122,20 @@ def compute_resources(resources: ComputeResources) -> Manifest:
 
 
 def http_probe(
-    path: str, port: int | str, *, period: int = 10, failures: int = 3, delay: int = 0
+    path: str,
+    port: int | str,
+    *,
+    period: int = 10,
+    failures: int = 3,
+    delay: int = 0,
+    scheme: str = "HTTP",
 ) -> Manifest:
+    """``scheme="HTTPS"`` for a server that speaks only TLS (the kubelet does not verify its certificate)."""
+    http_get: Manifest = {"path": path, "port": port}
+    if scheme != "HTTP":
+        http_get["scheme"] = scheme
     probe: Manifest = {
-        "httpGet": {"path": path, "port": port},
+        "httpGet": http_get,
         "periodSeconds": period,
         "failureThreshold": failures,
         "timeoutSeconds": 5,

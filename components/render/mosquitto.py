@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from infra.config import PlatformConfig
+from infra.fleet import Fleet
 from infra.tenancy import device_username
 from registry.access import AccessRule, access_rules, platform_rules, tenant_service_rules
 from registry.credentials import SALT_BYTES, parse_hash
@@ -205,14 +206,15 @@ def render_password_file(accounts: Iterable[BrokerAccount]) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
-def render_acl_file(config: PlatformConfig) -> str:
+def render_acl_file(config: PlatformConfig, fleet: Fleet | None = None) -> str:
     """One ``user`` block per identity with the topics it may use; nothing for anyone else.
 
     No line precedes the first ``user`` line, so anonymous clients (refused anyway) get nothing.
-    Mosquitto checks ``read`` per delivered message, not at SUBSCRIBE.
+    Mosquitto checks ``read`` per delivered message, not at SUBSCRIBE. Devices appear only when
+    ``fleet`` is given (static mode: tests, the dev platform); a cluster's come through dynamic security.
     """
     blocks: dict[str, list[str]] = {}
-    for rule in access_rules(config):
+    for rule in access_rules(config, fleet):
         blocks.setdefault(rule.username, []).append(f"topic {_ACL_ACCESS[rule.action]} {rule.topic}")
     parts = ["# Rendered by Ironlink from registry/access.py: do not edit.\n"]
     parts += [
@@ -221,12 +223,11 @@ def render_acl_file(config: PlatformConfig) -> str:
     return "".join(parts)
 
 
-def device_accounts(config: PlatformConfig) -> list[BrokerAccount]:
-    """Accounts of every machine whose credential is in the stack file (``password_hash``)."""
+def device_accounts(fleet: Fleet) -> list[BrokerAccount]:
+    """Static-mode accounts of a fleet's machines that carry a ``password_hash``."""
     return [
-        BrokerAccount(device_username(tenant.id, site.id, machine.id), machine.password_hash)
-        for tenant in config.tenants
-        for site, machine in tenant.machines
+        BrokerAccount(device_username(tenant_id, site.id, machine.id), machine.password_hash)
+        for tenant_id, site, machine in fleet.machines()
         if machine.password_hash is not None
     ]
 

@@ -1,11 +1,11 @@
 """``ironlink tenant add|list|remove`` and ``ironlink device add``: sales-engineer commands.
 
-Each command edits ``stacks/Pulumi.<stack>.yaml`` in place (comments and key order kept, see
-:mod:`infra.stackfile`), validates the whole edited config before writing anything, and prints
-what the change adds to or removes from the plan. A new device's password is printed once; the
-stack file keeps only its ``$7$`` hash. With ``--registry DSN`` (or ``IRONLINK_REGISTRY_DSN``)
-the device registry is updated in the same go, with audit events, and the file is written only if
-the registry accepted the change.
+The tenant commands edit ``stacks/Pulumi.<stack>.yaml`` in place (comments and key order kept, see
+:mod:`infra.stackfile`), validate the whole edited config before writing anything, and print what
+the change adds to or removes from the plan. With ``--registry DSN`` (or ``IRONLINK_REGISTRY_DSN``)
+the registry is updated in the same go, with audit events, and the file is written only if the
+registry accepted the change. Devices never touch a stack file: ``ironlink device add`` writes the
+registry only, and the device's password is printed once (the registry keeps its ``$7$`` hash).
 """
 
 from __future__ import annotations
@@ -116,12 +116,15 @@ def tenant_add(
     name: Annotated[str, typer.Option("--name", help="Display name.")],
     tier: Annotated[str, typer.Option("--tier", help="Retention tier (basic, standard, premium, ...).")],
     isolation: Annotated[int | None, typer.Option("--isolation", help="Isolation level 1-3.")] = None,
-    sites: Annotated[list[str] | None, typer.Option("--site", help="Site id; repeat for several.")] = None,
+    machine_types: Annotated[
+        list[str] | None,
+        typer.Option("--machine-type", help="Catalog type its dashboards cover; repeat for several."),
+    ] = None,
     registry: RegistryOption = None,
 ) -> None:
-    """Add a tenant to a stack."""
+    """Add a tenant to a stack (its sites and machines go to the registry: ``ironlink device add``)."""
     stack_file, before, after = _edit(
-        stack, lambda f: f.add_tenant(tenant_id, name, tier, isolation, sites or [])
+        stack, lambda f: f.add_tenant(tenant_id, name, tier, isolation, machine_types or [])
     )
     tenant = after.tenant(tenant_id)
     with _registry(registry) as conn:
@@ -141,25 +144,22 @@ def tenant_add(
 
 @tenant_app.command("list")
 def tenant_list(stack: StackArg) -> None:
-    """List a stack's tenants with their isolation, sites, devices and store."""
+    """List a stack's tenants with their isolation, machine types and store (devices: the registry)."""
     config = stack_config(stack)
     table = Table(title=f"Tenants of stack {stack!r} (phase {config.phase}, {config.region})")
-    for column in ("tenant", "tier", "level", "devices", "credentials"):
+    for column in ("tenant", "tier", "level"):
         table.add_column(column, no_wrap=True)
-    for column in ("name", "sites", "InfluxDB org/bucket"):
+    for column in ("name", "machine types", "InfluxDB org/bucket"):
         table.add_column(column, overflow="fold")
     for tenant in config.tenants:
-        machines = list(tenant.machines)
         route = store_route(config, tenant)
         dedicated = f" on {route.instance}" if route.instance != SHARED_INFLUXDB else ""
         table.add_row(
             tenant.id,
             tenant.tier,
             str(config.isolation_of(tenant)),
-            str(len(machines)),
-            f"{sum(1 for _, m in machines if m.password_hash)}/{len(machines)}",
             tenant.name,
-            ", ".join(site.id for site in tenant.sites) or "-",
+            ", ".join(tenant.machine_types) or "-",
             f"{route.org}/{route.bucket}{dedicated}",
         )
     console.print(table)
@@ -198,21 +198,33 @@ def device_add(
     ] = False,
     registry: RegistryOption = None,
 ) -> None:
-    """Add a machine and issue its device credential (the password is shown once)."""
+    """Add a machine to the registry and issue its device credential (the password is shown once).
+
+    The stack file is not changed: it only has to know the tenant."""
+    config = stack_config(stack)
+    problems = [] if registry else ["--registry: required (devices live in the registry, not the stack file)"]
+    if tenant_id not in {tenant.id for tenant in config.tenants}:
+        known = ", ".join(tenant.id for tenant in config.tenants) or "none"
+        problems.append(f"TENANT: {tenant_id!r} is not a tenant of stack {stack!r} (tenants: {known})")
+    machine = _machine_problems(site_id, machine_id, machine_type)
+    if problems or machine:
+        fail("; ".join([*problems, *machine]))
     password = generate_password()
-    credential = hash_password(password)
-    stack_file, before, after = _edit(
-        stack,
-        lambda f: f.add_machine(tenant_id, site_id, machine_id, machine_type, credential, new_site=new_site),
-    )
     with _registry(registry) as conn:
-        if conn is not None:
-            tenant = after.tenant(tenant_id)
-            store.sync_tenant(conn, tenant, isolation=after.isolation_of(tenant), actor=_actor())
-        stack_file.save()
-    console.print(
-        f"Added machine [bold]{machine_id}[/] ({machine_type}) to {tenant_id}/{site_id} in {stack_file.path}"
-    )
+        assert conn is not None
+        try:
+            if new_site and site_id not in {s.id for s in provisioning.list_sites(conn, tenant_id)}:
+                provisioning.add_site(conn, tenant_id, site_id, None, actor=_actor())
+            provisioning.add_machine(conn, tenant_id, site_id, machine_id, machine_type, actor=_actor())
+            store.issue_device_credential(
+                conn, tenant_id, site_id, machine_id, hash_password(password), actor=_actor()
+            )
+            provisioning.store_device(
+                conn, tenant_id, site_id, machine_id, credential=None, replace=False
+            ) if False else None
+        except provisioning.Refused as refusal:
+            fail(f"registry refused the change: {refusal.detail}")
+    console.print(f"Added machine [bold]{machine_id}[/] ({machine_type}) to {tenant_id}/{site_id} in the registry")
     console.print(f"  username: {device_username(tenant_id, site_id, machine_id)}", highlight=False)
     console.print(f"  password: {password}", highlight=False)
     console.print(
