@@ -6,6 +6,13 @@ mints a claim token for ``--devices`` machines, and has them claim in ``--thread
 devices, each with its own key and CSR (made before the clock starts), over real HTTP. Prints, first:
 
     provisioning <N> devices/s
+
+Then (:func:`worker_start`) ``python -m ingest`` started against ``--fleet`` machines registered in
+a database of the same PostgreSQL (a real Mosquitto beside it), timed from the process start to
+``/readyz`` 200 with the whole fleet loaded (``ironlink_ingest_fleet_machines``), with its peak RSS
+(``VmHWM``); then how long one machine registered meanwhile takes to reach it:
+
+    worker start <S> s, peak RSS <M> MB
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--fleet", type=int, default=50_000, help="machines the worker starts with")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="ironlink-bench-fleet-"))
     os.chmod(root, 0o755)
@@ -120,11 +128,121 @@ def main() -> None:
             f"  {args.devices} devices claimed with their own CSR in {elapsed:.2f} s,"
             f" {args.threads} in parallel"
         )
+        worker_start(root, dsn, args.fleet)
     finally:
         if service is not None:
             service.terminate()
             service.wait(15)
         postgres.stop()
+
+
+FLEET_TENANTS = ("acme", "globex", "initech", "umbrella")
+FLEET_TYPES = ("cnc_mill", "hydraulic_press", "injection_molder")
+
+
+def worker_start(root: Path, dsn: str, machines: int) -> None:
+    """``worker start <S> s, peak RSS <M> MB`` for a worker whose registry holds ``machines``."""
+    from infra.config import parse_platform
+    from ingest.settings import worker_settings_for
+    from registry import fleet
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE worker_fleet")
+    dsn = dsn.replace("dbname=postgres", "dbname=worker_fleet")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        apply_migrations(conn)
+        for tenant in FLEET_TENANTS:
+            conn.execute(
+                "INSERT INTO tenants (id, name, tier, isolation) VALUES (%s, %s, 'basic', 1)",
+                (tenant, tenant),
+            )
+            conn.execute(
+                "INSERT INTO sites (tenant_id, id) SELECT %s, 'site-' || n FROM generate_series(0, 49) n",
+                (tenant,),
+            )
+        with conn.cursor().copy("COPY machines (tenant_id, site_id, id, type) FROM STDIN") as copy:
+            for n in range(machines):
+                tenant = FLEET_TENANTS[n % len(FLEET_TENANTS)]
+                copy.write_row(
+                    (tenant, f"site-{n % 50}", f"machine-{n:06d}", FLEET_TYPES[n % len(FLEET_TYPES)])
+                )
+        started = time.perf_counter()
+        whole = len(fleet.machine_types(conn))
+        whole_s = time.perf_counter() - started
+        started = time.perf_counter()
+        fleet.machine_types(conn, FLEET_TENANTS[0])
+        tenant_s = time.perf_counter() - started
+    assert whole == machines, whole
+
+    config = parse_platform(
+        {
+            "phase": "A",
+            "region": "bench",
+            "tenants": [{"id": t, "name": t, "tier": "basic"} for t in FLEET_TENANTS],
+        }
+    )
+    mqtt_port, http_port = servers.free_port(), servers.free_port()
+    persistence = root / "mosquitto"
+    persistence.mkdir()
+    servers.hand_over(persistence, servers.service_user("mosquitto"))
+    broker_conf = root / "mosquitto.conf"
+    template = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "ingest" / "mosquitto.conf"
+    broker_conf.write_text(template.read_text().format(port=mqtt_port, persistence_dir=persistence))
+    broker = servers.mosquitto(broker_conf, mqtt_port, root / "mosquitto.log").start()
+    settings = worker_settings_for(
+        config,
+        mqtt_host="127.0.0.1",
+        mqtt_port=mqtt_port,
+        store_urls={"influxdb": "http://127.0.0.1:9"},  # readiness does not wait for the store
+        mqtt_tls=False,
+        http_host="127.0.0.1",
+        http_port=http_port,
+        spool_dir=root / "spool",
+        log_level="warning",
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    env = {**os.environ, **settings.to_env(), "IRONLINK_REGISTRY_DSN": dsn}
+    started = time.perf_counter()
+    worker = subprocess.Popen([sys.executable, "-m", "ingest"], env=env, stdout=subprocess.DEVNULL)
+    try:
+        servers.wait_until(lambda: servers.http_ok(url + "/readyz"), 60, "the worker")
+        start_s = time.perf_counter() - started
+        loaded = _metric(url, "ironlink_ingest_fleet_machines")
+        assert loaded == machines, f"ready with {loaded} of {machines} machines"
+        peak_mb = _peak_rss_mb(worker.pid)
+        print(f"worker start {start_s:.2f} s, peak RSS {peak_mb:.0f} MB")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            started = time.perf_counter()
+            reg.add_machine(conn, FLEET_TENANTS[0], "site-0", "one-more", "cnc_mill", actor="bench")
+            servers.wait_until(
+                lambda: _metric(url, "ironlink_ingest_fleet_machines") == machines + 1, 10, "the new machine"
+            )
+            change_s = time.perf_counter() - started
+        print(
+            f"  {machines} machines in {len(FLEET_TENANTS)} tenants; one registered meanwhile known after"
+            f" {change_s * 1000:.0f} ms (its tenant re-read); a whole read {whole_s * 1000:.0f} ms,"
+            f" one tenant's {tenant_s * 1000:.0f} ms"
+        )
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        broker.stop()
+
+
+def _metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return float("nan")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """``VmHWM`` (peak resident set) of a running process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ phases, Grafana's shared database.
 
 A single-node StatefulSet on a PVC; availability comes from scheduled ``pg_dump`` backups to a
 protected volume. Only the pods that need it may connect (NetworkPolicy): the broker (EMQX's
-authenticator), Grafana, the dead-letter consumer and the backup job.
+authenticator), Grafana, the dead-letter consumer, the provisioning service and the backup job.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from components.render.kubernetes import (
     ROLE_DEAD_LETTERS,
     ROLE_GRAFANA,
     ROLE_POSTGRES,
+    ROLE_PROVISIONING,
     Manifest,
     backup_peer,
     container,
@@ -145,6 +146,7 @@ class Postgres(pulumi.ComponentResource):
         clients = [
             pod_peer(role_selector(ROLE_GRAFANA)),
             pod_peer(role_selector(ROLE_DEAD_LETTERS)),
+            pod_peer(role_selector(ROLE_PROVISIONING)),
             backup_peer(name),
         ]
         if config.broker.engine == "emqx":

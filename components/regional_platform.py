@@ -3,7 +3,8 @@
 The region owns the single Kubernetes provider (``cluster.context``), the namespace (Pod Security
 ``restricted``, ingress denied by default), the certificate authority, and the platform's shared
 services: PostgreSQL (registry, HA Grafana), the shared InfluxDB, the MQTT broker, Grafana, the
-ingest worker and the dead-letter sink (``dlq/#`` into the registry, replays on request). Each
+ingest worker, the dead-letter sink (``dlq/#`` into the registry, replays on request) and the
+provisioning service (claims, enrollment, device certificates from in-cluster issuing CAs). Each
 tenant of the config is a ``components.tenant.Tenant`` (InfluxDB org, buckets and tokens, Grafana
 org or folder, registry rows, a level-3 tenant's own InfluxDB); tenants are declared before the
 worker, which gets their write tokens. The broker credentials of ``svc.ingest`` and
@@ -27,6 +28,7 @@ from components.pki import CertificateAuthority, CertificateAuthorityArgs
 from components.postgres import Postgres, PostgresArgs
 from components.providers.influxdb import InfluxConnection
 from components.providers.registry import RegistryServiceAccount
+from components.provisioning import ProvisioningService, ProvisioningServiceArgs
 from components.render.kubernetes import default_deny_spec, namespace_labels, object_meta
 from components.tenant import Tenant, TenantArgs, grafana_admin_provider, shared_alert_routing
 from infra.config import PlatformConfig
@@ -61,6 +63,10 @@ class RegionalPlatform(pulumi.ComponentResource):
     dead_letters: DeadLetterSink
     dead_letter_credential: ServiceCredential
     """``svc.deadletters``'s broker password and ``$7$`` hash."""
+    provisioning: ProvisioningService
+    broker_admin_credential: ServiceCredential | None
+    """Mosquitto only: the dynamic-security admin (``admin.dynsec``) the provisioning service logs
+    in as; its ``$7$`` hash is what the broker's plugin state must hold."""
 
     def __init__(
         self, name: str, args: RegionalPlatformArgs, opts: pulumi.ResourceOptions | None = None
@@ -194,11 +200,39 @@ class RegionalPlatform(pulumi.ComponentResource):
             ),
             inside,
         )
+        # Mosquitto learns devices from the service over dynamic security; EMQX reads the registry.
+        self.broker_admin_credential = (
+            service_credential("dynsec-admin", parent=self) if config.broker.engine == "mosquitto" else None
+        )
+        section = config.provisioning
+        self.provisioning = ProvisioningService(
+            "provisioning",
+            ProvisioningServiceArgs(
+                section=section,
+                provider=self.provider,
+                namespace=self.namespace,
+                region=config.region,
+                domain=config.cluster.domain,
+                storage_class=config.cluster.storage_class,
+                high_availability=config.high_availability,
+                protect=config.protect_stateful,
+                expose_to_devices=config.phase != "A",
+                ca=self.ca,
+                registry_dsn=self.postgres.dsn,
+                mosquitto=(
+                    (self.broker.host, self.broker.tls_port, self.broker_admin_credential.password)
+                    if self.broker_admin_credential is not None
+                    else None
+                ),
+            ),
+            inside,
+        )
         self.register_outputs(
             {
                 "namespace": self.namespace,
                 "broker_host": self.broker.public_host,
                 "grafana_url": self.grafana.public_url,
                 "ca_cert_pem": self.ca.cert_pem,
+                "provisioning_url": self.provisioning.public_url,
             }
         )

@@ -818,7 +818,8 @@ def _rule_provisioning(s: Sections) -> Iterator[Problem]:
     if section.renew_before_days >= section.cert_validity_days:
         yield Problem(
             _path(["provisioning", "renew_before_days"]),
-            f"{section.renew_before_days} must be less than cert_validity_days ({section.cert_validity_days})",
+            f"{section.renew_before_days} must be less than cert_validity_days "
+            f"({section.cert_validity_days})",
         )
     ca = section.ca
     if ca.mode == "aws-pca":
@@ -851,7 +852,7 @@ _RULES: list[tuple[tuple[str, ...], Callable[[Sections], Iterator[Problem]]]] = 
 FLEET_KEY = "sites"
 OLD_STYLE_FLEET = (
     "sites and machines live in the registry now, not in a stack file; "
-    "run 'ironlink fleet import STACK' to move them there"
+    "run 'ironlink fleet import {stack}' to move them there"
 )
 
 
@@ -891,7 +892,8 @@ def parse_platform(raw: Mapping[str, Any], stack: str | None = None) -> Platform
     valid_tenants: list[tuple[int, Tenant]] = []
     for index, item in enumerate(tenants_raw):
         if isinstance(item, Mapping) and FLEET_KEY in item:
-            problems.append(Problem(_path(["tenants", index, FLEET_KEY]), OLD_STYLE_FLEET))
+            message = OLD_STYLE_FLEET.format(stack=stack or "STACK")
+            problems.append(Problem(_path(["tenants", index, FLEET_KEY]), message))
             item = {key: value for key, value in item.items() if key != FLEET_KEY}
         try:
             valid_tenants.append((index, Tenant.model_validate(item)))

@@ -25,6 +25,7 @@ from ruamel.yaml.error import CommentMark
 from ruamel.yaml.tokens import CommentToken
 
 from infra.config import (
+    FLEET_KEY,
     NAMESPACE,
     PlatformConfig,
     Problem,
@@ -33,6 +34,7 @@ from infra.config import (
     parse_platform,
     read_stack_text,
 )
+from infra.fleet import Fleet, machine_types, parse_fleet
 
 TENANTS_KEY = f"{NAMESPACE}:tenants"
 
@@ -221,7 +223,12 @@ class StackFile:
         return index
 
     def add_tenant(
-        self, tenant_id: str, name: str, tier: str, isolation: int | None = None, sites: Sequence[str] = ()
+        self,
+        tenant_id: str,
+        name: str,
+        tier: str,
+        isolation: int | None = None,
+        machine_types: Sequence[str] = (),
     ) -> None:
         tenants = self._tenants(create=True)
         index = self._find(tenants, tenant_id)
@@ -230,52 +237,42 @@ class StackFile:
         tenant = CommentedMap([("id", tenant_id), ("name", name), ("tier", tier)])
         if isolation is not None:
             tenant["isolation"] = isolation
-        if sites:
-            tenant["sites"] = CommentedSeq(CommentedMap([("id", site)]) for site in sites)
+        if machine_types:
+            tenant["machine_types"] = _flow(machine_types)
         append_item(tenants, tenant)
 
     def remove_tenant(self, tenant_id: str) -> None:
         remove_item(self.config_map, TENANTS_KEY, self.tenant_index(tenant_id))
 
-    def add_machine(
-        self,
-        tenant_id: str,
-        site_id: str,
-        machine_id: str,
-        machine_type: str,
-        password_hash: str,
-        *,
-        new_site: bool = False,
-    ) -> None:
-        """Add a machine (and, with ``new_site``, its site) with the device's ``$7$`` hash."""
-        index = self.tenant_index(tenant_id)
-        tenant = self._tenants()[index]
-        machine = CommentedMap([("id", machine_id), ("type", machine_type), ("password_hash", password_hash)])
-        sites = tenant.get("sites")
-        site_index = None if sites is None else self._find(sites, site_id)
-        if site_index is None:
-            if not new_site:
-                known = ", ".join(str(s.get("id")) for s in sites or [] if isinstance(s, Mapping)) or "none"
-                raise self._problem(
-                    f"tenants[{index}].sites",
-                    f"{site_id!r} is not a site of tenant {tenant_id!r} (sites: {known}); "
-                    "pass --new-site to add it",
-                )
-            site = CommentedMap([("id", site_id), ("machines", CommentedSeq([machine]))])
-            if sites is None:
-                add_key(tenant, "sites", CommentedSeq([site]))
-            else:
-                append_item(sites, site)
-            return
-        site = sites[site_index]
-        machines = site.get("machines")
-        if machines is None:
-            add_key(site, "machines", CommentedSeq([machine]))
-            return
-        existing = self._find(machines, machine_id)
-        if existing is not None:
-            raise self._problem(
-                f"tenants[{index}].sites[{site_index}].machines[{existing}].id",
-                f"{machine_id!r} already exists in site {site_id!r} of tenant {tenant_id!r}",
-            )
-        append_item(machines, machine)
+    # --------------------------------------------------------------------------------- fleet
+    def take_fleet(self) -> tuple[Fleet, str]:
+        """Move an old-style file's fleet out: each tenant loses ``sites:`` and gains the
+        ``machine_types`` its machines had. Returns the fleet and a fleet file's text holding the
+        moved nodes with their own comments; comments around ``sites:`` stay in the stack file.
+        Nothing is written: :meth:`save` does that."""
+        tenants = self._tenants()
+        fleet = parse_fleet(plain(tenants), self.stack)
+        moved = CommentedSeq()
+        for tenant, tenant_fleet in zip(tenants, fleet.tenants, strict=True):
+            if FLEET_KEY not in tenant:
+                continue
+            following = _take_trailing_lines(tenant)
+            position = list(tenant).index(FLEET_KEY)
+            sites = tenant.pop(FLEET_KEY)
+            wanted = sorted({*(tenant.get("machine_types") or ()), *machine_types(tenant_fleet)})
+            if "machine_types" in tenant:
+                tenant["machine_types"] = _flow(wanted)
+            elif wanted:
+                tenant.insert(position, "machine_types", _flow(wanted))
+            _append_trailing_lines(tenant, following)
+            moved.append(CommentedMap([("id", tenant_fleet.id), (FLEET_KEY, sites)]))
+        out = io.StringIO()
+        self._yaml.dump(CommentedMap([("tenants", moved)]), out)
+        return fleet, out.getvalue()
+
+
+def _flow(items: Sequence[str]) -> CommentedSeq:
+    """A one-line list (``[a, b]``), as a person writes a short list of names."""
+    seq = CommentedSeq(items)
+    seq.fa.set_flow_style()
+    return seq

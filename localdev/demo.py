@@ -58,21 +58,20 @@ def demo(platform: DevPlatform, duration: float, rate: float) -> bool:
     console.print(views.simulation_view(result, duration, rate))
     simulated = {device.username for device in result.devices}
     expected = {
-        (tenant.id, site.id, machine.id)
-        for tenant in platform.config.tenants
-        for site, machine in tenant.machines
-        if device_username(tenant.id, site.id, machine.id) in simulated
+        (tenant_id, site.id, machine.id)
+        for tenant_id, site, machine in platform.fleet.machines()
+        if device_username(tenant_id, site.id, machine.id) in simulated
     }
     console.rule("what landed in the store (VictoriaMetrics), per tenant")
     # v1 payloads carry whole seconds: the first one may be stamped just before ``started``.
     points = wait_for_points(platform.store, expected, since=int(started))
-    console.print(views.points_view(platform.config, points))
+    console.print(views.points_view(platform.config, platform.fleet, points))
     landed = {(p.tenant_id, p.site_id, p.machine_id) for p in points if p.points}
     missing, strays = expected - landed, landed - expected
     for username in result.without_password:
-        console.print(f"[yellow]not simulated: {username}[/] (its password_hash comes from the stack file)")
+        console.print(f"[yellow]not simulated: {username}[/] (its password_hash comes from the fleet file)")
     if missing or strays:
-        console.print(f"[red]missing: {sorted(missing)}; outside the stack's machines: {sorted(strays)}[/]")
+        console.print(f"[red]missing: {sorted(missing)}; outside the fleet's machines: {sorted(strays)}[/]")
         return False
     total = sum(p.points for p in points)
     console.print(

@@ -50,6 +50,7 @@ from components.render.mosquitto import (
     render_password_file,
 )
 from infra.config import PlatformConfig
+from infra.fleet import Fleet
 from infra.tenancy import DEAD_LETTER_SERVICE, INGEST_SERVICE, store_routes, tenant_service_username
 from ingest.deadletters.settings import dead_letter_settings_for
 from ingest.settings import worker_settings_for
@@ -58,6 +59,7 @@ from localdev.state import (
     Credentials,
     Layout,
     Ports,
+    demo_fleet,
     generated_devices,
     load_json_secret,
     make_dir,
@@ -69,6 +71,7 @@ from localdev.supervisor import PidFiles, ProcessRecord, fingerprint, listening,
 from localdev.victoria import StoreUnavailableError, TenantSeen, VictoriaMetrics
 from registry import store as registry
 from registry.access import service_usernames
+from registry.fleet_import import import_fleet
 
 LOOPBACK = "127.0.0.1"
 # Start order: what the worker needs comes first; ``down`` goes the other way.
@@ -174,7 +177,9 @@ class UnsupportedStackError(ValueError):
 class DevPlatform:
     """The dev platform of one stack in one state folder."""
 
-    def __init__(self, config: PlatformConfig, state_dir: Path, stack: str = "dev") -> None:
+    def __init__(
+        self, config: PlatformConfig, state_dir: Path, stack: str = "dev", fleet: Fleet | None = None
+    ) -> None:
         if config.broker.engine != "mosquitto":
             raise UnsupportedStackError(
                 f"ironlink:broker.engine: {config.broker.engine!r} in stack {stack!r}: the dev platform runs "
@@ -186,6 +191,8 @@ class DevPlatform:
                 "log in with passwords over TLS; set broker.tls to 'tls'"
             )
         self.config = config
+        self.fleet = fleet if fleet is not None else demo_fleet(config)
+        """The machines it simulates, imported into its registry (default: the demo fleet file)."""
         self.stack = stack
         self.layout = Layout.at(state_dir)
         self.pids = PidFiles(self.layout.run)
@@ -258,7 +265,7 @@ class DevPlatform:
             make_dir(folder)
         Ports.load_or_choose(self.layout)
         credentials = self.credentials
-        if credentials.ensure([*generated_devices(self.config), *service_usernames(self.config)]):
+        if credentials.ensure([*generated_devices(self.fleet), *service_usernames(self.config)]):
             credentials.save(self.layout)
         self._prepare_pki()
         self._render_mosquitto(credentials)
@@ -311,9 +318,9 @@ class DevPlatform:
         paths = self.mosquitto_paths
         make_dir(self.layout.mosquitto)
         make_dir(Path(paths.persistence_dir), 0o700, owner)
-        config = with_device_credentials(self.config, credentials)
+        config, fleet = self.config, with_device_credentials(self.fleet, credentials)
         accounts = [
-            *device_accounts(config),
+            *device_accounts(fleet),
             *(
                 BrokerAccount(name, credentials.accounts[name].password_hash)
                 for name in service_usernames(config)
@@ -322,7 +329,7 @@ class DevPlatform:
         conf = render_mosquitto_conf(config, paths, tls_port=self.ports.mqtt, bind_address=LOOPBACK)
         write_public(self.mosquitto_conf, conf)
         write_secret(Path(paths.password_file), render_password_file(accounts), owner)
-        write_secret(Path(paths.acl_file), render_acl_file(config), owner)
+        write_secret(Path(paths.acl_file), render_acl_file(config, fleet), owner)
 
     def _write_store_tokens(self) -> None:
         """One write token per tenant. VictoriaMetrics ignores tokens, but the worker reads them as
@@ -386,6 +393,7 @@ class DevPlatform:
             store_tokens_file=self.layout.store_tokens_file,
             http_host=LOOPBACK,
             http_port=ports.worker,
+            machines=self.fleet.route_machines(),
         )
         password = self.credentials.password(INGEST_SERVICE)
         if password is None:
@@ -513,19 +521,23 @@ class DevPlatform:
 
     # ------------------------------------------------------------------------------ registry
     def sync_registry(self) -> str:
-        """Migrations, the stack's tenants with every device credential, and the service accounts."""
+        """Migrations, the stack's tenants, the service accounts, and the demo fleet with every
+        device credential (through the same import as ``ironlink fleet import``)."""
         database = self.config.postgres.database
         with psycopg.connect(self.registry_dsn("postgres"), autocommit=True) as admin:
             if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is None:
                 admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
         credentials = self.credentials
-        config = with_device_credentials(self.config, credentials)
+        config, fleet = self.config, with_device_credentials(self.fleet, credentials)
         actor = registry.default_actor()
         with psycopg.connect(self.registry_dsn(), autocommit=True) as conn:
             changes = [
                 change
                 for result in registry.sync_platform(conn, config, actor=actor)
                 for change in result.changes
+            ]
+            changes += [
+                change for result in import_fleet(conn, fleet, actor=actor) for change in result.changes
             ]
             for tenant_id, username in [
                 (None, INGEST_SERVICE),
@@ -580,7 +592,7 @@ class DevPlatform:
                 TenantActivity(
                     tenant_id=tenant.id,
                     name=tenant.name,
-                    machines=sum(1 for _ in tenant.machines),
+                    machines=sum(1 for _ in self.fleet.of(tenant.id).machines),
                     machines_seen=seen.machines if seen else 0,
                     messages_per_second=seen.messages_per_second if seen else 0.0,
                     last_seen=seen.last_seen if seen else None,

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
-from infra.config import Machine, PlatformConfig, Site, Tenant
+from infra.fleet import Fleet
 from infra.tenancy import device_username, telemetry_topic
 from ingest.catalog import MACHINE_TYPES, MachineType, Metric
 from ingest.contract import Signal, TelemetryV1, TelemetryV2
@@ -140,22 +140,20 @@ class MachineSimulator:
         )
 
 
-def machines_of(config: PlatformConfig, seed: int | None = None) -> list[MachineSimulator]:
-    """A simulator per machine of the stack; every other machine speaks v1."""
+def machines_of(fleet: Fleet, seed: int | None = None) -> list[MachineSimulator]:
+    """A simulator per machine of the fleet (the demo fleet file's); every other machine speaks v1."""
     rng = random.Random(seed)
-    found: list[tuple[Tenant, Site, Machine]] = [
-        (tenant, site, machine) for tenant in config.tenants for site, machine in tenant.machines
-    ]
+    found = list(fleet.machines())
     return [
         MachineSimulator(
-            tenant.id,
+            tenant_id,
             site.id,
             machine.id,
             MACHINE_TYPES[machine.type],
             schema_version=1 if index % 2 else 2,
             rng=random.Random(rng.random()),
         )
-        for index, (tenant, site, machine) in enumerate(found)
+        for index, (tenant_id, site, machine) in enumerate(found)
     ]
 
 
@@ -260,7 +258,7 @@ def run(
     credentials = platform.credentials
     simulators, devices, without_password = [], [], []
     try:
-        for machine in machines_of(platform.config, seed):
+        for machine in machines_of(platform.fleet, seed):
             password = credentials.password(machine.username)
             if password is None:
                 without_password.append(machine.username)

@@ -29,7 +29,8 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from infra.config import Machine, PlatformConfig
+from infra.config import PlatformConfig
+from infra.fleet import Fleet, Machine, load_fleet_file
 from infra.tenancy import device_username
 from localdev import servers
 from registry.credentials import generate_password, hash_password
@@ -246,25 +247,34 @@ class Credentials(BaseModel):
         return account.password if account else None
 
 
-def generated_devices(config: PlatformConfig) -> list[str]:
+DEMO_FLEET = Path(__file__).with_name("demo-fleet.yaml")
+"""The dev platform's demo fleet: ``ironlink dev up`` imports it into its registry."""
+
+
+def demo_fleet(config: PlatformConfig, path: Path = DEMO_FLEET) -> Fleet:
+    """The fleet file's tenants that ``config`` declares (another stack may have fewer)."""
+    fleet = load_fleet_file(path)
+    declared = {tenant.id for tenant in config.tenants}
+    return Fleet(tenants=[tenant for tenant in fleet.tenants if tenant.id in declared])
+
+
+def generated_devices(fleet: Fleet) -> list[str]:
     """Device usernames the dev platform makes credentials for: machines without a ``password_hash``.
 
-    A machine whose stack entry sets ``password_hash`` keeps it (the stack file wins), and then its
+    A machine whose fleet entry sets ``password_hash`` keeps it (the fleet file wins), and then its
     password is unknown here: the simulator cannot publish for it.
     """
     return [
-        device_username(tenant.id, site.id, machine.id)
-        for tenant in config.tenants
-        for site, machine in tenant.machines
+        device_username(tenant_id, site.id, machine.id)
+        for tenant_id, site, machine in fleet.machines()
         if machine.password_hash is None
     ]
 
 
-def with_device_credentials(config: PlatformConfig, credentials: Credentials) -> PlatformConfig:
-    """``config`` with every machine's ``password_hash`` set: the stack's, or the generated one.
+def with_device_credentials(fleet: Fleet, credentials: Credentials) -> Fleet:
+    """``fleet`` with every machine's ``password_hash`` set: the fleet file's, or the generated one.
 
-    The renderers and the registry then see one config in which every device has a credential,
-    exactly as a stack with hashes would give them.
+    The renderers and the registry import then see one fleet in which every device has a credential.
     """
 
     def machine(tenant_id: str, site_id: str, item: Machine) -> Machine:
@@ -284,9 +294,9 @@ def with_device_credentials(config: PlatformConfig, credentials: Credentials) ->
                 ]
             }
         )
-        for tenant in config.tenants
+        for tenant in fleet.tenants
     ]
-    return config.model_copy(update={"tenants": tenants})
+    return fleet.model_copy(update={"tenants": tenants})
 
 
 def load_json_secret(path: Path) -> dict[str, str]:

@@ -11,6 +11,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from infra.config import PlatformConfig
+from infra.fleet import Fleet
 from localdev.platform import PROCESSES, Notify, PlatformStatus
 from localdev.simulator import RunResult
 from localdev.victoria import MachinePoints
@@ -84,7 +85,7 @@ def simulation_view(result: RunResult, duration: float, rate: float) -> Table:
     return table
 
 
-def points_view(config: PlatformConfig, points: list[MachinePoints]) -> Group:
+def points_view(config: PlatformConfig, fleet: Fleet, points: list[MachinePoints]) -> Group:
     """Per tenant, what landed in the store for each of its machines (and anything unexpected)."""
     stored = {(p.tenant_id, p.site_id, p.machine_id): p for p in points}
     tables: list[Table] = []
@@ -92,7 +93,7 @@ def points_view(config: PlatformConfig, points: list[MachinePoints]) -> Group:
         table = Table(title=f"{tenant.id} ({tenant.name})", title_justify="left")
         for column in ("site", "machine", "type", "points", "metrics", "last point"):
             table.add_column(column)
-        for site, machine in tenant.machines:
+        for site, machine in fleet.of(tenant.id).machines:
             found = stored.pop((tenant.id, site.id, machine.id), None)
             last = found.last_seen_ms if found else None
             table.add_row(
@@ -105,7 +106,7 @@ def points_view(config: PlatformConfig, points: list[MachinePoints]) -> Group:
             )
         tables.append(table)
     if stored:
-        strays = Table(title="[red]series outside the stack's machines[/]", title_justify="left")
+        strays = Table(title="[red]series outside the fleet's machines[/]", title_justify="left")
         for column in ("tenant_id", "site_id", "machine_id", "points"):
             strays.add_column(column)
         for (tenant_id, site_id, machine_id), found in sorted(stored.items()):

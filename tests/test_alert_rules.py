@@ -35,15 +35,7 @@ CONFIG = parse_platform(
                 "id": "acme",
                 "name": "Acme",
                 "tier": "basic",
-                "sites": [
-                    {
-                        "id": "plant-1",
-                        "machines": [
-                            {"id": "press-01", "type": "hydraulic_press"},
-                            {"id": "c1", "type": "conveyor"},
-                        ],
-                    }
-                ],
+                "machine_types": ["hydraulic_press", "conveyor"],
             },
             {"id": "empty", "name": "Empty", "tier": "basic"},
         ],

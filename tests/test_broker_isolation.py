@@ -304,8 +304,10 @@ def start_broker(
     if mode == STATIC:
         readers = [BrokerAccount(name, fixture.hash_of(name)) for name in extra_readers]
         extra_acl = "".join(f"\nuser {name}\ntopic read {topic}\n" for name, topic in extra_readers.items())
-        (folder / "passwd").write_text(render_password_file([*device_accounts(config), *services, *readers]))
-        (folder / "acl").write_text(render_acl_file(config) + extra_acl)
+        (folder / "passwd").write_text(
+            render_password_file([*device_accounts(fixture.fleet), *services, *readers])
+        )
+        (folder / "acl").write_text(render_acl_file(config, fixture.fleet) + extra_acl)
     else:
         fixture.passwords[DYNSEC_ADMIN] = generate_password()
         admin = BrokerAccount(DYNSEC_ADMIN, fixture.hash_of(DYNSEC_ADMIN))
@@ -331,13 +333,12 @@ def start_broker(
     if dynamic is not None:
         broker.mtls_port = port if mtls_only else mtls_port
         broker.directory = broker.admin(mtls=mtls_only)
-        for tenant in config.tenants:
-            for site, machine in tenant.machines:
-                username = device_username(tenant.id, site.id, machine.id)
-                password = None if mtls_only else fixture.passwords[username]
-                broker.directory.add_device(
-                    username, password, tenant_id=tenant.id, site_id=site.id, machine_id=machine.id
-                )
+        for tenant_id, site, machine in fixture.fleet.machines():
+            username = device_username(tenant_id, site.id, machine.id)
+            password = None if mtls_only else fixture.passwords[username]
+            broker.directory.add_device(
+                username, password, tenant_id=tenant_id, site_id=site.id, machine_id=machine.id
+            )
         for name, topic in extra_readers.items():
             rules = [AccessRule(name, "subscribe", topic)]
             broker.directory.add_identity(name, fixture.passwords[name], rules)

@@ -18,6 +18,7 @@ from components.render.kubernetes import (
     ROLE_DEAD_LETTERS,
     ROLE_GRAFANA,
     ROLE_INGEST,
+    ROLE_PROVISIONING,
 )
 from infra.plan import SECRET, Plan, PlannedResource
 from infra.tenancy import DEAD_LETTER_SERVICE, INGEST_SERVICE, influxdb_instance, store_route
@@ -267,7 +268,14 @@ def test_the_namespace_denies_ingress_by_default(stack: str) -> None:
 @pytest.mark.parametrize("stack", STACKS)
 def test_only_the_worker_grafana_broker_and_backups_reach_the_databases(stack: str) -> None:
     plan = stack_plan(stack)
-    allowed_roles = {ROLE_INGEST, ROLE_GRAFANA, ROLE_BROKER, ROLE_BACKUP, ROLE_DEAD_LETTERS}
+    allowed_roles = {
+        ROLE_INGEST,
+        ROLE_GRAFANA,
+        ROLE_BROKER,
+        ROLE_BACKUP,
+        ROLE_DEAD_LETTERS,
+        ROLE_PROVISIONING,
+    }
     for database in ["postgres", *(i.name for i in plan.find("InfluxDB"))]:
         labels, open_to_all = ingress_sources(plan, database)
         assert not open_to_all, f"{stack}: NetworkPolicy {database} lets any pod in"
@@ -282,6 +290,7 @@ def test_only_the_worker_grafana_broker_and_backups_reach_the_databases(stack: s
     }
     assert ROLE_INGEST not in postgres_roles, f"{stack}: the worker has no business in the registry database"
     assert ROLE_DEAD_LETTERS in postgres_roles and ROLE_DEAD_LETTERS not in influx_roles, stack
+    assert ROLE_PROVISIONING in postgres_roles and ROLE_PROVISIONING not in influx_roles, stack
     assert (ROLE_BROKER in postgres_roles) == (stack_config(stack).broker.engine == "emqx")
 
 
@@ -294,11 +303,12 @@ def test_devices_reach_only_the_broker_tls_port(stack: str) -> None:
         for rule in policy.get("spec.ingress", [])
         if "from" not in rule
     ]
+    public = {(broker(plan).name, (8883,)), ("grafana", (3000,))}
+    if stack_config(stack).phase != "A":  # claims and renewals (components/provisioning.py)
+        public.add(("provisioning", (8443,)))
     for name, rule in open_rules:
         ports = tuple(p["port"] for p in rule["ports"])
-        assert (name, ports) in {(broker(plan).name, (8883,)), ("grafana", (3000,))}, (
-            f"{stack}: NetworkPolicy {name} opens {ports} to anyone"
-        )
+        assert (name, ports) in public, f"{stack}: NetworkPolicy {name} opens {ports} to anyone"
     assert any(name == broker(plan).name for name, _ in open_rules), (
         f"{stack}: devices cannot reach the broker"
     )
@@ -359,7 +369,8 @@ def test_secret_values_never_appear_in_the_plan(stack: str) -> None:
         for container in pod_spec(workload)["containers"]:
             for entry in container.get("env", []):
                 name = entry["name"]
-                if name.endswith(("PASSWORD", "TOKEN", "COOKIE")):
+                # ``*_PER_TOKEN``: a claim rate limit per token, not a token.
+                if name.endswith(("PASSWORD", "TOKEN", "COOKIE")) and not name.endswith("_PER_TOKEN"):
                     assert "valueFrom" in entry, f"{stack}: {workload.name} sets {name} in plain text"
 
 

@@ -23,8 +23,6 @@ from infra.config import (
     settings_from_pulumi_config,
 )
 
-HASH = "$7$101$c2FsdHNhbHRzYWx0$" + "A" * 86 + "=="
-
 
 def tenant(tenant_id: str = "acme", **extra: Any) -> dict[str, Any]:
     return {"id": tenant_id, "name": "Acme", "tier": "basic", **extra}
@@ -136,41 +134,22 @@ RULES = [
         id="default-isolation",
     ),
     pytest.param(
-        {"tenants": [tenant(sites=[{"id": "s"}, {"id": "s"}])]},
-        "ironlink:tenants[0].sites[1].id",
-        "'s' is already used by sites[0]",
-        id="site-unique",
-    ),
-    pytest.param(
-        {"tenants": [tenant(sites=[{"id": "s", "machines": [machine(), machine()]}])]},
-        "ironlink:tenants[0].sites[0].machines[1].id",
-        "'m-1' is already used by machines[0]",
-        id="machine-unique",
-    ),
-    pytest.param(
-        {
-            "tenants": [
-                tenant(
-                    quota={"max_devices": 1, "messages_per_second": 1},
-                    sites=[{"id": "s", "machines": [machine("a"), machine("b")]}],
-                )
-            ]
-        },
+        {"tenants": [tenant(sites=[{"id": "s", "machines": [machine()]}])]},
         "ironlink:tenants[0].sites",
-        "2 machines exceed the tenant quota of 1 devices",
-        id="quota",
+        "run 'ironlink fleet import STACK'",
+        id="old-style-fleet",
     ),
     pytest.param(
-        {"tenants": [tenant(sites=[{"id": "s", "machines": [machine(machine_type="toaster")]}])]},
-        "ironlink:tenants[0].sites[0].machines[0].type",
+        {"tenants": [tenant(machine_types=["toaster"])]},
+        "ironlink:tenants[0].machine_types[0]",
         "'toaster' is not a known machine type",
         id="machine-type",
     ),
     pytest.param(
-        {"tenants": [tenant(sites=[{"id": "s", "machines": [machine(password_hash="secret")]}])]},
-        "ironlink:tenants[0].sites[0].machines[0].password_hash",
-        "PBKDF2-SHA512",
-        id="password-hash",
+        {"tenants": [tenant(machine_types=["conveyor", "conveyor"])]},
+        "ironlink:tenants[0].machine_types[1]",
+        "'conveyor' is listed twice",
+        id="machine-type-unique",
     ),
     pytest.param(
         {"influxdb": {"retention_tiers": {"basic": {"raw": "30m", "downsampled": "1d"}}}},
@@ -335,13 +314,6 @@ def test_durations(text: str, seconds: int) -> None:
 def test_a_bad_duration_names_the_value() -> None:
     with pytest.raises(ValueError, match="'10y' is not a valid duration"):
         duration_seconds("10y")
-
-
-def test_a_valid_machine_credential_is_accepted() -> None:
-    config = parse_platform(
-        {"region": "eu", "tenants": [tenant(sites=[{"id": "s", "machines": [machine(password_hash=HASH)]}])]}
-    )
-    assert config.tenants[0].sites[0].machines[0].password_hash == HASH
 
 
 def test_the_age_bound_defaults_to_raw_retention_and_may_only_be_shorter() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.config import Machine
+from infra.fleet import Machine
 from localdev.servers import find_binary
 from registry.credentials import generate_password, hash_password, parse_hash, verify_password
 from registry.queries import EMQX_PASSWORD_HASH

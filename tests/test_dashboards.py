@@ -25,16 +25,13 @@ CONFIG = parse_platform(
                 "id": "acme",
                 "name": "Acme",
                 "tier": "basic",
-                "sites": [
-                    {"id": "plant-1", "machines": [{"id": "press-01", "type": "hydraulic_press"}]},
-                    {"id": "plant-2", "machines": [{"id": "mill-01", "type": "cnc_mill"}]},
-                ],
+                "machine_types": ["hydraulic_press", "cnc_mill"],
             },
             {
                 "id": "a-tenant-with-a-very-long-id-x32",
                 "name": "Long",
                 "tier": "standard",
-                "sites": [{"id": "s", "machines": [{"id": "m", "type": "injection_molder"}]}],
+                "machine_types": ["injection_molder"],
             },
         ],
     }

@@ -9,13 +9,20 @@ import pytest
 
 from infra.tenancy import TELEMETRY_FILTER, shared_subscription, store_routes
 from ingest.settings import SettingsError, WorkerSettings, worker_settings_for
-from tests.fixtures.ingest import platform
+from tests.fixtures.ingest import fleet_machines, platform
 
 URLS = {"influxdb": "http://influxdb.ironlink.svc:8086"}
 
 
 def settings(**overrides: object) -> WorkerSettings:
-    return worker_settings_for(platform(), mqtt_host="broker", mqtt_port=8883, store_urls=URLS, **overrides)
+    return worker_settings_for(
+        platform(),
+        mqtt_host="broker",
+        mqtt_port=8883,
+        store_urls=URLS,
+        machines=fleet_machines(),
+        **overrides,
+    )
 
 
 def test_settings_follow_the_stack_routes_quotas_and_machines() -> None:
@@ -31,6 +38,9 @@ def test_settings_follow_the_stack_routes_quotas_and_machines() -> None:
         )
         assert route.messages_per_second == config.quota_of(tenant).messages_per_second
     assert subject.machine_types()[("acme", "plant-1", "mill-01")] == "cnc_mill"
+    # The stack holds no machines: without an explicit fleet the routes carry none.
+    bare = worker_settings_for(config, mqtt_host="broker", mqtt_port=8883, store_urls=URLS)
+    assert bare.machine_types() == {}
     assert (subject.batch_size, subject.flush_interval_ms) == (
         config.ingest.batch_size,
         config.ingest.flush_interval_ms,

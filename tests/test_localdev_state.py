@@ -12,11 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from infra.config import load_stack, parse_platform, read_stack_settings, stack_file
+from infra.config import load_stack
+from infra.fleet import parse_fleet
 from infra.tenancy import device_username
 from localdev import servers, supervisor
 from localdev.state import (
+    DEMO_FLEET,
     Credentials,
     Layout,
     Ports,
@@ -52,16 +55,16 @@ def _record(pid: int, pgid: int | None = None) -> supervisor.ProcessRecord:
 
 
 # ------------------------------------------------------------------------------------ credentials
-def test_the_stack_password_hash_wins_and_only_other_machines_get_generated_credentials(
+def test_the_fleet_file_password_hash_wins_and_only_other_machines_get_generated_credentials(
     tmp_path: Path,
 ) -> None:
-    settings = read_stack_settings(stack_file("dev"))
-    stack_hash = hash_password("from-the-stack")
-    settings["tenants"][0]["sites"][0]["machines"][0]["password_hash"] = stack_hash
-    config = parse_platform(settings, "dev")
+    raw = yaml.safe_load(DEMO_FLEET.read_text())["tenants"]
+    stack_hash = hash_password("from-the-fleet-file")
+    raw[0]["sites"][0]["machines"][0]["password_hash"] = stack_hash
+    fleet = parse_fleet(raw)
     pinned = device_username("acme", "plant-1", "press-01")
 
-    generated = generated_devices(config)
+    generated = generated_devices(fleet)
     assert pinned not in generated
     assert set(generated) == {
         "acme.plant-1.mill-01",
@@ -71,11 +74,10 @@ def test_the_stack_password_hash_wins_and_only_other_machines_get_generated_cred
 
     credentials = Credentials()
     credentials.ensure(generated)
-    effective = with_device_credentials(config, credentials)
+    effective = with_device_credentials(fleet, credentials)
     hashes = {
-        device_username(tenant.id, site.id, machine.id): machine.password_hash
-        for tenant in effective.tenants
-        for site, machine in tenant.machines
+        device_username(tenant_id, site.id, machine.id): machine.password_hash
+        for tenant_id, site, machine in effective.machines()
     }
     assert hashes[pinned] == stack_hash
     for username in generated:

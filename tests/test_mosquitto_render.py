@@ -121,7 +121,7 @@ def test_packet_size_comes_from_the_config_limits() -> None:
 
 
 def test_acl_gives_each_identity_only_its_own_topics() -> None:
-    blocks = _acl_blocks(render_acl_file(platform().config))
+    blocks = _acl_blocks(render_acl_file(platform().config, platform().fleet))
     assert blocks == {
         "svc.ingest": {
             "topic read ironlink/+/+/+/telemetry",
@@ -150,7 +150,7 @@ def test_acl_gives_each_identity_only_its_own_topics() -> None:
 
 def test_password_file_holds_every_device_credential_of_the_stack() -> None:
     fixture = platform()
-    text = render_password_file(device_accounts(fixture.config))
+    text = render_password_file(device_accounts(fixture.fleet))
     entries = dict(line.split(":", 1) for line in text.splitlines())
     assert set(entries) == {"acme.plant-1.press-01", "acme.plant-1.press-02", "globex.line-a.molder-01"}
     for username, hashed in entries.items():

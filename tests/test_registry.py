@@ -10,10 +10,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from infra.config import Machine, Site, Tenant
+from infra.config import Tenant
+from infra.fleet import Fleet, Machine, Site, TenantFleet
 from registry import migrate, store
 from registry.access import access_rules
 from registry.credentials import hash_password
+from registry.fleet_import import import_fleet
 from registry.queries import EMQX_AUTHN_QUERY, EMQX_AUTHZ_QUERY, EMQX_PASSWORD_HASH
 from tests.fixtures.registry import Platform, platform
 
@@ -34,6 +36,7 @@ def synced(conn: psycopg.Connection) -> Platform:
     """A migrated registry holding the two-tenant platform and every service credential."""
     fixture = platform()
     store.sync_platform(conn, fixture.config, actor=ACTOR)
+    import_fleet(conn, fixture.fleet, actor=ACTOR)
     for tenant in fixture.config.tenants:
         username = f"svc.{tenant.id}"
         store.issue_service_credential(
@@ -142,7 +145,7 @@ def test_emqx_authorization_rows_are_the_access_rules_and_stay_within_the_tenant
     conn: psycopg.Connection, synced: Platform
 ) -> None:
     expected: dict[str, set[tuple[str, str, str]]] = {}
-    for rule in access_rules(synced.config):
+    for rule in access_rules(synced.config, synced.fleet):
         expected.setdefault(rule.username, set()).add(("allow", rule.action, rule.topic))
     for username in synced.passwords:
         rows = set(emqx(conn, EMQX_AUTHZ_QUERY, username=username, clientid=username))
@@ -177,39 +180,47 @@ def test_revoked_and_removed_credentials_stop_authenticating(
 ) -> None:
     assert store.revoke_credential(conn, A_PRESS, actor=ACTOR)
     assert emqx(conn, EMQX_AUTHN_QUERY, username=A_PRESS, clientid=A_PRESS) == []
-    # Re-syncing the same stack file does not resurrect a revoked credential...
+    # Re-syncing the stack and re-importing the same fleet does not resurrect a revoked credential...
     store.sync_platform(conn, synced.config, actor=ACTOR)
+    import_fleet(conn, synced.fleet, actor=ACTOR)
     assert emqx(conn, EMQX_AUTHN_QUERY, username=A_PRESS, clientid=A_PRESS) == []
     # ...a new one does.
-    acme = synced.config.tenant("acme")
-    rotated = _with_machines(acme, [("plant-1", "press-01", hash_password("new"))])
-    store.sync_tenant(conn, rotated, isolation=1, actor=ACTOR)
+    rotated = Fleet(
+        tenants=[
+            TenantFleet(
+                id="acme",
+                sites=[
+                    Site(
+                        id="plant-1",
+                        machines=[
+                            Machine(id="press-01", type="hydraulic_press", password_hash=hash_password("new"))
+                        ],
+                    )
+                ],
+            )
+        ]
+    )
+    import_fleet(conn, rotated, actor=ACTOR)
     (row,) = emqx(conn, EMQX_AUTHN_QUERY, username=A_PRESS, clientid=A_PRESS)
     assert emqx_accepts(row, "new")
-    # press-02 left the stack file: its identity and rules are gone.
-    assert (
-        emqx(conn, EMQX_AUTHN_QUERY, username="acme.plant-1.press-02", clientid="acme.plant-1.press-02") == []
-    )
-    assert emqx(conn, EMQX_AUTHZ_QUERY, username="acme.plant-1.press-02", clientid="x") == []
+    # press-02 is not in that fleet, but an import never deletes: its identity and rules stay.
+    press_02 = "acme.plant-1.press-02"
+    assert len(emqx(conn, EMQX_AUTHN_QUERY, username=press_02, clientid=press_02)) == 1
+    assert emqx(conn, EMQX_AUTHZ_QUERY, username=press_02, clientid=press_02) != []
 
 
-def _with_machines(tenant: Tenant, machines: list[tuple[str, str, str]]) -> Tenant:
-    sites = {site_id for site_id, _, _ in machines}
-    return tenant.model_copy(
-        update={
-            "sites": [
-                Site(
-                    id=site_id,
-                    machines=[
-                        Machine(id=m, type="hydraulic_press", password_hash=h)
-                        for s, m, h in machines
-                        if s == site_id
-                    ],
-                )
-                for site_id in sorted(sites)
-            ]
-        }
-    )
+def test_the_stack_sync_never_removes_the_fleet(conn: psycopg.Connection, synced: Platform) -> None:
+    """The stack declares tenants only: syncing it again keeps every site, machine, device and rule."""
+    before = {
+        table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+        for table in ("sites", "machines", "devices", "acl_rules")
+    }
+    store.sync_platform(conn, synced.config, actor=ACTOR)
+    for tenant in synced.config.tenants:
+        store.sync_tenant(conn, tenant, isolation=synced.config.isolation_of(tenant), actor=ACTOR)
+    after = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone() for table in before}
+    assert after == before
+    assert before["machines"] == (3,)
 
 
 # --------------------------------------------------------------------------------------- refusals
@@ -220,7 +231,6 @@ def _tenant(**fields: Any) -> Tenant:
         "name": "Initech",
         "tier": "basic",
         "isolation": None,
-        "sites": [],
     }
     values.update(fields)
     return Tenant.model_construct(**values)
@@ -233,44 +243,6 @@ def _tenant(**fields: Any) -> Tenant:
         (_tenant(id="ingest"), r"tenant\.id: 'ingest' is reserved"),
         (_tenant(id="x" * 33), r"tenant\.id: 'x{33}' is not a valid tenant id .*at most 32"),
         (_tenant(name=" "), r"tenant\.name: ' ' must not be empty"),
-        (
-            _tenant(sites=[Site.model_construct(id="Plant_1", name=None, machines=[])]),
-            r"tenants\[initech\]\.sites\.id: 'Plant_1' is not a valid site id",
-        ),
-        (
-            _tenant(sites=[Site(id="p1"), Site(id="p1")]),
-            r"tenants\[initech\]\.sites\.id: 'p1' is used twice",
-        ),
-        (
-            _tenant(sites=[Site(id="p1", machines=[Machine(id="m1", type="conveyor")] * 2)]),
-            r"tenants\[initech\]\.sites\[p1\]\.machines\.id: 'm1' is used twice",
-        ),
-        (
-            _tenant(
-                sites=[
-                    Site(
-                        id="p1",
-                        machines=[Machine.model_construct(id="-m1", type="conveyor", password_hash=None)],
-                    )
-                ]
-            ),
-            r"tenants\[initech\]\.sites\[p1\]\.machines\.id: '-m1' is not a valid machine id",
-        ),
-        (
-            _tenant(
-                sites=[
-                    Site(
-                        id="p1",
-                        machines=[
-                            Machine(
-                                id="m1", type="conveyor", password_hash=hash_password("x", iterations=1000)
-                            )
-                        ],
-                    )
-                ]
-            ),
-            r"sites\[p1\]\.machines\[m1\]\.password_hash: '\$7\$1000\$.*101 iterations",
-        ),
     ],
 )
 def test_malformed_and_duplicate_ids_are_refused_by_field_and_value(
@@ -313,6 +285,7 @@ def test_the_database_itself_refuses_bad_rows(conn: psycopg.Connection) -> None:
 def test_provisioning_is_audited_once_and_removal_outlives_the_tenant(conn: psycopg.Connection) -> None:
     fixture = platform()
     store.sync_platform(conn, fixture.config, actor=ACTOR)
+    import_fleet(conn, fixture.fleet, actor=ACTOR)
     assert actions(conn, "globex") == [
         ("tenant.created", "globex"),
         ("site.added", "line-a"),
@@ -321,7 +294,8 @@ def test_provisioning_is_audited_once_and_removal_outlives_the_tenant(conn: psyc
     ]
     trail = store.audit_events(conn)
     assert [result.changes for result in store.sync_platform(conn, fixture.config, actor=ACTOR)] == [[], []]
-    assert store.audit_events(conn) == trail, "a second sync of the same stack records nothing"
+    assert [result.changes for result in import_fleet(conn, fixture.fleet, actor=ACTOR)] == [[], []]
+    assert store.audit_events(conn) == trail, "a second sync and import of the same records nothing"
 
     assert store.remove_tenant(conn, "globex", actor="sales@laptop")
     assert not store.remove_tenant(conn, "globex", actor="sales@laptop")

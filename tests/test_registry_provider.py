@@ -13,10 +13,12 @@ import pytest
 from pulumi.dynamic.dynamic import serialize_provider
 
 from components.providers.registry import RegistryServiceAccountProvider, RegistryTenantProvider
-from infra.config import Machine, Site, Tenant
+from infra.config import Tenant
+from infra.fleet import Fleet, Machine, Site, TenantFleet
 from infra.tenancy import INGEST_SERVICE, RECEIPTS_FILTER, TELEMETRY_FILTER
 from registry import store
 from registry.credentials import hash_password
+from registry.fleet_import import import_fleet
 from registry.queries import EMQX_AUTHN_QUERY, EMQX_AUTHZ_QUERY
 from tests.test_registry import emqx, emqx_accepts
 
@@ -24,10 +26,11 @@ pytestmark = pytest.mark.integration
 
 ACTOR = "pulumi:test"
 PRESS = Machine(id="press-01", type="hydraulic_press", password_hash=hash_password("press-secret"))
+FLEET = Fleet(tenants=[TenantFleet(id="acme", sites=[Site(id="plant-1", machines=[PRESS])])])
 
 
-def acme(*machines: Machine, name: str = "Acme Manufacturing") -> Tenant:
-    return Tenant(id="acme", name=name, tier="basic", sites=[Site(id="plant-1", machines=list(machines))])
+def acme(*machine_types: str, name: str = "Acme Manufacturing") -> Tenant:
+    return Tenant(id="acme", name=name, tier="basic", machine_types=list(machine_types))
 
 
 def props(dsn: str, tenant: Tenant, isolation: int = 2) -> dict[str, Any]:
@@ -60,35 +63,33 @@ def rows(conn: psycopg.Connection, query: str) -> list[tuple[Any, ...]]:
 def test_create_migrates_an_empty_database_and_writes_the_tenant(
     provider: RegistryTenantProvider, postgres_dsn: str, conn: psycopg.Connection
 ) -> None:
-    created = provider.create(props(postgres_dsn, acme(PRESS)))
+    created = provider.create(props(postgres_dsn, acme("hydraulic_press")))
     assert created.id == "acme"
     assert rows(conn, "SELECT id, name, isolation FROM tenants") == [("acme", "Acme Manufacturing", 2)]
-    assert rows(conn, "SELECT username, revoked_at FROM devices") == [("acme.plant-1.press-01", None)]
+    assert rows(conn, "SELECT count(*) FROM machines") == [(0,)], "the stack declares no fleet"
     actions = [(e.actor, e.action, e.subject) for e in store.audit_events(conn, tenant_id="acme")]
     assert (ACTOR, "tenant.created", "acme") in actions
-    assert (ACTOR, "credential.issued", "acme.plant-1.press-01") in actions
 
 
-def test_update_syncs_a_new_machine_and_audits_it(
+def test_update_keeps_the_fleet_it_did_not_create(
     provider: RegistryTenantProvider, postgres_dsn: str, conn: psycopg.Connection
 ) -> None:
-    before = props(postgres_dsn, acme(PRESS))
+    before = props(postgres_dsn, acme("hydraulic_press"))
     provider.create(before)
-    mill = Machine(id="mill-01", type="cnc_mill")
-    after = props(postgres_dsn, acme(PRESS, mill))
+    import_fleet(conn, FLEET, actor="provisioning")
+    after = props(postgres_dsn, acme("hydraulic_press", "cnc_mill", name="Acme Industries"))
     diff = provider.diff("acme", before, after)
     assert (diff.changes, diff.replaces) == (True, [])
     provider.update("acme", before, after)
-    assert rows(conn, "SELECT id, type FROM machines ORDER BY id") == [
-        ("mill-01", "cnc_mill"),
-        ("press-01", "hydraulic_press"),
-    ]
-    assert store.audit_events(conn, tenant_id="acme")[-1].action == "machine.added"
+    assert rows(conn, "SELECT id, type FROM machines ORDER BY id") == [("press-01", "hydraulic_press")]
+    assert rows(conn, "SELECT username, revoked_at FROM devices") == [("acme.plant-1.press-01", None)]
+    assert len(emqx(conn, EMQX_AUTHZ_QUERY, username="acme.plant-1.press-01", clientid="x")) == 2
+    assert store.audit_events(conn, tenant_id="acme")[-1].action == "tenant.updated"
 
 
 def test_an_unchanged_tenant_diffs_clean_and_a_new_id_replaces(postgres_dsn: str) -> None:
     provider = RegistryTenantProvider()
-    same = provider.diff("acme", props(postgres_dsn, acme(PRESS)), props(postgres_dsn, acme(PRESS)))
+    same = provider.diff("acme", props(postgres_dsn, acme("cnc_mill")), props(postgres_dsn, acme("cnc_mill")))
     assert same.changes is False
     renamed = Tenant(id="acme-2", name="Acme Manufacturing", tier="basic")
     moved = provider.diff("acme", props(postgres_dsn, acme()), props(postgres_dsn, renamed))
@@ -98,8 +99,9 @@ def test_an_unchanged_tenant_diffs_clean_and_a_new_id_replaces(postgres_dsn: str
 def test_delete_removes_every_row_and_keeps_the_audit_trail(
     provider: RegistryTenantProvider, postgres_dsn: str, conn: psycopg.Connection
 ) -> None:
-    state = props(postgres_dsn, acme(PRESS))
+    state = props(postgres_dsn, acme())
     provider.create(state)
+    import_fleet(conn, FLEET, actor="provisioning")
     provider.delete("acme", state)
     assert rows(conn, "SELECT count(*) FROM tenants") == [(0,)]
     assert rows(conn, "SELECT count(*) FROM devices") == [(0,)]
@@ -110,20 +112,20 @@ def test_delete_removes_every_row_and_keeps_the_audit_trail(
 def test_create_adopts_rows_a_local_tool_wrote_without_duplicating_them(
     provider: RegistryTenantProvider, postgres_dsn: str, conn: psycopg.Connection
 ) -> None:
-    provider.create(props(postgres_dsn, acme(PRESS)))
+    provider.create(props(postgres_dsn, acme()))
     events = len(store.audit_events(conn))
-    provider.create(props(postgres_dsn, acme(PRESS)))
+    provider.create(props(postgres_dsn, acme()))
     assert len(store.audit_events(conn)) == events, "an identical sync records nothing"
-    assert provider.read("acme", props(postgres_dsn, acme(PRESS))).id == "acme"
+    assert provider.read("acme", props(postgres_dsn, acme())).id == "acme"
 
 
 def test_a_bad_tenant_fails_check_and_create_naming_the_value_and_writes_nothing(
     provider: RegistryTenantProvider, postgres_dsn: str, conn: psycopg.Connection
 ) -> None:
-    bad = props(postgres_dsn, acme(PRESS))
-    bad["tenant"]["sites"][0]["machines"][0]["type"] = "Hydraulic Press"  # unknown to the catalog
+    bad = props(postgres_dsn, acme("hydraulic_press"))
+    bad["tenant"]["machine_types"][0] = "Hydraulic Press"  # unknown to the catalog
     failures = provider.check({}, bad).failures
-    assert [f.property for f in failures] == ["tenant.sites.0.machines.0.type"]
+    assert [f.property for f in failures] == ["tenant.machine_types.0"]
     assert "'Hydraulic Press'" in failures[0].reason
     with pytest.raises(ValueError, match="Hydraulic Press"):
         provider.create(bad)

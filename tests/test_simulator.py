@@ -11,6 +11,7 @@ from infra.tenancy import telemetry_topic
 from ingest.catalog import MACHINE_TYPES
 from ingest.contract import Accepted, TelemetryV1, TelemetryV2, decode
 from localdev.simulator import MachineSimulator, machines_of
+from localdev.state import demo_fleet
 
 START = 1_750_000_000.0
 TICKS = 400
@@ -23,18 +24,14 @@ def runs() -> Runs:
     config = load_stack("dev")
     return {
         machine.username: [machine.tick(START + i) for i in range(TICKS)]
-        for machine in machines_of(config, seed=7)
+        for machine in machines_of(demo_fleet(config), seed=7)
     }
 
 
 @pytest.fixture(scope="module")
 def registry_types() -> dict[tuple[str, str, str], str]:
-    config = load_stack("dev")
-    return {
-        (tenant.id, site.id, machine.id): machine.type
-        for tenant in config.tenants
-        for site, machine in tenant.machines
-    }
+    fleet = demo_fleet(load_stack("dev"))
+    return {(tenant_id, site.id, machine.id): machine.type for tenant_id, site, machine in fleet.machines()}
 
 
 def test_every_payload_passes_the_contract_within_catalog_bounds(
@@ -63,7 +60,7 @@ def test_each_tenant_mixes_v1_and_v2_and_v1_speaks_vendor_signals(
     v1 = next(p for payloads in runs.values() for p in payloads if isinstance(p, TelemetryV1))
     machine_type = next(
         MACHINE_TYPES[m.machine_type.name]
-        for m in machines_of(load_stack("dev"))
+        for m in machines_of(demo_fleet(load_stack("dev")))
         if m.machine_id == v1.machine_id
     )
     vendor_names = {name for metric in machine_type.metrics for name in metric.vendor_signals}
@@ -91,7 +88,9 @@ def _metric(payload: TelemetryV1 | TelemetryV2, name: str, vendor: str) -> float
 
 def test_a_stopped_press_stands_still_and_its_stroke_counter_only_grows() -> None:
     config = load_stack("dev")
-    press = next(m for m in machines_of(config, seed=3) if m.machine_type.name == "hydraulic_press")
+    press = next(
+        m for m in machines_of(demo_fleet(config), seed=3) if m.machine_type.name == "hydraulic_press"
+    )
     payloads = [p for p in (press.tick(START + i) for i in range(TICKS)) if p is not None]
     strokes = [_metric(p, "stroke_count", "CNT_STROKE") for p in payloads]
     assert strokes == sorted(strokes) and strokes[-1] > strokes[0]

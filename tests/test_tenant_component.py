@@ -46,10 +46,6 @@ ORG, BUCKET, TOKEN = (
 GRAFANA_ORG = "grafana:oss/organization:Organization"
 
 
-def machines(*types: str) -> list[dict[str, Any]]:
-    return [{"id": f"m-{i}", "type": kind} for i, kind in enumerate(types)]
-
-
 CONFIG = parse_platform(
     {
         "phase": "C",
@@ -62,7 +58,7 @@ CONFIG = parse_platform(
                 "tier": "basic",
                 "isolation": 1,
                 "alert_emails": ["ops@acme.example"],
-                "sites": [{"id": "plant-1", "machines": machines("hydraulic_press", "cnc_mill")}],
+                "machine_types": ["hydraulic_press", "cnc_mill"],
             },
             {"id": "initech", "name": "Initech", "tier": "basic", "isolation": 1},
             {
@@ -71,14 +67,14 @@ CONFIG = parse_platform(
                 "tier": "standard",
                 "isolation": 2,
                 "alert_emails": ["noc@globex.example"],
-                "sites": [{"id": "line-a", "machines": machines("injection_molder")}],
+                "machine_types": ["injection_molder"],
             },
             {
                 "id": "umbrella",
                 "name": "Umbrella",
                 "tier": "premium",
                 "isolation": 3,
-                "sites": [{"id": "hall", "machines": machines("air_compressor")}],
+                "machine_types": ["air_compressor"],
             },
         ],
     },

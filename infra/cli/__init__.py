@@ -19,6 +19,7 @@ app = typer.Typer(
 from infra.cli import (  # noqa: E402  (after `app`, which they register on)
     deadletters,  # noqa: F401  (ironlink deadletters list|show|replay)
     dev,  # noqa: F401  (ironlink dev up|status|down|logs, ironlink simulate)
+    fleet,  # noqa: F401  (ironlink fleet import STACK)
     plan,  # noqa: F401  (ironlink plan STACK | --all)
     provisioning,  # noqa: F401  (ironlink provisioning token create, ironlink claim create)
     tenant,  # noqa: F401  (ironlink tenant ..., ironlink device ...)

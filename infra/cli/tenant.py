@@ -16,15 +16,17 @@ from typing import Annotated
 
 import psycopg
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from infra.cli import app
 from infra.cli.common import console, fail, guarded, stack_config
 from infra.config import PlatformConfig
+from infra.fleet import Machine, Site
 from infra.plan import build_plan
 from infra.stackfile import StackFile
 from infra.tenancy import SHARED_INFLUXDB, device_username, store_route, telemetry_topic
-from registry import store
+from registry import provisioning, store
 from registry.credentials import generate_password, hash_password
 from registry.migrate import apply_migrations
 
@@ -213,22 +215,43 @@ def device_add(
     with _registry(registry) as conn:
         assert conn is not None
         try:
+            provisioning.require_tenant(conn, tenant_id)
             if new_site and site_id not in {s.id for s in provisioning.list_sites(conn, tenant_id)}:
                 provisioning.add_site(conn, tenant_id, site_id, None, actor=_actor())
             provisioning.add_machine(conn, tenant_id, site_id, machine_id, machine_type, actor=_actor())
-            store.issue_device_credential(
-                conn, tenant_id, site_id, machine_id, hash_password(password), actor=_actor()
+            username = provisioning.store_device(
+                conn, tenant_id, site_id, machine_id, credential=hash_password(password), replace=False
             )
-            provisioning.store_device(
-                conn, tenant_id, site_id, machine_id, credential=None, replace=False
-            ) if False else None
+            store.record_event(
+                conn, actor=_actor(), action="credential.issued", subject=username, tenant_id=tenant_id
+            )
         except provisioning.Refused as refusal:
             fail(f"registry refused the change: {refusal.detail}")
-    console.print(f"Added machine [bold]{machine_id}[/] ({machine_type}) to {tenant_id}/{site_id} in the registry")
+    console.print(
+        f"Added machine [bold]{machine_id}[/] ({machine_type}) to {tenant_id}/{site_id} in the registry"
+    )
     console.print(f"  username: {device_username(tenant_id, site_id, machine_id)}", highlight=False)
     console.print(f"  password: {password}", highlight=False)
     console.print(
         "  [yellow]The password is shown once and stored only as a hash: put it on the device now.[/]"
     )
     console.print(f"  topic:    {telemetry_topic(tenant_id, site_id, machine_id)}", highlight=False)
-    _print_plan_change(before, after, stack)
+    if machine_type not in config.tenant(tenant_id).machine_types:
+        console.print(
+            f"  [yellow]{tenant_id}'s dashboards do not cover {machine_type!r}:[/] add it to the tenant's"
+            f" machine_types in stack {stack!r}"
+        )
+
+
+def _machine_problems(site_id: str, machine_id: str, machine_type: str) -> list[str]:
+    """What is wrong with the ids and type, as the fleet model says it (all at once)."""
+    try:
+        Site(id=site_id, machines=[Machine(id=machine_id, type=machine_type)])
+    except ValidationError as error:
+        fields = {"id": "MACHINE", "type": "--type"}
+        return [
+            f"{'SITE' if len(item['loc']) == 1 else fields.get(str(item['loc'][-1]), 'MACHINE')}: "
+            + str(item.get("ctx", {}).get("error", item["msg"]))
+            for item in error.errors(include_url=False)
+        ]
+    return []

@@ -1,0 +1,251 @@
+"""The worker learns its machines from the registry (issue 9 item 4), against real servers.
+
+``python -m ingest`` starts with no machine in its settings and ``IRONLINK_REGISTRY_DSN`` set;
+machines are registered and removed through ``registry.provisioning`` while it runs, and its
+PostgreSQL is stopped and started under it. The changes it must follow within 5 s are waited for
+with that bound, then proven by what the store holds and what is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from infra.config import PlatformConfig, parse_platform
+from localdev import servers
+from registry import provisioning, store
+from registry.migrate import apply_migrations
+from tests.conftest import MosquittoFactory
+from tests.fixtures.ingest import (
+    ACME_MILL,
+    ACME_PRESS,
+    ACME_PRESS_2,
+    Mqtt,
+    WorkerProcess,
+    broker_config,
+    start_store,
+    topic,
+    v1,
+    v2,
+    v3,
+    wait_stored,
+)
+
+pytestmark = pytest.mark.integration
+ACTOR = "test@fleet"
+CHANGE_S = 5.0  # the issue's bound on picking up a registry change
+
+
+def two_tenants() -> PlatformConfig:
+    """acme and globex; their machines are the registry's alone."""
+    raw = {
+        "phase": "A",
+        "region": "test",
+        "tenants": [
+            {"id": "acme", "name": "Acme", "tier": "basic"},
+            {"id": "globex", "name": "Globex", "tier": "basic"},
+        ],
+    }
+    return parse_platform(raw, "fleet-test")
+
+
+def seed(dsn: str, config: PlatformConfig, reader: str) -> None:
+    """The tenants, acme's site plant-1, and press-01 registered; a read-only role for the worker
+    (roles are the cluster's, shared by the tests' databases: each test names its own)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        apply_migrations(conn)
+        store.sync_platform(conn, config, actor=ACTOR)
+        provisioning.add_site(conn, "acme", "plant-1", None, actor=ACTOR)
+        provisioning.add_machine(conn, *ACME_PRESS, "hydraulic_press", actor=ACTOR)
+        conn.execute(f"CREATE ROLE {reader} LOGIN")
+        conn.execute(f"GRANT SELECT ON machines TO {reader}")
+
+
+def fast_shutdown(postgres: servers.Server, data_dir: Path) -> None:
+    """PostgreSQL's fast shutdown (SIGINT to the postmaster itself: ``runuser`` in between does
+    not pass it on, and SIGTERM would wait for the worker's session to end)."""
+    pid_file = data_dir / "postmaster.pid"
+    if postgres.process is None or postgres.process.poll() is not None or not pid_file.exists():
+        return
+    os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)
+    postgres.process.wait(30)
+
+
+class FleetPlatform:
+    """Broker, store, registry and a worker that reads its fleet from the registry."""
+
+    def __init__(
+        self, folder: Path, start_mosquitto: MosquittoFactory, registry_dsn: str, env: pytest.MonkeyPatch
+    ) -> None:
+        config = two_tenants()
+        self.reader = f"fleet_{uuid.uuid4().hex[:12]}"
+        seed(registry_dsn, config, self.reader)
+        self.registry_dsn = registry_dsn
+        self.broker, mqtt_port = start_mosquitto(broker_config(folder / "mosquitto"))
+        self.store, self.store_url = start_store(folder)
+        env.setenv(
+            "IRONLINK_REGISTRY_DSN", registry_dsn.replace("user=postgres", f"user={self.reader}")
+        )  # a secret: never in to_env()
+        self.worker = WorkerProcess.for_platform(config, mqtt_port, self.store_url, folder, machines=None)
+        assert all(not route.machines for route in self.worker.settings.tenants.values())
+        assert "IRONLINK_REGISTRY_DSN" not in self.worker.settings.to_env()
+        try:
+            self.worker.start()
+        except BaseException:
+            self.store.stop()
+            raise
+        self.device = Mqtt(mqtt_port, "device")
+        self.dead_letters = Mqtt(mqtt_port, "dead-letter-reader")
+        self.dead_letters.subscribe("dlq/#")
+
+    def registry(self) -> psycopg.Connection:
+        return psycopg.connect(self.registry_dsn, autocommit=True)
+
+    def wait_fleet(self, machines: int, timeout: float = CHANGE_S) -> None:
+        servers.wait_until(
+            lambda: self.worker.metric("ironlink_ingest_fleet_machines") == machines,
+            timeout,
+            f"the worker's fleet at {machines} machines",
+        )
+
+    def stores(self, machine: tuple[str, str, str], ts: int) -> bool:
+        self.device.publish(topic(machine), v2(machine, ts))
+        return ts * 1000 in wait_stored(self.store_url, machine, [ts * 1000])
+
+    def close(self) -> None:
+        self.device.close()
+        self.dead_letters.close()
+        if self.worker.process is not None and self.worker.process.poll() is None:
+            self.worker.stop(signal.SIGKILL)
+        self.store.stop()
+
+
+@pytest.fixture
+def folder(server_root: Path, request: pytest.FixtureRequest) -> Path:
+    # Short: a PostgreSQL socket path must fit in 107 bytes.
+    path = server_root / f"fleet-{request.node.name[5:25]}-{time.monotonic_ns()}"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def live(
+    folder: Path, start_mosquitto: MosquittoFactory, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FleetPlatform]:
+    platform = FleetPlatform(folder, start_mosquitto, postgres_dsn, monkeypatch)
+    yield platform
+    platform.close()
+
+
+def test_the_worker_stores_registered_machines_and_follows_registrations_and_removals(
+    live: FleetPlatform,
+) -> None:
+    ts = int(time.time()) - 60
+    assert live.worker.metric("ironlink_ingest_fleet_machines") == 1
+    assert live.stores(ACME_PRESS, ts), "a registered machine, though the settings hold none"
+
+    with live.registry() as conn:
+        provisioning.add_machine(conn, *ACME_PRESS_2, "hydraulic_press", actor=ACTOR)
+    live.wait_fleet(2)
+    assert live.stores(ACME_PRESS_2, ts), "registered while the worker runs, no restart"
+
+    with live.registry() as conn:
+        provisioning.remove_machine(conn, *ACME_PRESS, actor=ACTOR)
+    live.wait_fleet(1)
+    live.device.publish(topic(ACME_PRESS), v2(ACME_PRESS, ts + 1))
+    ((dlq_topic, letter),) = live.dead_letters.collect(1)
+    assert (dlq_topic, letter["reason"]) == (f"dlq/{topic(ACME_PRESS)}", "unknown_machine")
+    assert "acme/plant-1/press-01" in letter["detail"]
+    assert live.worker.metric("ironlink_ingest_fleet_reloads_total", scope="tenant") >= 2
+    assert live.worker.alive()
+
+
+def test_a_machine_the_registry_lacks_is_unknown_machine_in_every_schema_version(live: FleetPlatform) -> None:
+    ts = int(time.time()) - 60
+    live.device.publish(topic(ACME_MILL), v1(ACME_MILL, ts, S_RPM=12000.0))
+    live.device.publish(topic(ACME_MILL), v2(ACME_MILL, ts + 1))
+    live.device.publish(topic(ACME_MILL), v3(ACME_MILL, ts + 2, "gw-1", 1, 1))
+    letters = live.dead_letters.collect(3)
+    assert [letter["reason"] for _, letter in letters] == ["unknown_machine"] * 3
+    assert (
+        live.worker.metric("ironlink_ingest_messages_rejected_total", tenant="acme", reason="unknown_machine")
+        == 3
+    )
+    assert live.stores(ACME_PRESS, ts), "the registered machine next to it flows on"
+
+
+def test_the_worker_keeps_its_fleet_through_a_registry_outage_and_rereads_it_after(
+    folder: Path, start_mosquitto: MosquittoFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PostgreSQL of its own (stopped here). After it returns, the worker's role is kept from
+    logging in while a machine is registered: that notification is sent to no one, so the worker
+    knows the machine only if it reads everything again once it gets back in."""
+    user = servers.service_user("postgres")
+    sockets = folder / "pg-sockets"
+    servers.init_postgres(folder / "pg", user)
+    port = servers.free_port()
+    postgres = servers.postgres(folder / "pg", port, sockets, folder / "pg.log", user).start()
+    dsn = f"host={sockets} port={port} user=postgres dbname=postgres"
+    live = None
+    try:
+        live = FleetPlatform(folder, start_mosquitto, dsn, monkeypatch)
+        ts = int(time.time()) - 60
+        with live.registry() as conn:
+            conn.execute(f"ALTER ROLE {live.reader} NOLOGIN")  # its open session stays
+
+        fast_shutdown(postgres, folder / "pg")
+        servers.wait_until(
+            lambda: live.worker.metric("ironlink_ingest_registry_reachable") == 0, 20, "registry lost"
+        )
+        assert live.stores(ACME_PRESS, ts), "the last good copy serves while the registry is away"
+        assert servers.http_ok(f"{live.worker.url}/readyz"), "the registry away is no reason to be unready"
+        fleet = live.worker.readiness()["fleet"]
+        assert fleet["reachable"] is False and fleet["machines"] == 1 and fleet["error"], fleet
+        assert "registry_unreachable" in live.worker.log_path.read_text()
+
+        postgres.start()
+        with live.registry() as conn:
+            provisioning.add_machine(conn, *ACME_PRESS_2, "hydraulic_press", actor=ACTOR)
+            conn.execute(f"ALTER ROLE {live.reader} LOGIN")
+        live.wait_fleet(2, timeout=CHANGE_S + 5)  # plus the reconnect backoff (at most 5 s)
+        assert live.worker.metric("ironlink_ingest_registry_reachable") == 1
+        assert live.stores(ACME_PRESS_2, ts), "the machine registered while the worker was away"
+        assert live.worker.metric("ironlink_ingest_registry_failures_total") >= 1
+    finally:
+        if live is not None:
+            live.close()
+        fast_shutdown(postgres, folder / "pg")
+
+
+def test_the_worker_waits_for_its_first_copy_of_the_fleet_before_it_is_ready(
+    folder: Path, start_mosquitto: MosquittoFactory
+) -> None:
+    """No registry at start: no copy, so not ready (every message would be unknown_machine)."""
+    _, mqtt_port = start_mosquitto(broker_config(folder / "mosquitto"))
+    worker = WorkerProcess.for_platform(two_tenants(), mqtt_port, "http://127.0.0.1:9", folder, machines=None)
+    nothing_there = f"host=127.0.0.1 port={servers.free_port()} user=nobody dbname=postgres"
+    env = {**os.environ, **worker.settings.to_env(), "IRONLINK_REGISTRY_DSN": nothing_there}
+    with worker.log_path.open("ab") as log:
+        worker.process = subprocess.Popen(
+            [sys.executable, "-m", "ingest"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        servers.wait_until(lambda: "registry_unreachable" in worker.log_path.read_text(), 20, "a try")
+        servers.wait_until(
+            lambda: worker.alive() and servers.port_open(worker.settings.http_port), 20, "its probes"
+        )
+        readiness = worker.readiness()
+        assert readiness["fleet"]["loaded"] is False, readiness
+        assert not servers.http_ok(f"{worker.url}/readyz")
+        assert servers.http_ok(f"{worker.url}/healthz"), "alive: it keeps trying"
+    finally:
+        worker.stop(signal.SIGTERM)
