@@ -18,7 +18,7 @@ fight it).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -113,7 +113,7 @@ class IngestWorker(pulumi.ComponentResource):
         self.credentials = kube.secret(credentials, object_labels, files)
         kube.service_account(name, object_labels)
 
-        tls_files = {"mqtt_ca_file": f"{SECRETS_DIR}/ca.crt"}
+        tls_files: dict[str, Any] = {"mqtt_ca_file": f"{SECRETS_DIR}/ca.crt"}
         if client is not None:
             tls_files.update(
                 {"mqtt_cert_file": f"{SECRETS_DIR}/tls.crt", "mqtt_key_file": f"{SECRETS_DIR}/tls.key"}

@@ -50,7 +50,9 @@ def _import_tenant(conn: psycopg.Connection, tenant: TenantFleet, actor: str) ->
         record_event(conn, actor=actor, action=action, subject=subject, tenant_id=tenant.id, details=details)
         result.changes.append(f"{action} {subject}")
 
-    sites = dict(conn.execute("SELECT id, name FROM sites WHERE tenant_id = %s", (tenant.id,)).fetchall())
+    sites: dict[str, str | None] = dict(
+        conn.execute("SELECT id, name FROM sites WHERE tenant_id = %s", (tenant.id,)).fetchall()
+    )
     for site in tenant.sites:
         if site.id not in sites:
             conn.execute(
@@ -67,7 +69,7 @@ def _import_tenant(conn: psycopg.Connection, tenant: TenantFleet, actor: str) ->
         "SELECT site_id, id, type FROM machines WHERE tenant_id = %s", (tenant.id,)
     ).fetchall()
     machines = {(site_id, machine_id): kind for site_id, machine_id, kind in rows}
-    credentials = dict(
+    credentials: dict[str, str] = dict(
         conn.execute("SELECT username, credential FROM devices WHERE tenant_id = %s", (tenant.id,)).fetchall()
     )
     for site, machine in tenant.machines:

@@ -1,5 +1,5 @@
-"""The worker imports the tenant model without Pulumi or the CLI (issue 9 item 6): its image
-holds neither.
+"""The worker and the provisioning service import the tenant model without Pulumi or the CLI
+(issue 9 item 6): their images hold neither.
 
 A fresh interpreter imports the worker's modules with an import hook that refuses the heavy
 packages, as the image (which lacks them) would: a library's optional import (structlog tries
@@ -14,9 +14,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
 FORBIDDEN = ("pulumi", "pulumi_*", "infra.cli", "typer", "rich", "components")
-MODULES = ("ingest.worker", "ingest.fleet", "ingest.__main__")
+# The provisioning service drives Mosquitto's dynamic security with the same rule renderer the
+# broker's files come from (``components.render``: pure functions, no Pulumi), so its image
+# carries that one folder; the Pulumi components themselves stay out.
+SERVICES = {
+    "worker": (FORBIDDEN, ("ingest.worker", "ingest.fleet", "ingest.__main__")),
+    "provisioning": (
+        ("pulumi", "pulumi_*", "infra.cli", "typer", "rich", "components.provisioning", "components.kube"),
+        ("provisioning.app", "provisioning.__main__"),
+    ),
+}
 
 _PROBE = """
 import fnmatch, importlib, json, sys, traceback
@@ -44,12 +56,14 @@ print(json.dumps({"attempts": attempts, "loaded": sorted(m for m in sys.modules 
 """
 
 
-def test_the_worker_imports_neither_pulumi_nor_the_cli() -> None:
-    argument = json.dumps([FORBIDDEN, MODULES, str(ROOT)])
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_the_service_imports_neither_pulumi_nor_the_cli(service: str) -> None:
+    forbidden, modules = SERVICES[service]
+    argument = json.dumps([forbidden, modules, str(ROOT)])
     result = subprocess.run(
         [sys.executable, "-c", _PROBE, argument], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
-    assert result.returncode == 0, f"the worker does not import without them:\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"the {service} does not import without them:\n{result.stderr[-3000:]}"
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["attempts"] == [], "this project's code imports what the image lacks"
     assert report["loaded"] == []

@@ -25,12 +25,7 @@ config:
     - id: acme
       name: Acme Manufacturing
       tier: basic
-      sites:
-        - id: plant-1
-          name: Acme Plant 1
-          machines:
-            - id: press-01
-              type: hydraulic_press
+      machine_types: [hydraulic_press]
 """
 
 
@@ -54,11 +49,11 @@ BAD_FILES: dict[str, tuple[str | bytes, str]] = {
     "alias-bomb": (alias_bomb(), f"expands to more than {MAX_STACK_NODES} values"),
     "deep": (
         GOOD + "  ironlink:deep: " + "[" * 100 + "]" * 100 + "\n",
-        f"nests deeper than {MAX_STACK_DEPTH} levels (line 14)",
+        f"nests deeper than {MAX_STACK_DEPTH} levels (line 9)",
     ),
     "recursive-alias": (
         GOOD + "  ironlink:loop: &loop [*loop]\n",
-        "alias *loop on line 14 repeats no node defined before it",
+        "alias *loop on line 9 repeats no node defined before it",
     ),
     "duplicate-key": (
         GOOD + "  ironlink:region: elsewhere\n",
@@ -162,9 +157,9 @@ def test_anchors_and_aliases_within_the_bound_are_accepted(project: Path) -> Non
             "ironlink:tenants[0].name: is 200000 characters long; at most 128 are allowed",
         ),
         (
-            "name: Acme Plant 1",
-            "name: " + "P" * 129,
-            "ironlink:tenants[0].sites[0].name: is 129 characters long; at most 128 are allowed",
+            "machine_types: [hydraulic_press]",
+            "machine_types: [" + "p" * 129 + "]",
+            "ironlink:tenants[0].machine_types[0]: '" + "p" * 80 + "... (129 characters)' is not a known",
         ),
         (
             "name: Acme Manufacturing",
@@ -210,7 +205,7 @@ def test_anchors_and_aliases_within_the_bound_are_accepted(project: Path) -> Non
         ),
     ],
     ids=[
-        "tenant-name", "site-name", "name-escape", "tier", "email", "id-newline", "image-length",
+        "tenant-name", "machine-type", "name-escape", "tier", "email", "id-newline", "image-length",
         "image-space", "domain", "context", "cron", "unknown-key",
     ],
 )  # fmt: skip

@@ -17,8 +17,9 @@ from infra.config import load_stack
 from infra.plan import build_plan
 from registry import store
 from registry.credentials import parse_hash, verify_password
+from registry.fleet_import import import_fleet
 from registry.queries import EMQX_AUTHN_QUERY
-from tests.fixtures.registry import STACK
+from tests.fixtures.registry import STACK, platform
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -49,7 +50,8 @@ def stack_text(project: Path, stack: str = "isolation") -> str:
 def test_tenant_add_appends_the_tenant_and_leaves_every_other_line_alone(project: Path) -> None:
     before = stack_text(project)
     result = run("tenant", "add", "isolation", "--id", "initech", "--name", "Initech: Logistics",
-                 "--tier", "basic", "--isolation", "2", "--site", "hq", "--site", "dc-north")  # fmt: skip
+                 "--tier", "basic", "--isolation", "2", "--machine-type", "conveyor",
+                 "--machine-type", "cnc_mill")  # fmt: skip
     assert result.exit_code == 0, result.output
     after = stack_text(project)
     assert after.startswith(before), "existing lines, comments and order must be untouched"
@@ -58,12 +60,10 @@ def test_tenant_add_appends_the_tenant_and_leaves_every_other_line_alone(project
         "      name: 'Initech: Logistics'\n"
         "      tier: basic\n"
         "      isolation: 2\n"
-        "      sites:\n"
-        "        - id: hq\n"
-        "        - id: dc-north\n"
+        "      machine_types: [conveyor, cnc_mill]\n"
     )
     tenant = load_stack("isolation", project).tenant("initech")
-    assert (tenant.name, [site.id for site in tenant.sites]) == ("Initech: Logistics", ["hq", "dc-north"])
+    assert (tenant.name, tenant.machine_types) == ("Initech: Logistics", ["conveyor", "cnc_mill"])
     assert "InfluxDB: influxdb/initech/initech-telemetry" in result.output
 
 
@@ -76,10 +76,13 @@ def test_tenant_add_appends_the_tenant_and_leaves_every_other_line_alone(project
         (["--isolation", "7"], "ironlink:tenants[2].isolation: 7 is not one of 1, 2 or 3"),
         (["--id", "acme"], "ironlink:tenants[0].id: 'acme' already exists in this stack"),
         (["--id", "ingest"], "ironlink:tenants[2].id: 'ingest' is reserved"),
-        (["--site", "Plant 1"], "ironlink:tenants[2].sites[0].id: 'Plant 1' is not a valid site id"),
         (
-            ["--site", "hq", "--site", "hq"],
-            "ironlink:tenants[2].sites[1].id: 'hq' is already used by sites[0]",
+            ["--machine-type", "laser"],
+            "ironlink:tenants[2].machine_types[0]: 'laser' is not a known machine type",
+        ),
+        (
+            ["--machine-type", "conveyor", "--machine-type", "conveyor"],
+            "ironlink:tenants[2].machine_types[1]: 'conveyor' is listed twice",
         ),
     ],
 )
@@ -114,69 +117,89 @@ def test_tenant_remove_takes_the_tenant_and_its_own_comment_only(project: Path) 
     assert [t.id for t in load_stack("isolation", project).tenants] == ["globex"]
 
 
-def test_device_add_shows_the_password_once_and_stores_only_its_hash(project: Path) -> None:
+@pytest.fixture
+def registry(project: Path, postgres_dsn: str) -> str:
+    """A registry holding the isolation stack's tenants and their fleet."""
+    fixture = platform()
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        store.sync_platform(conn, fixture.config, actor="test")
+        import_fleet(conn, fixture.fleet, actor="test")
+    return postgres_dsn
+
+
+def _devices(dsn: str) -> dict[str, str]:
+    with psycopg.connect(dsn) as conn:
+        return dict(conn.execute("SELECT username, credential FROM devices").fetchall())
+
+
+@pytest.mark.integration
+def test_device_add_writes_the_registry_shows_the_password_once_and_leaves_the_stack_alone(
+    project: Path, registry: str
+) -> None:
     before = stack_text(project)
-    result = run("device", "add", "isolation", "acme", "plant-1", "press-03", "--type", "hydraulic_press")
+    result = run(
+        "device",
+        "add",
+        "isolation",
+        "acme",
+        "plant-1",
+        "press-03",
+        "--type",
+        "conveyor",
+        "--registry",
+        registry,
+    )
     assert result.exit_code == 0, result.output
     password = re.search(r"password: (\S+)", result.output)
     assert password is not None, result.output
-    text = stack_text(project)
-    assert password.group(1) not in text
-    machine = load_stack("isolation", project).tenant("acme").sites[0].machines[-1]
-    assert machine.id == "press-03" and machine.password_hash is not None
-    assert verify_password(password.group(1), machine.password_hash)
+    assert stack_text(project) == before, "devices never touch a stack file"
+    stored = _devices(registry)["acme.plant-1.press-03"]
+    assert password.group(1) not in stored and verify_password(password.group(1), stored)
     assert "username: acme.plant-1.press-03" in result.output
     assert "topic:    ironlink/acme/plant-1/press-03/telemetry" in result.output
-    # Only the new machine's lines were inserted, after press-02 and before the comment on globex.
-    inserted = text.replace(before.split("    # Tenant B\n")[0], "", 1).split("    # Tenant B\n")[0]
-    assert inserted == (
-        "            - id: press-03\n"
-        "              type: hydraulic_press\n"
-        f"              password_hash: {machine.password_hash}\n"
-    )
+    assert "dashboards do not cover 'conveyor'" in result.output
+    with psycopg.connect(registry) as conn:
+        rules = conn.execute("SELECT action, topic FROM acl_rules WHERE username = 'acme.plant-1.press-03'")
+        assert set(rules.fetchall()) == {
+            ("publish", "ironlink/acme/plant-1/press-03/telemetry"),
+            ("subscribe", "ironlink/acme/plant-1/press-03/receipts"),
+        }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
-        (
-            ["acme", "plant-1", "press-01", "--type", "hydraulic_press"],
-            "'press-01' already exists in site 'plant-1'",
-        ),
-        (
-            ["acme", "plant-9", "m1", "--type", "conveyor"],
-            "'plant-9' is not a site of tenant 'acme' (sites: plant-1)",
-        ),
-        (
-            ["acme", "plant-1", "m1", "--type", "laser"],
-            ".machines[2].type: 'laser' is not a known machine type",
-        ),
-        (
-            ["acme", "plant-1", "M 1", "--type", "conveyor"],
-            ".machines[2].id: 'M 1' is not a valid machine id",
-        ),
-        (["hooli", "fab-1", "m1", "--type", "conveyor"], "'hooli' is not a tenant of this stack"),
+        (["acme", "plant-1", "press-01", "--type", "hydraulic_press"], "plant-1/press-01 already exists"),
+        (["acme", "plant-9", "m1", "--type", "conveyor"], "site 'plant-9' is not a site of tenant 'acme'"),
+        (["acme", "plant-1", "m1", "--type", "laser"], "--type: 'laser' is not a known machine type"),
+        (["acme", "plant-1", "M 1", "--type", "conveyor"], "MACHINE: 'M 1' is not a valid machine id"),
+        (["hooli", "fab-1", "m1", "--type", "conveyor"], "TENANT: 'hooli' is not a tenant of stack"),
     ],
 )
-def test_bad_device_input_exits_2_and_writes_nothing(project: Path, args: list[str], complaint: str) -> None:
-    before = stack_text(project)
-    result = run("device", "add", "isolation", *args)
+def test_bad_device_input_exits_2_and_writes_nothing(
+    project: Path, registry: str, args: list[str], complaint: str
+) -> None:
+    before, devices = stack_text(project), _devices(registry)
+    result = run("device", "add", "isolation", *args, "--registry", registry)
     assert result.exit_code == 2, result.output
     assert complaint in result.output
     assert "password:" not in result.output
-    assert stack_text(project) == before
+    assert (stack_text(project), _devices(registry)) == (before, devices)
 
 
-def test_device_add_with_new_site_and_tenant_list(project: Path) -> None:
-    result = run(
-        "device", "add", "dev", "globex", "line-b", "molder-09", "--type", "injection_molder", "--new-site"
-    )
-    assert result.exit_code == 0, result.output
+def test_device_add_without_a_registry_is_refused(project: Path) -> None:
+    result = run("device", "add", "isolation", "acme", "plant-1", "m1", "--type", "conveyor")
+    assert result.exit_code == 2
+    assert "--registry: required (devices live in the registry" in result.output
+
+
+def test_tenant_list_shows_levels_machine_types_and_stores(project: Path) -> None:
     listing = run("tenant", "list", "dev")
     assert listing.exit_code == 0, listing.output
-    rows = {line.split("│")[1].strip(): line for line in listing.output.splitlines() if line.count("│") > 5}
+    rows = {line.split("│")[1].strip(): line for line in listing.output.splitlines() if line.count("│") > 4}
     assert re.search(
-        r"│ globex\s*│ standard\s*│ 1\s*│ 3\s*│ 1/3\s*│ Globex Plastics\s*│ line-a, line-b\s*│",
+        r"│ globex\s*│ standard\s*│ 1\s*│ Globex Plastics\s*│ air_compressor, injection_molder\s*│",
         rows["globex"],
     )
     assert "ironlink/acme-telemetry" in rows["acme"], "level 1 tenants share the org"
@@ -201,11 +224,6 @@ def test_plan_change_is_printed(project: Path) -> None:
     assert {line for line in _plan_lines(result.output) if line.startswith("+")} == added
     assert re.search(rf"Plan for stack 'dev': \+{len(added)} ~\d+ -0 resources", result.output), result.output
 
-    # A new device changes what the broker lets in (dev runs Mosquitto: its ACL is a ConfigMap).
-    result = run("device", "add", "dev", "acme", "plant-1", "press-09", "--type", "hydraulic_press")
-    assert result.exit_code == 0, result.output
-    assert "~ kubernetes:core/v1:ConfigMap" in "\n".join(_plan_lines(result.output)), result.output
-
     result = run("tenant", "remove", "dev", "initech")
     assert result.exit_code == 0, result.output
     removed = {line for line in _plan_lines(result.output) if line.startswith("-")}
@@ -218,9 +236,20 @@ def test_plan_change_is_printed(project: Path) -> None:
 def test_registry_is_updated_and_audited_and_refusals_write_nothing(project: Path, postgres_dsn: str) -> None:
     env = {"IRONLINK_REGISTRY_DSN": postgres_dsn}
     result = run("tenant", "add", "isolation", "--id", "initech", "--name", "Initech", "--tier", "basic",
-                 "--site", "hq", env=env)  # fmt: skip
+                 env=env)  # fmt: skip
     assert result.exit_code == 0, result.output
-    result = run("device", "add", "isolation", "initech", "hq", "scanner-01", "--type", "conveyor", env=env)
+    result = run(
+        "device",
+        "add",
+        "isolation",
+        "initech",
+        "hq",
+        "scanner-01",
+        "--type",
+        "conveyor",
+        "--new-site",
+        env=env,
+    )
     assert result.exit_code == 0, result.output
     password = re.search(r"password: (\S+)", result.output)
     assert password is not None
@@ -228,9 +257,9 @@ def test_registry_is_updated_and_audited_and_refusals_write_nothing(project: Pat
         username = "initech.hq.scanner-01"
         sql = EMQX_AUTHN_QUERY.replace("${username}", "%(u)s").replace("${clientid}", "%(u)s")
         (row,) = conn.execute(sql, {"u": username}).fetchall()
-        stored = load_stack("isolation", project).tenant("initech").sites[0].machines[0].password_hash
-        assert stored is not None and verify_password(password.group(1), stored)
-        assert row[0] == parse_hash(stored).hex_digest, "EMQX reads the hash the stack file holds"
+        stored = _devices(postgres_dsn)[username]
+        assert verify_password(password.group(1), stored)
+        assert row[0] == parse_hash(stored).hex_digest, "EMQX reads the hash the registry holds"
         events = [(e.action, e.subject) for e in store.audit_events(conn, tenant_id="initech")]
         assert events == [
             ("tenant.created", "initech"),

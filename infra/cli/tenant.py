@@ -245,13 +245,17 @@ def device_add(
 
 def _machine_problems(site_id: str, machine_id: str, machine_type: str) -> list[str]:
     """What is wrong with the ids and type, as the fleet model says it (all at once)."""
-    try:
-        Site(id=site_id, machines=[Machine(id=machine_id, type=machine_type)])
-    except ValidationError as error:
-        fields = {"id": "MACHINE", "type": "--type"}
-        return [
-            f"{'SITE' if len(item['loc']) == 1 else fields.get(str(item['loc'][-1]), 'MACHINE')}: "
-            + str(item.get("ctx", {}).get("error", item["msg"]))
-            for item in error.errors(include_url=False)
-        ]
-    return []
+    checks: list[tuple[type[Site] | type[Machine], dict[str, str], dict[str, str]]] = [
+        (Site, {"id": site_id}, {"id": "SITE"}),
+        (Machine, {"id": machine_id, "type": machine_type}, {"id": "MACHINE", "type": "--type"}),
+    ]
+    problems = []
+    for model, values, names in checks:
+        try:
+            model.model_validate(values)
+        except ValidationError as error:
+            problems += [
+                f"{names[str(item['loc'][0])]}: {item.get('ctx', {}).get('error', item['msg'])}"
+                for item in error.errors(include_url=False)
+            ]
+    return problems
