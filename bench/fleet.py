@@ -13,6 +13,13 @@ a database of the same PostgreSQL (a real Mosquitto beside it), timed from the p
 (``VmHWM``); then how long one machine registered meanwhile takes to reach it:
 
     worker start <S> s, peak RSS <M> MB
+
+Last (:func:`claim_to_stored`), on the end-to-end platform of ``tests/test_provisioning_e2e.py``
+(the API, Mosquitto with dynamic security and its mTLS listener, the worker reading the registry,
+VictoriaMetrics), ``--claimers`` devices at once each claim with their own CSR, connect with their
+certificate and publish a reading every 0.2 s until the store holds one:
+
+    claim to first stored p50 <A> s, p99 <B> s
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # tests.provisioning_platform
 
 import psycopg
 from cryptography import x509
@@ -60,6 +70,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--fleet", type=int, default=50_000, help="machines the worker starts with")
+    parser.add_argument("--claimers", type=int, default=50, help="devices timed from claim to stored")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="ironlink-bench-fleet-"))
     os.chmod(root, 0o755)
@@ -129,6 +140,7 @@ def main() -> None:
             f" {args.threads} in parallel"
         )
         worker_start(root, dsn, args.fleet)
+        claim_to_stored(root, dsn, args.claimers)
     finally:
         if service is not None:
             service.terminate()
@@ -227,6 +239,36 @@ def worker_start(root: Path, dsn: str, machines: int) -> None:
         worker.terminate()
         worker.wait(30)
         broker.stop()
+
+
+def claim_to_stored(root: Path, dsn: str, devices: int) -> None:
+    """``claim to first stored p50 <A> s, p99 <B> s`` (nearest rank) over ``devices`` devices."""
+    import structlog
+
+    from tests.provisioning_platform import SITE, running
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE claim_stored")
+    with running(root / "e2e", dsn.replace("dbname=postgres", "dbname=claim_stored")) as platform:
+        token = str(platform.claim_token("acme", count=devices)["token"])
+
+        def device(i: int) -> float:
+            machine = ("acme", SITE, f"m-{i}")
+            started = time.monotonic()
+            answer, files = platform.claim(token, machine[2])
+            assert answer.status_code == 201, answer.text
+            session = platform.connect(str(answer.json()["username"]), cert=files)
+            assert session is not None, f"{machine} refused"
+            stored = platform.publish_until_stored(session, machine, "cnc_mill", started + 60)
+            assert stored is not None, f"{machine}: nothing stored within 60 s"
+            return stored - started
+
+        with ThreadPoolExecutor(devices) as pool:
+            times = sorted(pool.map(device, range(devices)))
+    p50, p99 = (times[max(0, math.ceil(q * len(times)) - 1)] for q in (0.5, 0.99))
+    print(f"claim to first stored p50 {p50:.2f} s, p99 {p99:.2f} s")
+    print(f"  {devices} devices at once, each: claim, connect over mTLS, a reading every 0.2 s until stored")
 
 
 def _metric(url: str, name: str) -> float:

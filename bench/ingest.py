@@ -51,6 +51,7 @@ from infra.tenancy import TELEMETRY_FILTER, store_routes, telemetry_topic
 from ingest.catalog import MACHINE_TYPES
 from ingest.settings import WorkerSettings, worker_settings_for
 from localdev import servers
+from localdev.state import demo_fleet
 from localdev.victoria import VictoriaMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,7 @@ def settings_for(mqtt_port: int, store_url: str, http_port: int) -> WorkerSettin
     config = parse_platform(raw, "dev")
     return worker_settings_for(
         config,
+        machines=demo_fleet(config).route_machines(),
         mqtt_host="127.0.0.1",
         mqtt_port=mqtt_port,
         store_urls={route.instance: store_url for route in store_routes(config).values()},

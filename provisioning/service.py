@@ -276,6 +276,11 @@ class Provisioner:
         tenant: str,
     ) -> models.Credential:
         cert = ca.sign(csr, username, tenant, self.settings.cert_validity_days)
+        return self._store_certificate(conn, ca, cert, username, tenant)
+
+    def _store_certificate(
+        self, conn: reg.psycopg.Connection, ca: IssuingCA, cert: x509.Certificate, username: str, tenant: str
+    ) -> models.Credential:
         pem = _pem(cert)
         reg.store_certificate(
             conn,
@@ -421,8 +426,8 @@ class Provisioner:
     def _claim(
         self, source: str, token_id: str, secret: str, body: models.ClaimRequest
     ) -> tuple[models.Credential, bool, dict[str, str]]:
-        with self.pool.connection() as conn, conn.transaction():
-            token = reg.claim_token(conn, token_id, lock=True)
+        with self.pool.connection() as conn:
+            token = reg.claim_token(conn, token_id)
             if token is None or not reg.secret_matches(secret, token.secret_sha256):
                 raise Refused(
                     "claim_token_unknown", "this claim token is not known (altered, or never issued)"
@@ -436,6 +441,9 @@ class Provisioner:
     def _claim_with(
         self, conn: reg.psycopg.Connection, source: str, token: reg.ClaimToken, body: models.ClaimRequest
     ) -> tuple[models.Credential, bool, dict[str, str]]:
+        """Check, hash or sign, then one transaction that takes the token's use last: its row is
+        locked only from that ``UPDATE`` to the commit, not while a CSR is signed, so claims of one
+        token run side by side. A use taken by a parallel claim meanwhile rolls this one back."""
         tenant, site, machine_id = token.tenant_id, token.site_id, body.machine_id
         if body.tenant_id is not None and body.tenant_id != tenant:
             raise Refused(
@@ -448,17 +456,9 @@ class Provisioner:
         actor = f"device@{source}"
         existing = reg.find_claim(conn, token.id, machine_id)
         if existing is not None:
-            return self._resume(conn, existing, digest, username, actor, tenant), True, args
-        if token.revoked_at is not None:
-            raise Refused("claim_token_revoked", f"claim token {token.id} was revoked")
-        if token.expires_at <= _now():
-            raise Refused(
-                "claim_token_expired", f"claim token {token.id} expired at {token.expires_at.isoformat()}"
-            )
-        if token.uses_left <= 0:
-            raise Refused(
-                "claim_token_used", f"claim token {token.id} has registered its {token.uses} device(s)"
-            )
+            with conn.transaction():
+                return self._resume(conn, existing, digest, username, actor, tenant), True, args
+        _refuse_unusable(token)
         machine_type = token.machine_type or body.machine_type
         if token.machine_type and body.machine_type and token.machine_type != body.machine_type:
             raise Refused(
@@ -467,40 +467,34 @@ class Provisioner:
             )
         if machine_type is None:
             raise Refused("machine_type_required", "machine_type: this token names none, so the device must")
-        reg.add_machine(conn, tenant, site, machine_id, machine_type, actor=actor)
         password = None if csr is not None else generate_password()
-        reg.store_device(
-            conn,
-            tenant,
-            site,
-            machine_id,
-            credential=None if password is None else hash_password(password),
-            replace=False,
-        )
-        if csr is not None:
-            isolation = reg.require_tenant(conn, tenant)
-            credential = self._issue(
-                conn, self.authorities.for_tenant(tenant, isolation), csr, username, tenant
+        signed = None
+        if csr is not None:  # a certificate no transaction stores is never handed out
+            ca = self.authorities.for_tenant(tenant, reg.require_tenant(conn, tenant))
+            signed = (ca, ca.sign(csr, username, tenant, self.settings.cert_validity_days))
+        password_hash = None if password is None else hash_password(password)
+        with conn.transaction():
+            reg.add_machine(conn, tenant, site, machine_id, machine_type, actor=actor)
+            reg.store_device(conn, tenant, site, machine_id, credential=password_hash, replace=False)
+            if signed is not None:
+                credential = self._store_certificate(conn, *signed, username, tenant)
+                serial: str | None = format(signed[1].serial_number, "x")
+            else:
+                credential = models.Credential(username=username, method="password", password=password)
+                serial = None
+            reg.record_claim(conn, reg.Claim(token.id, machine_id, username, digest, serial))
+            reg.audit(
+                conn,
+                actor,
+                "device.claimed",
+                username,
+                tenant,
+                token_id=token.id,
+                method=credential.method,
+                code="ok",
             )
-            serial = format(
-                x509.load_pem_x509_certificate((credential.certificate or "").encode()).serial_number, "x"
-            )
-        else:
-            credential, serial = (
-                models.Credential(username=username, method="password", password=password),
-                None,
-            )
-        reg.record_claim(conn, reg.Claim(token.id, machine_id, username, digest, serial))
-        reg.audit(
-            conn,
-            actor,
-            "device.claimed",
-            username,
-            tenant,
-            token_id=token.id,
-            method=credential.method,
-            code="ok",
-        )
+            if not reg.use_claim_token(conn, token.id):
+                _refuse_unusable(reg.claim_token(conn, token.id) or token, used_meanwhile=True)
         return credential, False, args
 
     def _resume(
@@ -601,6 +595,19 @@ class Provisioner:
         except Exception:  # any failure means "not ready", never a traceback to the probe
             return False
         return True
+
+
+def _refuse_unusable(token: reg.ClaimToken, *, used_meanwhile: bool = False) -> None:
+    """Refuse a revoked, expired or used-up token; ``used_meanwhile``: its last use went to a
+    parallel claim (a token that still looks usable then is refused as used)."""
+    if token.revoked_at is not None:
+        raise Refused("claim_token_revoked", f"claim token {token.id} was revoked")
+    if token.expires_at <= _now():
+        raise Refused(
+            "claim_token_expired", f"claim token {token.id} expired at {token.expires_at.isoformat()}"
+        )
+    if token.uses_left <= 0 or used_meanwhile:
+        raise Refused("claim_token_used", f"claim token {token.id} has registered its {token.uses} device(s)")
 
 
 def _machine_out(machine: reg.Machine) -> models.MachineOut:

@@ -547,14 +547,14 @@ def create_claim_token(
 
 
 def claim_token(
-    conn: psycopg.Connection, token_id: str, *, tenant_id: str | None = None, lock: bool = False
+    conn: psycopg.Connection, token_id: str, *, tenant_id: str | None = None
 ) -> ClaimToken | None:
     query, params = _CLAIM_TOKEN + " WHERE id = %s", [token_id]
     if tenant_id is not None:
         query += " AND tenant_id = %s"
         params.append(tenant_id)
     with conn.cursor(row_factory=class_row(ClaimToken)) as cursor:
-        return cursor.execute(query + (" FOR UPDATE" if lock else ""), params).fetchone()
+        return cursor.execute(query, params).fetchone()
 
 
 def list_claim_tokens(conn: psycopg.Connection, tenant_id: str) -> list[ClaimToken]:
@@ -596,13 +596,23 @@ def find_claim(conn: psycopg.Connection, token_id: str, machine_id: str) -> Clai
 
 
 def record_claim(conn: psycopg.Connection, claim: Claim) -> None:
-    """Store a claim and use one of its token's uses (the caller holds the token's row lock)."""
+    """Store a claim (its token's use is taken by :func:`use_claim_token`, in the same transaction)."""
     conn.execute(
         "INSERT INTO claims (token_id, machine_id, username, public_key_sha256, certificate_serial)"
         " VALUES (%s, %s, %s, %s, %s)",
         (claim.token_id, claim.machine_id, claim.username, claim.public_key_sha256, claim.certificate_serial),
     )
-    conn.execute("UPDATE claim_tokens SET uses_left = uses_left - 1 WHERE id = %s", (claim.token_id,))
+
+
+def use_claim_token(conn: psycopg.Connection, token_id: str) -> bool:
+    """Take one use of a token still valid, atomically; False when none is left (or it was revoked or
+    expired meanwhile). The row stays locked until the caller's transaction ends, so call it last."""
+    used = conn.execute(
+        "UPDATE claim_tokens SET uses_left = uses_left - 1"
+        " WHERE id = %s AND uses_left > 0 AND revoked_at IS NULL AND expires_at > now() RETURNING id",
+        (token_id,),
+    ).fetchone()
+    return used is not None
 
 
 def audit(

@@ -94,6 +94,9 @@ class Broker:
     """``DYNAMIC`` mode: the certificate listener (``port`` itself on an mTLS-only stack)."""
     directory: MosquittoDynamicSecurity | None = None
     """``DYNAMIC`` mode: the admin's connection, which created the devices."""
+    device_ca: pki.Issued | None = None
+    """``DYNAMIC`` mode beside a password listener: the only CA the certificate listener trusts (as
+    the provisioning service's issuing CA in production); ``ca`` signs the server and services."""
 
     def password(self, username: str) -> str:
         return self.fixture.passwords[username]
@@ -301,6 +304,7 @@ def start_broker(
     mtls_only = config.broker.tls == "mtls"
     plaintext_port, mtls_port = servers.free_port(), servers.free_port()
     dynamic = None
+    device_ca: pki.Issued | None = None
     if mode == STATIC:
         readers = [BrokerAccount(name, fixture.hash_of(name)) for name in extra_readers]
         extra_acl = "".join(f"\nuser {name}\ntopic read {topic}\n" for name, topic in extra_readers.items())
@@ -313,7 +317,14 @@ def start_broker(
         admin = BrokerAccount(DYNSEC_ADMIN, fixture.hash_of(DYNSEC_ADMIN))
         dynamic_config = folder / "dynamic-security.json"
         dynamic_config.write_text(render_dynamic_security_config(config, admin, services))
-        dynamic = DynamicSecurity(dynamic_security_plugin(), str(dynamic_config), mtls_port)
+        device_cafile = None
+        if not mtls_only:  # where services connect with certificates too, the one CA serves both
+            device_ca = pki.make_ca("Ironlink test device CA")
+            device_cafile = str(folder / "device-ca.pem")
+            Path(device_cafile).write_bytes(device_ca.cert_pem)
+        dynamic = DynamicSecurity(
+            dynamic_security_plugin(), str(dynamic_config), mtls_port, device_cafile=device_cafile
+        )
     servers.hand_over(folder, servers.service_user("mosquitto"))
 
     def render(port: int) -> str:
@@ -329,7 +340,7 @@ def start_broker(
         )
 
     _, port = start_mosquitto(render)
-    broker = Broker(port, folder, ca, fixture, plaintext_port, mode)
+    broker = Broker(port, folder, ca, fixture, plaintext_port, mode, device_ca=device_ca)
     if dynamic is not None:
         broker.mtls_port = port if mtls_only else mtls_port
         broker.directory = broker.admin(mtls=mtls_only)

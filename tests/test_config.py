@@ -136,7 +136,7 @@ RULES = [
     pytest.param(
         {"tenants": [tenant(sites=[{"id": "s", "machines": [machine()]}])]},
         "ironlink:tenants[0].sites",
-        "run 'ironlink fleet import STACK'",
+        "run 'ironlink fleet import test' to move them there",
         id="old-style-fleet",
     ),
     pytest.param(

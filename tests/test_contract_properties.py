@@ -14,13 +14,17 @@ from ingest.catalog import MACHINE_TYPES
 from ingest.contract import Accepted, Reason, Rejected, decode
 from ingest.pipeline import DeadLetter, Pipeline, Point
 from ingest.settings import worker_settings_for
-from tests.fixtures.ingest import platform
+from tests.fixtures.ingest import fleet_machines, platform
 
 TOPIC = "ironlink/acme/plant-1/press-01/telemetry"
 REGISTRY = {("acme", "plant-1", "press-01"): "hydraulic_press"}
 PIPELINE = Pipeline(
     worker_settings_for(
-        platform(), mqtt_host="broker", mqtt_port=1883, store_urls={"influxdb": "http://store"}
+        platform(),
+        mqtt_host="broker",
+        mqtt_port=1883,
+        store_urls={"influxdb": "http://store"},
+        machines=fleet_machines(),
     )
 )
 

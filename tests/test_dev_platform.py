@@ -39,10 +39,8 @@ def _status(dev: DevPlatformHandle) -> tuple[int, dict[str, Any]]:
 
 
 def _machines(dev: DevPlatformHandle) -> set[tuple[str, str, str]]:
-    config = dev.platform.config
-    return {
-        (tenant.id, site.id, machine.id) for tenant in config.tenants for site, machine in tenant.machines
-    }
+    """The demo fleet the platform imported into its registry and simulates."""
+    return {(tenant_id, site.id, machine.id) for tenant_id, site, machine in dev.platform.fleet.machines()}
 
 
 @pytest.fixture(scope="module")

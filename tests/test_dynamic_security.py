@@ -154,7 +154,8 @@ def test_certificate_devices_and_password_devices_coexist(
     _add_new_device(broker, None)
     watcher = connected(clients, broker, "svc.acme")
     watcher.subscribe("ironlink/acme/#")
-    cert = pki.issue_client_cert(broker.ca, NEW_DEVICE)
+    assert broker.device_ca is not None
+    cert = pki.issue_client_cert(broker.device_ca, NEW_DEVICE)
     device = connected(clients, broker, "claimed-name", cert=cert, port=mtls, password=None)
     reading = payload("cert-reading")
     assert _accepted(device.publish(NEW_TOPIC, reading)), "the CN's own topic must work"
@@ -183,21 +184,21 @@ def test_certificate_devices_and_password_devices_coexist(
     assert leaked == [], "a revoked certificate device still published"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Mosquitto 2.0 skips authentication on a use_identity_as_username listener: a CA-signed "
-    "certificate whose CN is a password device connects and acts as that device. Only the CA "
-    "(signing certificate devices only) keeps this out.",
-)
 def test_a_certificate_naming_a_password_device_is_refused(
     launch: Callable[..., Broker],
     clients: Callable[..., Probe],  # noqa: F811
 ) -> None:
+    """Mosquitto 2.0 skips authentication on a use_identity_as_username listener: any certificate
+    its ``cafile`` vouches for connects as its CN. So that listener trusts only the device-issuing
+    CA (``DynamicSecurity.device_cafile``), which signs certificate devices' own CSRs and nothing
+    else (tests/test_provisioning_e2e.py); the platform CA, which signs the broker and services,
+    is refused there."""
     broker = launch()
     assert broker.mtls_port is not None
     impostor = clients(broker, A_PRESS, cert=pki.issue_client_cert(broker.ca, A_PRESS), password=None)
-    if impostor.connect(broker.mtls_port):
-        assert impostor.publish(A_TOPIC, payload("impostor")).getName() == "Not authorized"
+    assert not impostor.connect(broker.mtls_port), "a platform-CA certificate got past the device listener"
+    press = connected(clients, broker, A_PRESS)  # the control case: the device on its own listener
+    assert _accepted(press.publish(A_TOPIC, payload("reading")))
 
 
 def test_a_certificate_naming_another_tenants_device_acts_only_as_that_device(
@@ -253,6 +254,16 @@ def test_dynamic_security_mode_replaces_the_files_with_the_plugin_and_adds_the_m
     mtls = conf[conf.index("listener 8884") :]
     assert {"require_certificate true", "use_identity_as_username true"} <= set(mtls)
     assert "require_certificate false" in conf[conf.index("listener 8883") : conf.index("listener 8884")]
+
+
+def test_the_certificate_listener_trusts_the_device_ca_and_the_password_listener_the_platform_ca() -> None:
+    paths = MosquittoPaths("/tls/ca.pem", "/tls/s.pem", "/tls/s.key", "/p", "/a", "/data")
+    dynamic = DynamicSecurity("/so", "/d.json", mtls_port=8884, device_cafile="/tls/devices.pem")
+    conf = render_mosquitto_conf(platform().config, paths, dynamic_security=dynamic).splitlines()
+    listeners = {conf[i]: conf[i : i + 6] for i, line in enumerate(conf) if line.startswith("listener ")}
+    assert "cafile /tls/devices.pem" in listeners["listener 8884"]
+    assert "cafile /tls/ca.pem" in listeners["listener 8883"]
+    assert "cafile /tls/devices.pem" not in listeners["listener 8883"]
 
 
 def test_the_initial_state_refuses_missing_or_foreign_services_naming_them() -> None:

@@ -19,7 +19,7 @@ from ingest.pipeline import DeadLetter, Pipeline, Point, TenantQuota, dead_lette
 from ingest.points import to_line
 from ingest.settings import worker_settings_for
 from ingest.store import is_retryable
-from tests.fixtures.ingest import ACME_PRESS, GLOBEX_MOLDER, platform, topic, v1, v2
+from tests.fixtures.ingest import ACME_PRESS, GLOBEX_MOLDER, fleet_machines, platform, topic, v1, v2
 
 T0 = 1_750_000_000.0
 
@@ -179,7 +179,11 @@ def pipeline(quota: float | None = None, clock: Clock | None = None, **settings:
     tenant_quota = {"max_devices": 50, "messages_per_second": quota}
     config = platform(**({"broker": {"tenant_quota": tenant_quota}} if quota else {}))
     worker = worker_settings_for(
-        config, mqtt_host="b", mqtt_port=1, store_urls={"influxdb": "http://s"}, **settings
+        config,
+        mqtt_host="b",
+        mqtt_port=1,
+        store_urls={"influxdb": "http://s"},
+        **({"machines": fleet_machines()} | settings),
     )
     return Pipeline(worker, clock or Clock())
 
@@ -299,7 +303,10 @@ def test_the_bounds_follow_the_config() -> None:
         influxdb={"retention_tiers": {"basic": {"raw": "forever", "downsampled": "forever"}}},
     )
     subject = Pipeline(
-        worker_settings_for(config, mqtt_host="b", mqtt_port=1, store_urls={"influxdb": "http://s"}), Clock()
+        worker_settings_for(
+            config, mqtt_host="b", mqtt_port=1, store_urls={"influxdb": "http://s"}, machines=fleet_machines()
+        ),
+        Clock(),
     )
     ahead = subject.process(topic(ACME_PRESS), v2(ACME_PRESS, T0 + 6), T0)
     assert isinstance(ahead, DeadLetter) and ahead.reason is Reason.TS_IN_FUTURE

@@ -17,7 +17,7 @@ from influxdb_client.rest import ApiException
 from ingest.settings import worker_settings_for
 from ingest.spool import Spool, SpoolEntry
 from ingest.store import Store
-from tests.fixtures.ingest import platform
+from tests.fixtures.ingest import fleet_machines, platform
 
 
 def entry(line: str, ts: float = 1.0) -> SpoolEntry:
@@ -89,7 +89,11 @@ class PartialWriteAnswers:
 @pytest.fixture
 def store() -> Store:
     settings = worker_settings_for(
-        platform(), mqtt_host="127.0.0.1", mqtt_port=1883, store_urls={"influxdb": "http://127.0.0.1:9"}
+        platform(),
+        mqtt_host="127.0.0.1",
+        mqtt_port=1883,
+        store_urls={"influxdb": "http://127.0.0.1:9"},
+        machines=fleet_machines(),
     )
     return Store(settings, {})
 

@@ -102,6 +102,11 @@ class DynamicSecurity:
     plugin after every change: the broker's account must be able to write it)."""
     mtls_port: int = 8884
     """The certificate listener (CN = identity) beside the password listener on ``tls_port``."""
+    device_cafile: str | None = None
+    """What the certificate listener trusts: the provisioning service's issuing CAs (``/v1/ca.pem``)
+    only, never the platform CA (``MosquittoPaths.cafile``) that signs servers and services. Mosquitto
+    does not ask the plugin who a certificate is, so any certificate this file vouches for connects
+    as its CN; the issuing CAs sign only certificate devices' own CSRs. None: ``cafile``."""
 
 
 def render_mosquitto_conf(
@@ -143,7 +148,7 @@ def render_mosquitto_conf(
     if dynamic_security is None:
         lines += _tls_listener(paths, f"{tls_port}{bind}", mtls=broker.tls == "mtls")
     else:
-        lines += _dynamic_security_listeners(config, paths, tls_port, dynamic_security.mtls_port, bind)
+        lines += _dynamic_security_listeners(config, paths, tls_port, dynamic_security, bind)
     if broker.allow_plaintext:
         lines += [
             "",
@@ -155,13 +160,13 @@ def render_mosquitto_conf(
     return "\n".join(lines) + "\n"
 
 
-def _tls_listener(paths: MosquittoPaths, address: str, *, mtls: bool) -> list[str]:
+def _tls_listener(paths: MosquittoPaths, address: str, *, mtls: bool, cafile: str | None = None) -> list[str]:
     lines = [
         "",
         f"# MQTT over TLS{' with client certificates (CN = username)' if mtls else ''}",
         f"listener {address}",
         "protocol mqtt",
-        f"cafile {paths.cafile}",
+        f"cafile {cafile or paths.cafile}",
         f"certfile {paths.certfile}",
         f"keyfile {paths.keyfile}",
         "tls_version tlsv1.2",
@@ -173,7 +178,7 @@ def _tls_listener(paths: MosquittoPaths, address: str, *, mtls: bool) -> list[st
 
 
 def _dynamic_security_listeners(
-    config: PlatformConfig, paths: MosquittoPaths, tls_port: int, mtls_port: int, bind: str
+    config: PlatformConfig, paths: MosquittoPaths, tls_port: int, dynamic: DynamicSecurity, bind: str
 ) -> list[str]:
     """A password listener (unless the stack demands certificates) and a certificate listener.
 
@@ -184,10 +189,11 @@ def _dynamic_security_listeners(
     skips password authentication on an identity listener ("Authentication assumed to be cleared",
     ``src/handle_connect.c``): any certificate of ``cafile`` connects, and the plugin's ACLs alone
     decide what its CN may do, so :class:`provisioning.brokers.MosquittoDynamicSecurity` strips a
-    disabled client of its role and this listener must trust a CA that signs only devices.
+    disabled client of its role and this listener must trust a CA that signs only devices
+    (:attr:`DynamicSecurity.device_cafile`).
     """
     lines = [] if config.broker.tls == "mtls" else _tls_listener(paths, f"{tls_port}{bind}", mtls=False)
-    return lines + _tls_listener(paths, f"{mtls_port}{bind}", mtls=True)
+    return lines + _tls_listener(paths, f"{dynamic.mtls_port}{bind}", mtls=True, cafile=dynamic.device_cafile)
 
 
 def render_password_file(accounts: Iterable[BrokerAccount]) -> str:
