@@ -9,14 +9,21 @@ Both engines:
   the cluster — carrying only those ports; with ``high_availability`` it keeps the devices' source
   addresses (``externalTrafficPolicy: Local``) so per-source limits see real clients. The
   dashboard/API port (18083) is never on that Service;
-- deny everything not granted: Mosquitto through its ACL file, EMQX through the registry's ACL rows
-  with ``no_match = deny``;
+- deny everything not granted: Mosquitto through its dynamic-security plugin (default access denied;
+  devices added at runtime by the provisioning service over ``$CONTROL``), EMQX through the
+  registry's ACL rows with ``no_match = deny``;
 - get a PodDisruptionBudget (a majority must stay up) and anti-affinity when they run several
   nodes or the phase is HA.
 
 EMQX nodes discover each other through the Kubernetes API (a Role that may only read endpoints)
 on a headless Service that publishes not-ready addresses, share one random Erlang cookie, and keep
 ``/opt/emqx/data`` on a PVC per node.
+
+Mosquitto keeps the plugin's state on its data volume: an initContainer seeds it from a Secret (the
+admin and the platform's services, hashes only) when, and only when, the file is absent, since the
+plugin rewrites it after every change. Its certificate listener trusts the directory of an optional
+ConfigMap ``<name>-device-ca`` that Pulumi does not declare: the issuing CAs are made by the
+provisioning service in the cluster, after the broker is up (the service needs the broker to start).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from components.postgres import Postgres
 from components.render import emqx
 from components.render.kubernetes import (
     ROLE_BROKER,
+    ROLE_PROVISIONING,
     Manifest,
     anti_affinity,
     container,
@@ -49,6 +57,7 @@ from components.render.kubernetes import (
     pod_disruption_budget_spec,
     pod_peer,
     pod_template,
+    role_selector,
     scratch_volumes,
     secret_env,
     selector,
@@ -58,11 +67,13 @@ from components.render.kubernetes import (
     volume_claim_template,
 )
 from components.render.mosquitto import (
+    DYNSEC_ADMIN,
     BrokerAccount,
+    DynamicSecurity,
     MosquittoPaths,
-    render_acl_file,
+    render_dynamic_security_config,
     render_mosquitto_conf,
-    render_password_file,
+    seed_if_absent_command,
 )
 from components.render.postgres import EMQX_ROLE
 from infra.config import PlatformConfig
@@ -75,10 +86,15 @@ MOSQUITTO_PATHS = MosquittoPaths(
     cafile="/mosquitto/certs/ca.crt",
     certfile="/mosquitto/certs/tls.crt",
     keyfile="/mosquitto/certs/tls.key",
-    password_file="/mosquitto/secrets/passwd",
-    acl_file="/mosquitto/config/acl",
+    password_file="",  # dynamic-security mode: identities and ACLs live in the plugin
+    acl_file="",
     persistence_dir="/mosquitto/data",
 )
+MOSQUITTO_MTLS_PORT = 8884
+DYNSEC_STATE = f"{MOSQUITTO_PATHS.persistence_dir}/dynamic-security.json"
+DYNSEC_SEED_DIR = "/mosquitto/seed"
+DYNSEC_SEED_FILE = "dynamic-security.json"
+DEVICE_CA_DIR = "/mosquitto/device-ca"
 
 
 class MqttBrokerArgs(TypedDict):
@@ -91,8 +107,11 @@ class MqttBrokerArgs(TypedDict):
     registry: NotRequired[Postgres | None]
     """EMQX only: the PostgreSQL holding the device registry it authenticates and authorizes against."""
     service_accounts: NotRequired[Mapping[str, pulumi.Input[str]]]
-    """Mosquitto only: service username → ``$7$`` hash for the password file (e.g. ``svc.ingest``);
-    devices are never in it: they come from the registry at runtime (dynamic security)."""
+    """Mosquitto only: service username → ``$7$`` hash, every service of
+    :func:`registry.access.service_usernames` (the plugin's seed); devices are never in it: the
+    provisioning service adds them at runtime."""
+    dynamic_security_admin_hash: NotRequired[pulumi.Input[str] | None]
+    """Mosquitto only: the ``$7$`` hash of ``admin.dynsec``, whom the provisioning service logs in as."""
 
 
 def config_hash(*documents: str) -> str:
@@ -108,6 +127,8 @@ class MqttBroker(pulumi.ComponentResource):
     """The name devices use (``mqtt.<cluster.domain>``), in the server certificate."""
     tls_port: int
     ca_cert_pem: pulumi.Output[str]
+    dynamic_security_seed: pulumi.Output[str] | None
+    """Mosquitto only: the plugin's first state as seeded (secret); None for EMQX."""
 
     def __init__(self, name: str, args: MqttBrokerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("ironlink:mqtt_broker:MqttBroker", name, None, opts)
@@ -123,6 +144,7 @@ class MqttBroker(pulumi.ComponentResource):
         self.host = service_host(name, namespace)
         self.public_host = f"mqtt.{config.cluster.domain}"
         self.ca_cert_pem = args["ca"].cert_pem
+        self.dynamic_security_seed = None
 
         headless = f"{name}-headless"
         server = args["ca"].issue(
@@ -147,7 +169,12 @@ class MqttBroker(pulumi.ComponentResource):
                 )
             self._emqx(registry, headless)
         else:
-            self._mosquitto(args.get("service_accounts") or {})
+            admin_hash = args.get("dynamic_security_admin_hash")
+            if admin_hash is None:
+                raise ValueError(
+                    "MqttBrokerArgs.dynamic_security_admin_hash: Mosquitto needs its dynamic-security admin"
+                )
+            self._mosquitto(args.get("service_accounts") or {}, admin_hash)
         self._service()
         self._network_policy()
         if spreads(config, broker.nodes):
@@ -187,6 +214,11 @@ class MqttBroker(pulumi.ComponentResource):
         if self.engine == "emqx":
             peers = [pod_peer(self._pods)]
             rules.append(ingress_rule([(emqx.EKKA_PORT, "TCP"), (emqx.RPC_PORT, "TCP")], peers))
+        else:
+            # The provisioning service's $CONTROL connection: named, so that it survives a narrower
+            # device rule.
+            provisioning = [pod_peer(role_selector(ROLE_PROVISIONING))]
+            rules.append(ingress_rule([(TLS_PORT, "TCP")], provisioning))
         self._kube.network_policy(self._name, self._labels, ingress_policy_spec(self._pods, rules))
 
     def _affinity(self) -> Manifest | None:
@@ -305,36 +337,65 @@ class MqttBroker(pulumi.ComponentResource):
         )
 
     # -------------------------------------------------------------------------- Mosquitto
-    def _mosquitto(self, service_accounts: Mapping[str, pulumi.Input[str]]) -> None:
+    def _mosquitto(
+        self, service_accounts: Mapping[str, pulumi.Input[str]], admin_hash: pulumi.Input[str]
+    ) -> None:
         config, kube, name = self._config, self._kube, self._name
         broker = config.broker
-        conf = render_mosquitto_conf(
-            config, MOSQUITTO_PATHS, tls_port=TLS_PORT, plaintext_port=PLAINTEXT_PORT
+        dynamic = DynamicSecurity(
+            broker.dynamic_security_plugin,
+            DYNSEC_STATE,
+            mtls_port=MOSQUITTO_MTLS_PORT,
+            device_capath=DEVICE_CA_DIR,
         )
-        acl = render_acl_file(config)
-        kube.config_map(f"{name}-config", self._labels, {"mosquitto.conf": conf, "acl": acl})
+        conf = render_mosquitto_conf(
+            config,
+            MOSQUITTO_PATHS,
+            tls_port=TLS_PORT,
+            plaintext_port=PLAINTEXT_PORT,
+            dynamic_security=dynamic,
+        )
+        kube.config_map(f"{name}-config", self._labels, {"mosquitto.conf": conf})
         usernames = list(service_accounts)
-        password_file = pulumi.Output.all(*service_accounts.values()).apply(
-            lambda hashes: render_password_file(
-                BrokerAccount(user, hashed) for user, hashed in zip(usernames, hashes, strict=True)
+        seed = pulumi.Output.all(admin_hash, *service_accounts.values()).apply(
+            lambda hashes: render_dynamic_security_config(
+                config,
+                BrokerAccount(DYNSEC_ADMIN, hashes[0]),
+                [BrokerAccount(user, hashed) for user, hashed in zip(usernames, hashes[1:], strict=True)],
             )
         )
-        kube.secret(f"{name}-passwd", self._labels, {"passwd": password_file})
+        self.dynamic_security_seed = pulumi.Output.secret(seed)
+        seed_secret = f"{name}-dynsec-seed"
+        kube.secret(seed_secret, self._labels, {DYNSEC_SEED_FILE: seed})
         kube.service_account(name, self._labels)
 
         volumes, mounts = scratch_volumes({"tmp": "/tmp"})
         volumes += [
             {"name": "config", "configMap": {"name": f"{name}-config"}},
-            {"name": "passwd", "secret": {"secretName": f"{name}-passwd", "defaultMode": 0o440}},
+            {"name": "seed", "secret": {"secretName": seed_secret, "defaultMode": 0o440}},
+            # Filled after the provisioning service made its CAs; empty until then (see the module doc).
+            {
+                "name": "device-ca",
+                "configMap": {"name": f"{name}-device-ca", "optional": True, "defaultMode": 0o444},
+            },
             self._certs_volume(),
         ]
+        data = {"name": "data", "mountPath": MOSQUITTO_PATHS.persistence_dir}
         mounts += [
-            {"name": "data", "mountPath": MOSQUITTO_PATHS.persistence_dir},
+            data,
             {"name": "config", "mountPath": "/mosquitto/config", "readOnly": True},
-            {"name": "passwd", "mountPath": "/mosquitto/secrets", "readOnly": True},
+            {"name": "device-ca", "mountPath": DEVICE_CA_DIR, "readOnly": True},
             {"name": "certs", "mountPath": "/mosquitto/certs", "readOnly": True},
         ]
+        seeder = container(
+            "seed-dynamic-security",
+            broker.image,
+            resources=broker.resources,
+            command=seed_if_absent_command(f"{DYNSEC_SEED_DIR}/{DYNSEC_SEED_FILE}", DYNSEC_STATE),
+            mounts=[data, {"name": "seed", "mountPath": DYNSEC_SEED_DIR, "readOnly": True}],
+        )
         ports = [container_port("mqtts" if p == TLS_PORT else "mqtt", p) for p in self._listener_ports()]
+        ports.append(container_port("mqtts-certs", MOSQUITTO_MTLS_PORT))
         server = container(
             "mosquitto",
             broker.image,
@@ -345,11 +406,12 @@ class MqttBroker(pulumi.ComponentResource):
             readiness=tcp_probe("mqtts"),
             liveness=tcp_probe("mqtts", period=20, failures=6),
         )
-        # The service hashes change only with their (kept) salt; devices are not in these files.
-        annotations = {"ironlink.io/config-hash": config_hash(conf, acl)}
+        # The seed is read only while the state file is absent: changing it must not roll the broker.
+        annotations = {"ironlink.io/config-hash": config_hash(conf)}
         template = pod_template(
             self._labels,
             [server],
+            init_containers=[seeder],
             user=MOSQUITTO_USER,
             service_account=name,
             volumes=volumes,

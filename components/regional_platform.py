@@ -32,7 +32,13 @@ from components.provisioning import ProvisioningService, ProvisioningServiceArgs
 from components.render.kubernetes import default_deny_spec, namespace_labels, object_meta
 from components.tenant import Tenant, TenantArgs, grafana_admin_provider, shared_alert_routing
 from infra.config import PlatformConfig
-from infra.tenancy import DEAD_LETTER_SERVICE, INGEST_SERVICE, SHARED_INFLUXDB, influxdb_instance
+from infra.tenancy import (
+    DEAD_LETTER_SERVICE,
+    INGEST_SERVICE,
+    SHARED_INFLUXDB,
+    influxdb_instance,
+    tenant_service_username,
+)
 
 
 class RegionalPlatformArgs(TypedDict):
@@ -67,6 +73,9 @@ class RegionalPlatform(pulumi.ComponentResource):
     broker_admin_credential: ServiceCredential | None
     """Mosquitto only: the dynamic-security admin (``admin.dynsec``) the provisioning service logs
     in as; its ``$7$`` hash is what the broker's plugin state must hold."""
+    tenant_service_credentials: dict[str, ServiceCredential]
+    """Mosquitto only: each tenant's read-only service identity (``svc.<tenant>``) → its credential,
+    seeded into the plugin; empty for EMQX."""
 
     def __init__(
         self, name: str, args: RegionalPlatformArgs, opts: pulumi.ResourceOptions | None = None
@@ -109,6 +118,19 @@ class RegionalPlatform(pulumi.ComponentResource):
         self.ingest_credential = service_credential("svc-ingest", parent=self)
         self.dead_letter_credential = service_credential("svc-deadletters", parent=self)
         services = {INGEST_SERVICE: self.ingest_credential, DEAD_LETTER_SERVICE: self.dead_letter_credential}
+        # Mosquitto learns devices from the service over dynamic security; EMQX reads the registry.
+        mosquitto = config.broker.engine == "mosquitto"
+        self.broker_admin_credential = service_credential("dynsec-admin", parent=self) if mosquitto else None
+        # The plugin's seed holds every service identity of the stack, the tenants' read-only ones too.
+        self.tenant_service_credentials = (
+            {
+                tenant_service_username(tenant.id): service_credential(f"svc-{tenant.id}", parent=self)
+                for tenant in config.tenants
+            }
+            if mosquitto
+            else {}
+        )
+        broker_accounts = {**services, **self.tenant_service_credentials}
         self.broker = MqttBroker(
             config.broker.engine,
             MqttBrokerArgs(
@@ -116,7 +138,12 @@ class RegionalPlatform(pulumi.ComponentResource):
                 provider=self.provider,
                 ca=self.ca,
                 registry=self.postgres,
-                service_accounts={user: credential.password_hash for user, credential in services.items()},
+                service_accounts={
+                    user: credential.password_hash for user, credential in broker_accounts.items()
+                },
+                dynamic_security_admin_hash=(
+                    self.broker_admin_credential.password_hash if self.broker_admin_credential else None
+                ),
             ),
             inside,
         )
@@ -199,10 +226,6 @@ class RegionalPlatform(pulumi.ComponentResource):
                 ),
             ),
             inside,
-        )
-        # Mosquitto learns devices from the service over dynamic security; EMQX reads the registry.
-        self.broker_admin_credential = (
-            service_credential("dynsec-admin", parent=self) if config.broker.engine == "mosquitto" else None
         )
         section = config.provisioning
         self.provisioning = ProvisioningService(

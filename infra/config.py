@@ -301,6 +301,11 @@ class Broker(Section):
     # Messages the broker keeps per session while its client is slow or away (the worker during a
     # store outage). Both brokers default to 1000 and silently drop the rest.
     max_queued_messages: int = Field(default=200_000, ge=1000)
+    dynamic_security_plugin: str = Field(
+        default="/usr/lib/mosquitto_dynamic_security.so", max_length=255, pattern=r"^/[A-Za-z0-9._/-]+\.so$"
+    )
+    """Mosquitto only: the dynamic-security plugin inside ``image``. The default is where the
+    eclipse-mosquitto images install it; Debian's package puts it under ``/usr/lib/<arch>/``."""
     storage: Quantity
     resources: ComputeResources
     limits: ClientLimits

@@ -30,6 +30,15 @@ def telemetry_topic(tenant_id: str, site_id: str, machine_id: str) -> str:
     return f"{TOPIC_ROOT}/{tenant_id}/{site_id}/{machine_id}/{TELEMETRY_LEAF}"
 
 
+DRAIN_ROOT = "drain"
+
+
+def drain_topic(client_id: str) -> str:
+    """A worker replica's own topic: the marker it sends itself on a graceful stop arrives after
+    everything the broker had queued for it, so it knows when its session may end."""
+    return f"{DRAIN_ROOT}/{client_id}"
+
+
 def receipts_topic(tenant_id: str, site_id: str, machine_id: str) -> str:
     """Where the worker confirms what it stored of a machine's sequenced (v3) telemetry: only the
     identity that publishes the machine's telemetry may read it (an end-to-end receipt)."""

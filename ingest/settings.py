@@ -159,11 +159,6 @@ class WorkerSettings(BaseModel):
         description="How long a batch waits for one tenant's store before spooling that tenant's points.",
     )
     store_write_threads: int = Field(default=8, ge=1, le=64, description="Tenants written in parallel.")
-    drain_quiet_ms: int = Field(
-        default=500,
-        ge=0,
-        description="On SIGTERM, shared subscription: silence after UNSUBSCRIBE before ending the session.",
-    )
 
     # Contract, quota and derived metrics.
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=256)

@@ -21,7 +21,8 @@ At least once, and no tenant waits for another:
   point (:meth:`ingest.store.Store.write_each`): the refused ones are dead-lettered with the store's
   answer, the others count as stored;
 - a graceful stop (SIGTERM) with a shared subscription unsubscribes, takes what is still arriving
-  until ``drain_quiet_ms`` of silence, writes and acknowledges it, then ends its session (session
+  until the marker it sent itself after the UNSUBSCRIBE comes back (the broker's queue for it is
+  then empty), writes and acknowledges it, then ends its session (session
   expiry 0) so the broker hands its share to the other replicas at once; with a plain
   subscription (one replica) the session is kept for the next start;
 - delivery ids belong to one connection: after a reconnect, deliveries of the old one are written
@@ -47,7 +48,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import CollectorRegistry
 
-from infra.tenancy import REPLAY_ROOT, dead_letter_topic, original_topic, receipts_topic
+from infra.tenancy import REPLAY_ROOT, dead_letter_topic, drain_topic, original_topic, receipts_topic
 from ingest.contract import Reason, Rejected, parse_topic
 from ingest.fleet import Fleet
 from ingest.health import HealthServer
@@ -135,6 +136,8 @@ class Worker:
         self._give_up_at: float | None = None
         self._connected = threading.Event()
         self._connection = 0  # which connection a delivery came on: only its own may ack it
+        self._drain_topic = drain_topic(settings.client_id)
+        self._drain_marker: bytes | None = None
         self._confirmations = threading.Condition()
         self._confirmed: dict[int, bool] = {}
         # Single-writer counters (network thread, main thread): their difference is the backlog.
@@ -180,7 +183,8 @@ class Worker:
             log.error("broker_refused", reason=str(code), host=self.settings.mqtt_host)
             return
         if not self._stop.is_set():
-            client.subscribe([(topic_filter, 1) for topic_filter in self.subscriptions])
+            filters = [*self.subscriptions, self._drain_topic]
+            client.subscribe([(topic_filter, 1) for topic_filter in filters])
         self._connected.set()
         self.metrics.connected.set(1)
         log.info("broker_connected", session_present=flags.session_present, client_id=self.settings.client_id)
@@ -332,31 +336,42 @@ class Worker:
         return time.monotonic() - batch.started >= self.settings.flush_interval_ms / 1000
 
     def _finish(self, batch: Batch) -> bool:
-        """On SIGTERM: with a shared subscription, unsubscribe and take what still arrives until it
-        falls silent, so nothing is left in our session; otherwise keep the session (the next start
-        resumes it) and take only what has arrived. Write and acknowledge it all. True when the
-        session may end, handing our share of the group to the other replicas."""
+        """On SIGTERM: with a shared subscription, unsubscribe and take everything the broker had
+        already queued for us, so nothing is left in our session; otherwise keep the session (the
+        next start resumes it) and take only what has arrived. Write and acknowledge it all. True
+        when the session may end, handing our share of the group to the other replicas.
+
+        "Everything queued" is known, not guessed from a silence: after the UNSUBSCRIBE the worker
+        publishes a marker to its own drain topic; a broker delivers a session's queue in order,
+        so once the marker arrives nothing queued before it is still on its way."""
         s = self.settings
+        drained = False
         if s.shared_subscription and self.connected:
             self.client.unsubscribe(self.subscriptions)
-            quiet_s, last = s.drain_quiet_ms / 1000, time.monotonic()
-            while time.monotonic() - last < quiet_s and not self._giving_up():
+            self._drain_marker = f"{s.client_id} {time.time_ns()}".encode()
+            self.client.publish(self._drain_topic, self._drain_marker, qos=1)
+            while self._drain_marker is not None and not self._giving_up():
                 self.heartbeat = time.monotonic()
                 try:
                     self._handle(self._inbox.get(timeout=0.05), batch)
                 except queue.Empty:
+                    if batch:  # acknowledge: the rest of the queue waits behind our window
+                        self._flush(batch)
+                        batch = Batch()
                     continue
                 if len(batch) >= self._batch_limit:
                     self._flush(batch)
                     batch = Batch()
-                last = time.monotonic()  # silence counts from here, not from before our own flush
+            drained = self._drain_marker is None
+            if not drained:
+                log.warning("drain_incomplete", note="the drain marker did not arrive: session kept")
         else:
             self._take_arrived(batch)
         while batch:
             self._flush(batch)
             batch = Batch()
             self._take_arrived(batch)
-        if not s.shared_subscription or self.unacked:
+        if not drained or self.unacked:
             return False
         self._drainer_stop.set()
         self._drainer.join(timeout=max(0.0, (self._give_up_at or time.monotonic()) - time.monotonic()))
@@ -378,6 +393,10 @@ class Worker:
         if not batch:
             batch.started = time.monotonic()
         batch.deliveries.append(delivery)
+        if delivery.topic == self._drain_topic:  # acknowledged with its batch, never processed
+            if delivery.payload == self._drain_marker:
+                self._drain_marker = None
+            return
         outcome = self.pipeline.process(delivery.topic, delivery.payload, delivery.received_at)
         if isinstance(outcome, Point):
             counter = self._received.get(outcome.tenant_id)

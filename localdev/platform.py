@@ -14,6 +14,8 @@ mosquitto     Mosquitto, TLS on 8883 only, files rendered like the        mosqui
 ingest        the ingest worker (``python -m ingest``) as ``svc.ingest``  ironlink, or nobody
 dead-letters  the dead-letter consumer (``python -m ingest.deadletters``)  ironlink, or nobody
               as ``svc.deadletters``: ``dlq/#`` into the registry
+provisioning  the provisioning API (``python -m provisioning``), HTTPS on   ironlink, or nobody
+              loopback with the dev CA's certificate, its own issuing CAs
 ============  ==========================================================  ===================
 
 ``up`` converges: a running process whose command line, environment and config files are
@@ -69,13 +71,14 @@ from localdev.state import (
 )
 from localdev.supervisor import PidFiles, ProcessRecord, fingerprint, listening, server_pid, stop
 from localdev.victoria import StoreUnavailableError, TenantSeen, VictoriaMetrics
+from provisioning.settings import ProvisioningSettings
 from registry import store as registry
 from registry.access import service_usernames
 from registry.fleet_import import import_fleet
 
 LOOPBACK = "127.0.0.1"
 # Start order: what the worker needs comes first; ``down`` goes the other way.
-PROCESSES = ("postgres", "victoria-metrics", "mosquitto", "ingest", "dead-letters")
+PROCESSES = ("postgres", "victoria-metrics", "mosquitto", "provisioning", "ingest", "dead-letters")
 # The accounts servers run as when ``ironlink dev`` runs as root (unused otherwise).
 ACCOUNTS = {
     "postgres": "postgres",
@@ -83,6 +86,7 @@ ACCOUNTS = {
     "mosquitto": "mosquitto",
     "ingest": "ironlink",
     "dead-letters": "ironlink",
+    "provisioning": "ironlink",
 }
 # How each server shuts down cleanly: PostgreSQL's "fast" shutdown is SIGINT (SIGTERM waits for
 # every client to disconnect).
@@ -92,6 +96,7 @@ STOP_SIGNALS = {
     "mosquitto": signal.SIGTERM,
     "ingest": signal.SIGTERM,
     "dead-letters": signal.SIGTERM,
+    "provisioning": signal.SIGTERM,
 }
 PORT_FIELDS = {
     "postgres": "postgres",
@@ -99,6 +104,7 @@ PORT_FIELDS = {
     "mosquitto": "mqtt",
     "ingest": "worker",
     "dead-letters": "dead_letters",
+    "provisioning": "provisioning",
 }
 Notify = Callable[[str, str], None]
 
@@ -201,7 +207,7 @@ class DevPlatform:
     # ------------------------------------------------------------------------------ accounts
     def account(self, process: str) -> str | None:
         """The unprivileged account ``process`` runs as; None when we are not root (then: as us)."""
-        if process in ("ingest", "dead-letters"):  # this project's Python, not a Debian server
+        if process in ("ingest", "dead-letters", "provisioning"):  # our own Python, not a Debian server
             return self.ingest_account
         return servers.service_user(ACCOUNTS[process])
 
@@ -268,6 +274,7 @@ class DevPlatform:
         if credentials.ensure([*generated_devices(self.fleet), *service_usernames(self.config)]):
             credentials.save(self.layout)
         self._prepare_pki()
+        self._prepare_provisioning()
         self._render_mosquitto(credentials)
         self._write_store_tokens()
 
@@ -296,6 +303,23 @@ class DevPlatform:
             make_dir(self.layout.mosquitto)
             write_secret(Path(paths.keyfile), server.key_pem, self.account("mosquitto"))
             write_public(Path(paths.certfile), server.cert_pem)
+
+    def _prepare_provisioning(self) -> None:
+        """The provisioning service's folder (0700) with its HTTPS key pair from the dev CA, so clients
+        verify it as they verify the broker; it generates its issuing CAs in ``ca/`` itself. The
+        folder and its files belong to whichever account the service runs as this time."""
+        owner = self.account("provisioning") or pwd.getpwuid(os.geteuid()).pw_name
+        make_dir(self.layout.provisioning, 0o700, owner)
+        if not (self.layout.provisioning_cert.exists() and self.layout.provisioning_key.exists()):
+            ca = pki.Issued(self.layout.ca_cert.read_bytes(), self.layout.ca_key.read_bytes())
+            server = pki.issue_server_cert(ca)
+            write_secret(self.layout.provisioning_key, server.key_pem, owner)
+            write_public(self.layout.provisioning_cert, server.cert_pem)
+        servers.hand_over(self.layout.provisioning, owner)
+
+    @property
+    def provisioning_url(self) -> str:
+        return f"https://{LOOPBACK}:{self.ports.provisioning}"
 
     @property
     def mosquitto_paths(self) -> MosquittoPaths:
@@ -351,6 +375,7 @@ class DevPlatform:
             "mosquitto": self._mosquitto_spec,
             "ingest": self._ingest_spec,
             "dead-letters": self._dead_letters_spec,
+            "provisioning": self._provisioning_spec,
         }[name]()
 
     def _postgres_spec(self) -> _Spec:
@@ -393,18 +418,19 @@ class DevPlatform:
             store_tokens_file=self.layout.store_tokens_file,
             http_host=LOOPBACK,
             http_port=ports.worker,
-            machines=self.fleet.route_machines(),
         )
-        password = self.credentials.password(INGEST_SERVICE)
-        if password is None:
-            raise PlatformError(f"{self.layout.credentials_file}: has no credential for {INGEST_SERVICE}")
+        # Registry mode (ingest/fleet.py): no machines in its environment, the registry's followed.
+        secrets_env = {
+            "IRONLINK_MQTT_PASSWORD": self._service_password(INGEST_SERVICE),
+            "IRONLINK_REGISTRY_DSN": self.registry_dsn(),
+        }
         server = servers.Server(
             name="ingest",
             argv=[python(), "-m", "ingest"],
             ready=lambda: servers.http_ok(f"http://{LOOPBACK}:{ports.worker}/readyz"),
             log_path=self.layout.log("ingest"),
             user=self.account("ingest"),
-            env={**settings.to_env(), "IRONLINK_MQTT_PASSWORD": password},
+            env={**settings.to_env(), **secrets_env},
             cwd=self.layout.ingest,
         )
         return _Spec(ports.worker, server, [self.layout.ca_cert, self.layout.store_tokens_file])
@@ -441,6 +467,35 @@ class DevPlatform:
             cwd=self.layout.dead_letters,
         )
         return _Spec(ports.dead_letters, server, [self.layout.ca_cert])
+
+    def _provisioning_spec(self) -> _Spec:
+        """The provisioning API over HTTPS on loopback, the registry over its Unix socket. The dev
+        broker keeps static files, so registry changes reach it only through the registry
+        (``broker: emqx`` is the service's registry-only directory)."""
+        ports, layout = self.ports, self.layout
+        settings = ProvisioningSettings.model_validate(
+            {
+                "region": self.config.region,
+                "ca_dir": layout.provisioning_ca_dir,
+                "http_host": LOOPBACK,
+                "http_port": ports.provisioning,
+                "tls_cert_file": layout.provisioning_cert,
+                "tls_key_file": layout.provisioning_key,
+                "public_url": f"https://localhost:{ports.provisioning}",
+                "broker": "emqx",
+            }
+        )
+        ca_file = layout.ca_cert
+        server = servers.Server(
+            name="provisioning",
+            argv=[python(), "-m", "provisioning"],
+            ready=lambda: servers.http_ok(f"https://localhost:{ports.provisioning}/readyz", ca_file),
+            log_path=layout.log("provisioning"),
+            user=self.account("provisioning"),
+            env={**settings.to_env(), "IRONLINK_PROV_REGISTRY_DSN": self.registry_dsn()},
+            cwd=layout.provisioning,
+        )
+        return _Spec(ports.provisioning, server, [ca_file, layout.provisioning_cert, layout.provisioning_key])
 
     def _before_start(self, name: str) -> None:
         """Give each server its folders (as root: to its account) just before it starts."""

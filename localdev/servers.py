@@ -13,6 +13,7 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -58,9 +59,11 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, ca_file: Path | None = None) -> bool:
+    """True when ``url`` answers 2xx within a second; an ``https`` URL is verified against ``ca_file``."""
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:
+        with urllib.request.urlopen(url, timeout=1, context=context) as response:
             return bool(200 <= response.status < 300)
     except (urllib.error.URLError, OSError):
         return False

@@ -6,6 +6,8 @@ forgets it all::
     state.json                  ports chosen on the first ``up`` (MQTT is always 8883)
     secrets/credentials.json    generated broker passwords and their $7$ hashes (0600)
     ingest/store-tokens.json    the worker's store tokens (0600, owned by the worker's account)
+    provisioning/               the provisioning service's folder (0700, its account): its TLS
+                                key pair (key 0600) and ca/, the issuing CA keys it generates
     pki/                        local CA (key 0600) and the broker's server certificate
     mosquitto/                  rendered mosquitto.conf, password and ACL files (0600), data/
     postgres/                   the registry cluster (0700, owned by postgres) and its socket
@@ -75,6 +77,23 @@ class Layout:
         """The dead-letter consumer's working folder (its own: the supervisor tells processes apart
         by program and folder)."""
         return self.root / "dead-letters"
+
+    @property
+    def provisioning(self) -> Path:
+        """The provisioning service's own folder: its HTTPS key pair and its issuing CAs."""
+        return self.root / "provisioning"
+
+    @property
+    def provisioning_ca_dir(self) -> Path:
+        return self.provisioning / "ca"
+
+    @property
+    def provisioning_cert(self) -> Path:
+        return self.provisioning / "server.pem"
+
+    @property
+    def provisioning_key(self) -> Path:
+        return self.provisioning / "server.key"
 
     @property
     def store_tokens_file(self) -> Path:
@@ -184,6 +203,8 @@ class Ports(BaseModel):
     worker: int
     dead_letters: int = 0
     """The dead-letter consumer's probes and metrics; 0 in a state folder older than it (chosen then)."""
+    provisioning: int = 0
+    """The provisioning service's HTTPS API and probes; 0 in a state folder older than it."""
 
     @classmethod
     def load_or_choose(cls, layout: Layout) -> Ports:
@@ -192,8 +213,9 @@ class Ports(BaseModel):
             ports = cls(
                 postgres=servers.free_port(), victoria_metrics=servers.free_port(), worker=servers.free_port()
             )
-        if ports.dead_letters == 0:
-            ports = ports.model_copy(update={"dead_letters": servers.free_port()})
+        added = {name: servers.free_port() for name in _ADDED_LATER if getattr(ports, name) == 0}
+        if added:
+            ports = ports.model_copy(update=added)
             ports.save(layout)
         return ports
 
@@ -203,6 +225,10 @@ class Ports(BaseModel):
 
     def save(self, layout: Layout) -> None:
         write_public(layout.state_file, self.model_dump_json(indent=2) + "\n")
+
+
+_ADDED_LATER = ("dead_letters", "provisioning")
+"""Ports a state folder made before their process existed lacks (0): chosen on the next ``up``."""
 
 
 # ------------------------------------------------------------------------------------ credentials

@@ -9,7 +9,8 @@ Mosquitto ACL file grants nothing else and EMQX runs with ``no_match = deny``.
   worker confirms it stored of the device's sequenced telemetry);
 - ``svc.ingest`` reads every telemetry topic (also through ``$share/<group>/...``: both brokers
   authorize a shared subscription by its topic filter) and replayed telemetry under ``replay/``,
-  publishes dead letters under ``dlq/`` and receipts on every machine's receipts topic;
+  publishes dead letters under ``dlq/`` and receipts on every machine's receipts topic, and
+  speaks to itself under ``drain/`` (the marker of a graceful stop);
 - ``svc.deadletters`` (the dead-letter consumer) reads every dead letter and publishes replays
   under ``replay/``; nobody else may publish there, so a device cannot pose as a replay;
 - ``svc.<tenant>`` reads only its tenant's telemetry and dead letters;
@@ -27,6 +28,7 @@ from infra.fleet import Fleet
 from infra.tenancy import (
     DEAD_LETTER_ROOT,
     DEAD_LETTER_SERVICE,
+    DRAIN_ROOT,
     INGEST_SERVICE,
     RECEIPTS_FILTER,
     REPLAY_ROOT,
@@ -86,6 +88,8 @@ def platform_rules() -> list[AccessRule]:
         AccessRule(INGEST_SERVICE, "subscribe", f"{REPLAY_ROOT}/#"),
         AccessRule(INGEST_SERVICE, "publish", f"{DEAD_LETTER_ROOT}/#"),
         AccessRule(INGEST_SERVICE, "publish", RECEIPTS_FILTER),
+        AccessRule(INGEST_SERVICE, "publish", f"{DRAIN_ROOT}/#"),
+        AccessRule(INGEST_SERVICE, "subscribe", f"{DRAIN_ROOT}/#"),
         AccessRule(DEAD_LETTER_SERVICE, "subscribe", f"{DEAD_LETTER_ROOT}/#"),
         AccessRule(DEAD_LETTER_SERVICE, "publish", f"{REPLAY_ROOT}/#"),
     ]

@@ -28,8 +28,7 @@ import httpx
 import paho.mqtt.client as mqtt
 import psycopg
 import uvicorn
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -54,6 +53,7 @@ from registry.access import service_usernames
 from registry.credentials import generate_password, hash_password
 from tests.fixtures.ingest import WorkerProcess, start_store
 from tests.test_broker_isolation import dynamic_security_plugin
+from tests.test_provisioning import key_and_csr
 
 TENANTS = ("acme", "globex")
 SITE = "plant-1"
@@ -65,13 +65,6 @@ def platform_config() -> PlatformConfig:
     """Two Phase A tenants; their machines are the registry's alone."""
     tenants = [{"id": tenant, "name": tenant.title(), "tier": "basic"} for tenant in TENANTS]
     return parse_platform({"phase": "A", "region": "test", "tenants": tenants}, "provisioning-e2e")
-
-
-def key_and_csr() -> tuple[ec.EllipticCurvePrivateKey, str]:
-    """What a device does first: its own key, and a CSR for it (no name: the service sets the CN)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
-    return key, csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def reading(machine: Machine, machine_type: str, ts: float) -> bytes:
@@ -117,7 +110,10 @@ class MqttDevice:
         )
         client.on_connect = self._on_connect
         client.on_disconnect = lambda *_: self.disconnected.set()
-        client.on_connect_fail = lambda *_: self.disconnected.set()  # e.g. TLS 1.3's late certificate alert
+        # TLS 1.3 reports a refused client certificate after the handshake: paho notices it only on
+        # its next attempt (on_connect_fail), after its reconnect delay (1 s by default).
+        client.on_connect_fail = lambda *_: self.disconnected.set()
+        client.reconnect_delay_set(min_delay=0.02, max_delay=1)  # type: ignore[arg-type]  # a float sleep
         client.on_publish = self._on_publish
         self.client = client
 

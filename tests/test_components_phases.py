@@ -4,6 +4,7 @@ mock engine). Each test is a policy; a failure names the stack and the resource 
 from __future__ import annotations
 
 import json
+import subprocess
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from pyhocon import ConfigFactory
 
 from components.influxdb import influxdb_url
 from components.ingest_worker import TOKENS_FILE
+from components.render import emqx
 from components.render.kubernetes import (
     ROLE_BACKUP,
     ROLE_BROKER,
@@ -19,10 +21,13 @@ from components.render.kubernetes import (
     ROLE_GRAFANA,
     ROLE_INGEST,
     ROLE_PROVISIONING,
+    role_selector,
 )
+from components.render.mosquitto import DYNSEC_ADMIN, dynsec_password
 from infra.plan import SECRET, Plan, PlannedResource
 from infra.tenancy import DEAD_LETTER_SERVICE, INGEST_SERVICE, influxdb_instance, store_route
 from ingest.settings import WorkerSettings
+from registry.access import service_usernames
 from tests.pulumi_mocks import (
     PLANS,
     STACKS,
@@ -87,13 +92,109 @@ def test_phase_a_has_no_disruption_budgets_and_protects_nothing(stack: str) -> N
     assert plan.find("HorizontalPodAutoscaler") == []
 
 
+def mosquitto_conf(plan: Plan) -> list[str]:
+    return plan.one("ConfigMap", "mosquitto-config").get("data")["mosquitto.conf"].splitlines()
+
+
+def conf_value(lines: list[str], key: str) -> list[str]:
+    return [line.split(" ", 1)[1] for line in lines if line.startswith(f"{key} ")]
+
+
+def mount_of(container: dict[str, Any], path: str) -> dict[str, Any]:
+    (mount,) = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"])]
+    return mount
+
+
 @pytest.mark.parametrize("stack", PHASE_A)
-def test_mosquitto_password_file_holds_the_worker_identity_as_a_secret(stack: str) -> None:
+def test_phase_a_mosquitto_loads_the_dynamic_security_plugin_and_trusts_only_device_cas(stack: str) -> None:
+    plan, config = stack_plan(stack), stack_config(stack)
+    conf = mosquitto_conf(plan)
+    assert conf_value(conf, "plugin") == [config.broker.dynamic_security_plugin], stack
+    assert conf_value(conf, "password_file") == [] and conf_value(conf, "acl_file") == [], stack
+    (state,) = conf_value(conf, "plugin_opt_config_file")
+    spec = pod_spec(broker(plan))
+    (server,) = spec["containers"]
+    # The plugin rewrites its state: it lives on the persistent volume, writable.
+    assert mount_of(server, state)["name"] == "data" and not mount_of(server, state).get("readOnly")
+    # Listeners: passwords on 8883 (platform CA server cert), certificates on 8884 (device CAs only).
+    listeners = "\n".join(conf).split("\nlistener ")[1:]
+    by_port = {block.split("\n", 1)[0]: block.splitlines() for block in listeners}
+    assert set(by_port) == {"8883", "8884"}, stack
+    assert "require_certificate false" in by_port["8883"]
+    certificates = by_port["8884"]
+    assert {"require_certificate true", "use_identity_as_username true"} <= set(certificates)
+    assert conf_value(certificates, "cafile") == [], f"{stack}: the certificate listener trusts a cafile"
+    (capath,) = conf_value(certificates, "capath")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    device_ca = volumes[mount_of(server, capath)["name"]]
+    # Filled by the CAs the provisioning service makes in the cluster, not by Pulumi.
+    assert device_ca["configMap"]["optional"] is True
+    assert plan.find("ConfigMap", device_ca["configMap"]["name"]) == []
+
+
+@pytest.mark.parametrize("stack", PHASE_A)
+def test_the_plugin_seed_holds_the_admin_and_services_by_hash_only_and_no_device(stack: str) -> None:
+    plan, config = stack_plan(stack), stack_config(stack)
+    platform = plan.platform
+    assert plan.one("Secret", "mosquitto-dynsec-seed").get("stringData") == {"dynamic-security.json": SECRET}
+    assert plan.find("Secret", "mosquitto-passwd") == [], "dynamic security replaces the password file"
+    seed_output = platform.broker.dynamic_security_seed
+    assert seed_output is not None and _sync_await(seed_output.is_secret())
+    seed = _sync_await(seed_output.future())
+    document = json.loads(seed)
+    clients = {client["username"]: client for client in document["clients"]}
+    assert set(clients) == {DYNSEC_ADMIN, *service_usernames(config)}, f"{stack}: {sorted(clients)}"
+    admin = platform.broker_admin_credential
+    assert admin is not None
+    credentials = {
+        DYNSEC_ADMIN: admin,
+        INGEST_SERVICE: platform.ingest_credential,
+        DEAD_LETTER_SERVICE: platform.dead_letter_credential,
+        **platform.tenant_service_credentials,
+    }
+    assert set(credentials) == set(clients)
+    for username, credential in credentials.items():
+        password = _sync_await(credential.password.future())
+        assert password and password not in seed, f"{stack}: {username}'s password is in the seed"
+        hashed = _sync_await(credential.password_hash.future())
+        expected = dynsec_password(hashed, username)
+        assert {key: clients[username][key] for key in expected} == expected, username
+    assert document["defaultACLAccess"]["subscribe"] is False
+
+
+@pytest.mark.parametrize("stack", PHASE_A)
+def test_the_seed_init_container_never_overwrites_the_plugins_state(stack: str, tmp_path: Any) -> None:
     plan = stack_plan(stack)
-    assert plan.one("Secret", "mosquitto-passwd").get("stringData") == {"passwd": SECRET}
-    # the real (unmasked) file: what the component computed from the worker's generated password
-    acl = plan.one("ConfigMap", "mosquitto-config").get("data")["acl"]
-    assert f"user {INGEST_SERVICE}" in acl
+    spec = pod_spec(broker(plan))
+    (seeder,) = spec["initContainers"]
+    (state,) = conf_value(mosquitto_conf(plan), "plugin_opt_config_file")
+    *script, seed_path, state_path = seeder["command"]
+    assert state_path == state and mount_of(seeder, state)["name"] == "data"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mount_of(seeder, seed_path)["name"]]["secret"]["secretName"] == "mosquitto-dynsec-seed"
+    (server,) = spec["containers"]
+    assert all(m["name"] != mount_of(seeder, seed_path)["name"] for m in server["volumeMounts"])
+    # Run the planned command itself, twice: the second start keeps what the plugin wrote.
+    seed, target = tmp_path / "seed.json", tmp_path / "dynamic-security.json"
+    seed.write_text('{"seed": 1}')
+    subprocess.run([*script, str(seed), str(target)], check=True, capture_output=True)
+    assert target.read_text() == '{"seed": 1}'
+    target.write_text('{"clients": ["written by the plugin"]}')
+    seed.write_text('{"seed": 2}')
+    subprocess.run([*script, str(seed), str(target)], check=True, capture_output=True)
+    assert target.read_text() == '{"clients": ["written by the plugin"]}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dynamic-security.json", "seed.json"]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_only_the_provisioning_service_gains_a_named_way_into_the_broker(stack: str) -> None:
+    plan = stack_plan(stack)
+    rules = plan.one("NetworkPolicy", broker(plan).name).get("spec.ingress")
+    named = [(tuple(p["port"] for p in rule["ports"]), rule["from"]) for rule in rules if "from" in rule]
+    if stack_config(stack).broker.engine == "mosquitto":
+        assert named == [((8883,), [{"podSelector": {"matchLabels": role_selector(ROLE_PROVISIONING)}}])]
+    else:  # the cluster's own distribution ports, from its nodes only
+        assert [ports for ports, _ in named] == [(emqx.EKKA_PORT, emqx.RPC_PORT)], stack
 
 
 # ---------------------------------------------------------------------------------- phase B

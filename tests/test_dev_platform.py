@@ -11,12 +11,16 @@ import json
 import os
 import signal
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import paho.mqtt.client as mqtt
+import psycopg
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -173,6 +177,100 @@ def test_a_device_claiming_another_tenant_in_its_payload_is_dead_lettered(
     servers.wait_until(lambda: (platform.dead_lettered() or {}).get("acme", 0) >= 1, 10, "the dead letter")
     _, status = _status(dev)
     assert {t["tenant_id"]: t["dead_lettered"] for t in status["tenants"]} == {"acme": 1, "globex": 0}
+
+
+# ------------------------------------------------------------------------------ registry mode
+ACME_MILL = ("acme", "plant-1", "mill-01")
+
+
+def _admin_token(dev: DevPlatformHandle) -> str:
+    """A platform admin token, minted the operator's way: ``ironlink provisioning token create``."""
+    ironlink = str(Path(sys.executable).parent / "ironlink")
+    command = [ironlink, "provisioning", "token", "create", "--registry", dev.platform.registry_dsn()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    return result.stdout.strip().splitlines()[-1]
+
+
+def _mill_reading() -> bytes:
+    tenant, site, machine = ACME_MILL
+    body = TelemetryV2(
+        schema_version=2,
+        tenant_id=tenant,
+        site_id=site,
+        machine_id=machine,
+        machine_type="cnc_mill",
+        status="running",
+        ts=time.time(),
+        metrics={"spindle_speed_rpm": 12000.0},
+    )
+    return body.model_dump_json().encode()
+
+
+def _environment(pid: int) -> dict[str, str]:
+    """The environment a running process was started with (``/proc/<pid>/environ``)."""
+    entries = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
+
+
+def _reasons(dev: DevPlatformHandle, topic: str, since: float) -> list[str]:
+    with psycopg.connect(dev.platform.registry_dsn(), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT reason FROM dead_letters WHERE topic = %s AND received_at >= to_timestamp(%s)",
+            (topic, since),
+        ).fetchall()
+    return [reason for (reason,) in rows]
+
+
+def test_the_worker_follows_machines_removed_and_added_through_the_provisioning_api(
+    dev: DevPlatformHandle, simulated: float
+) -> None:
+    """The worker reads its machines from the registry (none in its environment): a machine removed
+    through the provisioning API is dead-lettered as ``unknown_machine``, and once added again its
+    telemetry is stored, with no process restarted. The device keeps its broker account (the dev
+    broker's static files), so only the registry decides."""
+    dev.ensure_up()
+    before = _pids(dev)
+    platform, topic = dev.platform, telemetry_topic(*ACME_MILL)
+    environment = _environment(before["ingest"])
+    assert "IRONLINK_REGISTRY_DSN" in environment
+    routes = json.loads(environment["IRONLINK_TENANTS"])
+    assert set(routes) == {"acme", "globex"} and all(not r["machines"] for r in routes.values()), routes
+    headers = {"Authorization": f"Bearer {_admin_token(dev)}"}
+    verify = ssl.create_default_context(cafile=str(platform.ca_file))
+    mill = Device(dev, *ACME_MILL)
+    try:
+        with httpx.Client(base_url=platform.provisioning_url, verify=verify, headers=headers) as api:
+            removed_at = time.time()
+            removed = api.delete("/v1/tenants/acme/machines/plant-1/mill-01")
+            assert removed.status_code == 200, removed.text
+
+            def refused() -> bool:  # until the worker has the change: publish, look for the reason
+                assert not mill.publish(topic, _mill_reading()).is_failure
+                time.sleep(0.5)
+                return "unknown_machine" in _reasons(dev, topic, removed_at)
+
+            servers.wait_until(refused, 15, "the removed machine's message dead-lettered")
+
+            added_at = time.time()
+            added = api.post(
+                "/v1/tenants/acme/machines", json={"site_id": "plant-1", "id": "mill-01", "type": "cnc_mill"}
+            )
+            assert added.status_code == 201, added.text
+
+            def stored() -> bool:
+                assert not mill.publish(topic, _mill_reading()).is_failure
+                time.sleep(0.5)
+                platform.store.force_flush()
+                return any(
+                    p.points
+                    for p in platform.store.points_by_machine(since=added_at)
+                    if (p.tenant_id, p.site_id, p.machine_id) == ACME_MILL
+                )
+
+            servers.wait_until(stored, 15, "the added machine's telemetry stored")
+    finally:
+        mill.close()
+    assert _pids(dev) == before, "nothing may restart for a fleet change"
 
 
 # ------------------------------------------------------------------------------ supervision

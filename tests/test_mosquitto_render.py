@@ -128,6 +128,8 @@ def test_acl_gives_each_identity_only_its_own_topics() -> None:
             "topic read replay/#",
             "topic write dlq/#",
             "topic write ironlink/+/+/+/receipts",
+            "topic write drain/#",
+            "topic read drain/#",
         },
         "svc.deadletters": {"topic read dlq/#", "topic write replay/#"},
         "acme.plant-1.press-01": {

@@ -102,7 +102,11 @@ def test_phases_b_and_c_survive_a_node_drain(stack: str) -> None:
     kind = "required" if config.high_availability else "preferred"
     assert any(key.startswith(kind) for key in affinity), f"{stack}: {affinity}"
     # Every replica signs with the same CA keys: the volume is shared across nodes.
-    assert plan.one("PersistentVolumeClaim", "provisioning-ca").get("spec.accessModes") == ["ReadWriteMany"]
+    claim = plan.one("PersistentVolumeClaim", "provisioning-ca")
+    assert claim.get("spec.accessModes") == ["ReadWriteMany"]
+    # The cluster's default class (gp3, EBS) cannot share a volume across nodes: the stack names one.
+    assert config.provisioning.ca_storage_class not in (None, config.cluster.storage_class), stack
+    assert claim.get("spec.storageClassName") == config.provisioning.ca_storage_class
 
 
 @pytest.mark.parametrize("stack", STACKS)

@@ -21,8 +21,8 @@ from cryptography.x509.oid import NameOID
 from infra.tenancy import device_username, telemetry_topic
 from localdev import pki
 from tests.conftest import PostgresCluster
-from tests.provisioning_platform import SITE, ProvisioningPlatform, key_and_csr, reading, running
-from tests.test_provisioning import key_and_csr as csr_naming
+from tests.provisioning_platform import SITE, ProvisioningPlatform, reading, running
+from tests.test_provisioning import key_and_csr
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BOUND_S = 10.0  # the bound: stored within 10 s of the claim; disconnected within 10 s
@@ -207,7 +207,7 @@ def test_the_issuing_ca_signs_no_certificate_naming_another_tenants_or_a_passwor
     answers = {
         "tenant_mismatch": e2e.post(
             "/v1/tenants/acme/devices",
-            {"site_id": SITE, "machine_id": "press-pw", "csr": csr_naming(globex_user)[1]},
+            {"site_id": SITE, "machine_id": "press-pw", "csr": key_and_csr(globex_user)[1]},
         ),
         "device_exists": e2e.post(
             "/v1/tenants/acme/devices", {"site_id": SITE, "machine_id": "press-pw", "csr": key_and_csr()[1]}

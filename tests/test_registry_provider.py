@@ -163,7 +163,7 @@ def test_the_worker_account_signs_in_and_may_read_telemetry_once_created_and_not
     }
     assert ("subscribe", TELEMETRY_FILTER) in rules
     published = {topic for action, topic in rules if action == "publish"}
-    assert published == {"dlq/#", RECEIPTS_FILTER}, "the worker writes only dead letters and receipts"
+    assert published == {"dlq/#", RECEIPTS_FILTER, "drain/#"}, "dead letters, receipts, its drain marker"
 
     service.delete(INGEST_SERVICE, props)
     assert emqx(conn, EMQX_AUTHN_QUERY, username=INGEST_SERVICE, clientid=INGEST_SERVICE) == []

@@ -316,6 +316,7 @@ def pod_template(
     *,
     user: int,
     service_account: str,
+    init_containers: list[Manifest] | None = None,
     group: int | None = None,
     volumes: list[Manifest] | None = None,
     affinity: Manifest | None = None,
@@ -333,6 +334,8 @@ def pod_template(
         "securityContext": pod_security_context(user, group),
         "containers": containers,
     }
+    if init_containers:
+        spec["initContainers"] = init_containers
     if volumes:
         spec["volumes"] = volumes
     if affinity:

@@ -107,6 +107,15 @@ class DynamicSecurity:
     only, never the platform CA (``MosquittoPaths.cafile``) that signs servers and services. Mosquitto
     does not ask the plugin who a certificate is, so any certificate this file vouches for connects
     as its CN; the issuing CAs sign only certificate devices' own CSRs. None: ``cafile``."""
+    device_capath: str | None = None
+    """Instead of ``device_cafile``: a directory of those CAs named by subject hash
+    (``openssl x509 -hash``, ``<hash>.0``). OpenSSL reads it at each handshake, so a CA added later is
+    trusted without a restart, and the broker starts while the directory is still empty (a missing
+    ``cafile`` stops it)."""
+
+    def __post_init__(self) -> None:
+        if self.device_cafile is not None and self.device_capath is not None:
+            raise ValueError("DynamicSecurity: device_cafile and device_capath exclude each other")
 
 
 def render_mosquitto_conf(
@@ -160,13 +169,20 @@ def render_mosquitto_conf(
     return "\n".join(lines) + "\n"
 
 
-def _tls_listener(paths: MosquittoPaths, address: str, *, mtls: bool, cafile: str | None = None) -> list[str]:
+def _tls_listener(
+    paths: MosquittoPaths,
+    address: str,
+    *,
+    mtls: bool,
+    cafile: str | None = None,
+    capath: str | None = None,
+) -> list[str]:
     lines = [
         "",
         f"# MQTT over TLS{' with client certificates (CN = username)' if mtls else ''}",
         f"listener {address}",
         "protocol mqtt",
-        f"cafile {cafile or paths.cafile}",
+        f"capath {capath}" if capath else f"cafile {cafile or paths.cafile}",
         f"certfile {paths.certfile}",
         f"keyfile {paths.keyfile}",
         "tls_version tlsv1.2",
@@ -193,7 +209,14 @@ def _dynamic_security_listeners(
     (:attr:`DynamicSecurity.device_cafile`).
     """
     lines = [] if config.broker.tls == "mtls" else _tls_listener(paths, f"{tls_port}{bind}", mtls=False)
-    return lines + _tls_listener(paths, f"{dynamic.mtls_port}{bind}", mtls=True, cafile=dynamic.device_cafile)
+    certificates = _tls_listener(
+        paths,
+        f"{dynamic.mtls_port}{bind}",
+        mtls=True,
+        cafile=dynamic.device_cafile,
+        capath=dynamic.device_capath,
+    )
+    return lines + certificates
 
 
 def render_password_file(accounts: Iterable[BrokerAccount]) -> str:
@@ -305,6 +328,18 @@ def dynsec_password(password_hash: str, field: str) -> dict[str, object]:
         raise ValueError(f"{field}: the plugin needs a {SALT_BYTES}-byte salt, got {len(parsed.salt)} bytes")
     salt, digest = str(parsed).split("$")[3:5]
     return {"password": digest, "salt": salt, "iterations": parsed.iterations}
+
+
+def seed_if_absent_command(seed: str, state: str) -> list[str]:
+    """An initContainer command that copies the plugin's first state ``seed`` to ``state`` only
+    when ``state`` does not exist: the plugin rewrites that file after every change, so a restart
+    must keep it (and the devices in it). Written beside it and renamed, so a crash mid-copy never
+    leaves a half file that would then count as present."""
+    script = (
+        'set -eu; if [ ! -e "$2" ]; then cp "$1" "$2.seed"; mv "$2.seed" "$2"; '
+        'echo "seeded $2"; else echo "kept $2"; fi'
+    )
+    return ["sh", "-c", script, "seed", seed, state]
 
 
 def render_dynamic_security_config(

@@ -93,3 +93,32 @@ def test_data_belongs_to_the_service_accounts(host: Any, platform: DevPlatform) 
         assert (host.file(str(folder)).user, host.file(str(folder)).mode) == (owner, 0o700), folder
         strangers = host.check_output("find %s ! -user %s", str(folder), owner)
         assert strangers == "", f"files in {folder} not owned by {owner}:\n{strangers}"
+
+
+def test_the_provisioning_api_is_served_over_https_on_loopback_only(host: Any, platform: DevPlatform) -> None:
+    record = platform.pids.read("provisioning")
+    assert record is not None
+    assert host.process.get(pid=record.pid).pid == record.pid
+    assert host.socket(f"tcp://127.0.0.1:{record.port}").is_listening
+    assert not host.socket(f"tcp://0.0.0.0:{record.port}").is_listening, "the API must bind loopback only"
+    ready = host.run(
+        "curl --silent --show-error --fail --cacert %s https://localhost:%s/readyz",
+        str(platform.ca_file),
+        str(record.port),
+    )
+    assert ready.rc == 0, ready.stderr
+
+
+@as_root
+def test_the_provisioning_keys_are_0600_and_owned_by_its_account(host: Any, platform: DevPlatform) -> None:
+    record = platform.pids.read("provisioning")
+    assert record is not None and record.user is not None
+    assert host.process.get(pid=record.pid).user == record.user
+    layout = platform.layout
+    region_ca_key = layout.provisioning_ca_dir / f"region-{platform.config.region}" / "ca.key"
+    for path in (layout.provisioning_key, region_ca_key):
+        key = host.file(str(path))
+        assert key.exists, path
+        assert (key.mode, key.user) == (0o600, record.user), path
+    folder = host.file(str(layout.provisioning))
+    assert (folder.mode, folder.user) == (0o700, record.user)
