@@ -3,7 +3,10 @@ consumer, its secrets, and a NetworkPolicy that lets it reach only the broker an
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from pulumi.runtime.sync_await import _sync_await
 
 from components.render.kubernetes import ROLE_BROKER, ROLE_DEAD_LETTERS, ROLE_POSTGRES, role_selector
 from infra.plan import SECRET
@@ -72,6 +75,12 @@ def test_the_consumers_broker_credential_reaches_the_broker(stack: str) -> None:
     if stack_config(stack).broker.engine == "emqx":
         accounts = [r for r in plan.find("pulumi-python:dynamic/registry:ServiceAccount")]
         assert DEAD_LETTER_SERVICE in {r.inputs.get("username") for r in accounts}, stack
-    else:  # Mosquitto: the rendered ACL file gives the consumer its topics
-        texts = [text for r in plan.find("ConfigMap") for text in r.get("data", {}).values()]
-        assert any(f"user {DEAD_LETTER_SERVICE}" in text for text in texts), stack
+    else:  # Mosquitto: the dynamic-security seed gives the consumer its identity and topics
+        seed = plan.platform.broker.dynamic_security_seed
+        assert seed is not None, stack
+        document = json.loads(_sync_await(seed.future()))
+        (client,) = [c for c in document["clients"] if c["username"] == DEAD_LETTER_SERVICE]
+        (role,) = [r for r in document["roles"] if r["rolename"] in {x["rolename"] for x in client["roles"]}]
+        assert ("subscribePattern", "dlq/#", True) in {
+            (a["acltype"], a["topic"], a["allow"]) for a in role["acls"]
+        }, stack

@@ -118,8 +118,11 @@ def test_a_revoked_device_is_disconnected_within_10_s_and_refused_on_its_next_co
     again = e2e.connect(cert_user, cert=files)
     if again is not None:
         machine = ("acme", SITE, "mill-revoked")
-        code = again.publish(telemetry_topic(*machine), reading(machine, "cnc_mill", time.time()))
-        assert code == "Not authorized", f"a revoked certificate device published: {code}"
+        try:
+            code = again.publish(telemetry_topic(*machine), reading(machine, "cnc_mill", time.time()))
+        except AssertionError:  # no PUBACK at all: the broker took nothing either
+            code = "no PUBACK"
+        assert code in ("Not authorized", "no PUBACK"), f"a revoked certificate device published: {code}"
     assert e2e.stored_machines("acme").get("mill-revoked", 0) == before
     serial = x509.load_pem_x509_certificate(files[0].read_bytes()).serial_number
     assert format(serial, "x") in _revoked_serials(e2e), "the certificate is not on the CRL"
