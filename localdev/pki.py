@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from provisioning.ca import key_usage
+
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1")
 
 
@@ -36,20 +38,6 @@ def _name(common_name: str) -> x509.Name:
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Ironlink"),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
-    )
-
-
-def _key_usage(*, ca: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        key_cert_sign=ca,
-        crl_sign=ca,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        encipher_only=False,
-        decipher_only=False,
     )
 
 
@@ -100,7 +88,7 @@ def make_ca(common_name: str = "Ironlink local CA", days: int = 365) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     extensions: list[tuple[x509.ExtensionType, bool]] = [
         (x509.BasicConstraints(ca=True, path_length=0), True),
-        (_key_usage(ca=True), True),
+        (key_usage(ca=True), True),
     ]
     return Issued(_sign(common_name, key, None, key, extensions, days), _key_pem(key))
 
@@ -118,7 +106,7 @@ def issue_server_cert(ca: Issued, hostnames: Iterable[str] = (), days: int = 365
     key = ec.generate_private_key(ec.SECP256R1())
     extensions: list[tuple[x509.ExtensionType, bool]] = [
         (x509.BasicConstraints(ca=False, path_length=None), True),
-        (_key_usage(ca=False), True),
+        (key_usage(ca=False), True),
         (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
         (x509.SubjectAlternativeName(sans), False),
     ]
@@ -133,7 +121,7 @@ def issue_client_cert(ca: Issued, username: str, days: int = 365) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     extensions: list[tuple[x509.ExtensionType, bool]] = [
         (x509.BasicConstraints(ca=False, path_length=None), True),
-        (_key_usage(ca=False), True),
+        (key_usage(ca=False), True),
         (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
     ]
     return Issued(_sign(username, key, ca_cert, ca_key, extensions, days), _key_pem(key))
