@@ -9,13 +9,15 @@ process       what it runs                                                accoun
 ============  ==========================================================  ===================
 postgres      PostgreSQL 15, the registry: migrations + the stack's rows  postgres
 victoria-...  VictoriaMetrics, the store (InfluxDB v2 write path)         _victoria-metrics
-mosquitto     Mosquitto, TLS on 8883 only, files rendered like the        mosquitto (it drops
-              ``MqttBroker`` component's                                  privileges itself)
+mosquitto     Mosquitto with dynamic security, config rendered like the   mosquitto (it drops
+              ``MqttBroker`` component's: passwords over TLS on 8883,     privileges itself)
+              certificates (CN = identity) on a second loopback port
 ingest        the ingest worker (``python -m ingest``) as ``svc.ingest``  ironlink, or nobody
 dead-letters  the dead-letter consumer (``python -m ingest.deadletters``)  ironlink, or nobody
               as ``svc.deadletters``: ``dlq/#`` into the registry
 provisioning  the provisioning API (``python -m provisioning``), HTTPS on   ironlink, or nobody
-              loopback with the dev CA's certificate, its own issuing CAs
+              loopback with the dev CA's certificate, its own issuing CAs;
+              drives the broker's plugin as ``admin.dynsec``
 ============  ==========================================================  ===================
 
 ``up`` converges: a running process whose command line, environment and config files are
@@ -29,11 +31,15 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -44,16 +50,22 @@ import psycopg
 from psycopg import sql
 
 from components.render.mosquitto import (
+    DYNSEC_ADMIN,
     BrokerAccount,
+    DynamicSecurity,
     MosquittoPaths,
-    device_accounts,
-    render_acl_file,
+    render_dynamic_security_config,
     render_mosquitto_conf,
-    render_password_file,
 )
 from infra.config import PlatformConfig
 from infra.fleet import Fleet
-from infra.tenancy import DEAD_LETTER_SERVICE, INGEST_SERVICE, store_routes, tenant_service_username
+from infra.tenancy import (
+    DEAD_LETTER_SERVICE,
+    INGEST_SERVICE,
+    device_username,
+    store_routes,
+    tenant_service_username,
+)
 from ingest.deadletters.settings import dead_letter_settings_for
 from ingest.settings import worker_settings_for
 from localdev import pki, servers
@@ -71,6 +83,7 @@ from localdev.state import (
 )
 from localdev.supervisor import PidFiles, ProcessRecord, fingerprint, listening, server_pid, stop
 from localdev.victoria import StoreUnavailableError, TenantSeen, VictoriaMetrics
+from provisioning.brokers import BrokerError, MosquittoDynamicSecurity
 from provisioning.settings import ProvisioningSettings
 from registry import store as registry
 from registry.access import service_usernames
@@ -79,6 +92,9 @@ from registry.fleet_import import import_fleet
 LOOPBACK = "127.0.0.1"
 # Start order: what the worker needs comes first; ``down`` goes the other way.
 PROCESSES = ("postgres", "victoria-metrics", "mosquitto", "provisioning", "ingest", "dead-letters")
+# What ``up`` does between starting processes, reported like them: the registry's sync after
+# PostgreSQL, the demo devices after Mosquitto, the issuing CAs after the provisioning service.
+STEPS = ("registry", "devices", "device-cas")
 # The accounts servers run as when ``ironlink dev`` runs as root (unused otherwise).
 ACCOUNTS = {
     "postgres": "postgres",
@@ -271,7 +287,8 @@ class DevPlatform:
             make_dir(folder)
         Ports.load_or_choose(self.layout)
         credentials = self.credentials
-        if credentials.ensure([*generated_devices(self.fleet), *service_usernames(self.config)]):
+        usernames = [*generated_devices(self.fleet), *service_usernames(self.config), DYNSEC_ADMIN]
+        if credentials.ensure(usernames):
             credentials.save(self.layout)
         self._prepare_pki()
         self._prepare_provisioning()
@@ -328,8 +345,8 @@ class DevPlatform:
             cafile=str(self.layout.ca_cert),
             certfile=str(folder / "server.pem"),
             keyfile=str(folder / "server.key"),
-            password_file=str(folder / "passwd"),
-            acl_file=str(folder / "acl"),
+            password_file="",  # dynamic-security mode: the plugin holds identities and ACLs
+            acl_file="",
             persistence_dir=str(folder / "data") + "/",
         )
 
@@ -337,23 +354,42 @@ class DevPlatform:
     def mosquitto_conf(self) -> Path:
         return self.layout.mosquitto / "mosquitto.conf"
 
+    @property
+    def dynamic_security(self) -> DynamicSecurity:
+        """The broker's plugin, its state file, and the certificate listener trusting the provisioning
+        service's issuing CAs only (a ``capath`` folder, filled once the service has made them)."""
+        return DynamicSecurity(
+            servers.dynamic_security_plugin(),
+            str(self.layout.dynamic_security_file),
+            self.ports.mqtt_certificates,
+            device_capath=str(self.layout.device_ca_dir),
+        )
+
     def _render_mosquitto(self, credentials: Credentials) -> None:
-        owner = self.account("mosquitto")
+        """The config, and the plugin's first state (admin and services) only when it has none: the
+        plugin rewrites that file after every change, and the devices it holds must survive."""
+        owner, layout = self.account("mosquitto"), self.layout
         paths = self.mosquitto_paths
-        make_dir(self.layout.mosquitto)
+        make_dir(layout.mosquitto)
         make_dir(Path(paths.persistence_dir), 0o700, owner)
-        config, fleet = self.config, with_device_credentials(self.fleet, credentials)
-        accounts = [
-            *device_accounts(fleet),
-            *(
-                BrokerAccount(name, credentials.accounts[name].password_hash)
-                for name in service_usernames(config)
-            ),
-        ]
-        conf = render_mosquitto_conf(config, paths, tls_port=self.ports.mqtt, bind_address=LOOPBACK)
+        make_dir(layout.device_ca_dir)
+        make_dir(layout.dynamic_security, 0o700, owner)
+        conf = render_mosquitto_conf(
+            self.config,
+            paths,
+            tls_port=self.ports.mqtt,
+            bind_address=LOOPBACK,
+            dynamic_security=self.dynamic_security,
+        )
         write_public(self.mosquitto_conf, conf)
-        write_secret(Path(paths.password_file), render_password_file(accounts), owner)
-        write_secret(Path(paths.acl_file), render_acl_file(config, fleet), owner)
+        if not layout.dynamic_security_file.exists():
+            hashed = {
+                name: BrokerAccount(name, credentials.accounts[name].password_hash)
+                for name in credentials.accounts
+            }
+            services = [hashed[name] for name in service_usernames(self.config)]
+            seed = render_dynamic_security_config(self.config, hashed[DYNSEC_ADMIN], services)
+            write_secret(layout.dynamic_security_file, seed, owner)
 
     def _write_store_tokens(self) -> None:
         """One write token per tenant. VictoriaMetrics ignores tokens, but the worker reads them as
@@ -403,7 +439,8 @@ class DevPlatform:
         # Mosquitto block-buffers ``log_dest stdout`` into a file: line-buffer it so the log is live.
         argv = [servers.find_binary("stdbuf"), "-oL", *server.argv]
         server = replace(server, argv=argv, cwd=self.layout.mosquitto)
-        read = (paths.cafile, paths.certfile, paths.keyfile, paths.password_file, paths.acl_file)
+        # Not the plugin's state nor device-ca/: both change at runtime, without a restart.
+        read = (paths.cafile, paths.certfile, paths.keyfile)
         return _Spec(self.ports.mqtt, server, [self.mosquitto_conf, *map(Path, read)])
 
     def _ingest_spec(self) -> _Spec:
@@ -469,9 +506,9 @@ class DevPlatform:
         return _Spec(ports.dead_letters, server, [self.layout.ca_cert])
 
     def _provisioning_spec(self) -> _Spec:
-        """The provisioning API over HTTPS on loopback, the registry over its Unix socket. The dev
-        broker keeps static files, so registry changes reach it only through the registry
-        (``broker: emqx`` is the service's registry-only directory)."""
+        """The provisioning API over HTTPS on loopback, the registry over its Unix socket, and the
+        broker's dynamic security as ``admin.dynsec`` over TLS: every device change reaches the
+        running broker."""
         ports, layout = self.ports, self.layout
         settings = ProvisioningSettings.model_validate(
             {
@@ -482,17 +519,25 @@ class DevPlatform:
                 "tls_cert_file": layout.provisioning_cert,
                 "tls_key_file": layout.provisioning_key,
                 "public_url": f"https://localhost:{ports.provisioning}",
-                "broker": "emqx",
+                "broker": "mosquitto",
+                "mosquitto_host": LOOPBACK,
+                "mosquitto_port": ports.mqtt,
+                "mosquitto_username": DYNSEC_ADMIN,
+                "mosquitto_ca_file": layout.ca_cert,
             }
         )
         ca_file = layout.ca_cert
+        secrets_env = {
+            "IRONLINK_PROV_REGISTRY_DSN": self.registry_dsn(),
+            "IRONLINK_PROV_MOSQUITTO_PASSWORD": self._service_password(DYNSEC_ADMIN),
+        }
         server = servers.Server(
             name="provisioning",
             argv=[python(), "-m", "provisioning"],
             ready=lambda: servers.http_ok(f"https://localhost:{ports.provisioning}/readyz", ca_file),
             log_path=layout.log("provisioning"),
             user=self.account("provisioning"),
-            env={**settings.to_env(), "IRONLINK_PROV_REGISTRY_DSN": self.registry_dsn()},
+            env={**settings.to_env(), **secrets_env},
             cwd=layout.provisioning,
         )
         return _Spec(ports.provisioning, server, [ca_file, layout.provisioning_cert, layout.provisioning_key])
@@ -514,7 +559,7 @@ class DevPlatform:
     def up(self, notify: Notify = _quiet) -> dict[str, str]:
         """Start what is not running (in dependency order), restart what changed; returns what was
         done per process: ``running`` (left alone), ``started``, ``restarted`` or ``reconfigured``."""
-        for binary in ("postgres", "initdb", "pg_isready", "victoria-metrics", "mosquitto"):
+        for binary in ("postgres", "initdb", "pg_isready", "victoria-metrics", "mosquitto", "openssl"):
             servers.find_binary(binary)
         notify("state", "preparing")
         self.prepare()
@@ -530,6 +575,11 @@ class DevPlatform:
             if name == "postgres":
                 notify("registry", "syncing")
                 notify("registry", self.sync_registry())
+            elif name == "mosquitto":
+                notify("devices", "syncing")
+                notify("devices", self.sync_broker_devices())
+            elif name == "provisioning":
+                notify("device-cas", self.install_device_cas())
         return outcomes
 
     def _ensure(self, name: str) -> str:
@@ -607,6 +657,76 @@ class DevPlatform:
                 if issued:
                     changes.append(f"credential.issued {username}")
         return f"synced ({len(changes)} changes)" if changes else "in sync"
+
+    # ------------------------------------------------------------------------ dynamic security
+    def broker_clients(self) -> set[str]:
+        """The identities the plugin holds, from its state file (it rewrites it after every change)."""
+        try:
+            state = json.loads(self.layout.dynamic_security_file.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise PlatformError(f"{self.layout.dynamic_security_file}: cannot be read ({error})") from error
+        return {str(client["username"]) for client in state.get("clients", [])}
+
+    def sync_broker_devices(self) -> str:
+        """Create each demo device the broker lacks, through the provisioning service's broker
+        directory (a client and its own role per device, with the simulator's password). A device
+        the broker has is left alone (recreating it would drop its session). Connects as the
+        admin only when something is missing: one admin session at a time (the client id is the
+        username), and the provisioning service holds it while it runs."""
+        present = self.broker_clients()
+        missing = [
+            (tenant_id, site.id, machine.id)
+            for tenant_id, site, machine in self.fleet.machines()
+            if machine.password_hash is None
+            and device_username(tenant_id, site.id, machine.id) not in present
+        ]
+        if not missing:
+            return "in sync"
+        admin = self._service_password(DYNSEC_ADMIN)
+        directory = MosquittoDynamicSecurity(
+            LOOPBACK, self.ports.mqtt, DYNSEC_ADMIN, admin, ca_file=str(self.layout.ca_cert)
+        )
+        try:
+            with directory.connect():
+                for tenant_id, site_id, machine_id in missing:
+                    username = device_username(tenant_id, site_id, machine_id)
+                    directory.add_device(
+                        username,
+                        self._service_password(username),
+                        tenant_id=tenant_id,
+                        site_id=site_id,
+                        machine_id=machine_id,
+                    )
+        except BrokerError as error:
+            raise PlatformError(f"mosquitto: cannot create the demo devices: {error}") from error
+        return f"{len(missing)} created"
+
+    def install_device_cas(self) -> str:
+        """Copy the provisioning service's issuing CAs (``/v1/ca.pem``) into the certificate
+        listener's ``capath`` as ``<subject hash>.0``; OpenSSL reads that folder at each handshake,
+        so the running broker trusts them at once. A CA the service no longer serves is removed."""
+        url = f"https://localhost:{self.ports.provisioning}/v1/ca.pem"
+        context = ssl.create_default_context(cafile=str(self.layout.ca_cert))
+        try:
+            with urllib.request.urlopen(url, timeout=10, context=context) as response:
+                bundle = response.read()
+        except (urllib.error.URLError, OSError) as error:
+            raise PlatformError(f"provisioning: cannot read its issuing CAs from {url}: {error}") from error
+        wanted = {}
+        for block in re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", bundle, re.S):
+            wanted[f"{servers.subject_hash(block)}.0"] = block
+        folder = self.layout.device_ca_dir
+        changed = 0
+        for name, pem in wanted.items():
+            path = folder / name
+            if not path.exists() or path.read_bytes() != pem:
+                write_public(path, pem)
+                changed += 1
+        for stale in folder.glob("*.0"):
+            if stale.name not in wanted:
+                stale.unlink()
+                changed += 1
+        return f"{len(wanted)} trusted" + (f" ({changed} changed)" if changed else "")
 
     # -------------------------------------------------------------------------------- status
     def processes(self) -> list[ProcessHealth]:

@@ -167,6 +167,21 @@ class Server:
             return "(no log)"
 
 
+def dynamic_security_plugin() -> str:
+    """Debian's ``mosquitto_dynamic_security.so`` (``dpkg -L mosquitto``), wherever the architecture
+    puts it."""
+    found = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))
+    if not found:
+        raise MissingPackageError("mosquitto")
+    return str(found[0])
+
+
+def subject_hash(cert_pem: bytes) -> str:
+    """OpenSSL's subject hash of a certificate: its file name (``<hash>.0``) in a ``capath`` folder."""
+    argv = [find_binary("openssl"), "x509", "-hash", "-noout"]
+    return subprocess.run(argv, input=cert_pem, capture_output=True, check=True).stdout.decode().strip()
+
+
 def mosquitto(config_path: Path, port: int, log_path: Path) -> Server:
     """Mosquitto with a rendered config; ready once ``port`` accepts connections."""
     return Server(

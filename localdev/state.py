@@ -9,7 +9,9 @@ forgets it all::
     provisioning/               the provisioning service's folder (0700, its account): its TLS
                                 key pair (key 0600) and ca/, the issuing CA keys it generates
     pki/                        local CA (key 0600) and the broker's server certificate
-    mosquitto/                  rendered mosquitto.conf, password and ACL files (0600), data/
+    mosquitto/                  rendered mosquitto.conf, the server key pair, data/, device-ca/
+                                (the provisioning service's issuing CAs, ``<hash>.0``) and
+                                dynamic-security/ (0700): the plugin's state, seeded once (0600)
     postgres/                   the registry cluster (0700, owned by postgres) and its socket
     victoria-metrics/           the store's data (owned by _victoria-metrics)
     logs/<process>.log          every process's output
@@ -116,6 +118,20 @@ class Layout:
         return self.root / "mosquitto"
 
     @property
+    def dynamic_security(self) -> Path:
+        """The plugin's folder (the broker's account): it rewrites its state file after every change."""
+        return self.mosquitto / "dynamic-security"
+
+    @property
+    def dynamic_security_file(self) -> Path:
+        return self.dynamic_security / "state.json"
+
+    @property
+    def device_ca_dir(self) -> Path:
+        """What the certificate listener trusts (``capath``): the provisioning service's issuing CAs."""
+        return self.mosquitto / "device-ca"
+
+    @property
     def postgres(self) -> Path:
         return self.root / "postgres"
 
@@ -205,6 +221,8 @@ class Ports(BaseModel):
     """The dead-letter consumer's probes and metrics; 0 in a state folder older than it (chosen then)."""
     provisioning: int = 0
     """The provisioning service's HTTPS API and probes; 0 in a state folder older than it."""
+    mqtt_certificates: int = 0
+    """The broker's certificate listener (CN = identity); 0 in a state folder older than it."""
 
     @classmethod
     def load_or_choose(cls, layout: Layout) -> Ports:
@@ -227,7 +245,7 @@ class Ports(BaseModel):
         write_public(layout.state_file, self.model_dump_json(indent=2) + "\n")
 
 
-_ADDED_LATER = ("dead_letters", "provisioning")
+_ADDED_LATER = ("dead_letters", "provisioning", "mqtt_certificates")
 """Ports a state folder made before their process existed lacks (0): chosen on the next ``up``."""
 
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from infra.config import PlatformConfig
 from infra.fleet import Fleet
-from localdev.platform import PROCESSES, Notify, PlatformStatus
+from localdev.platform import PROCESSES, STEPS, Notify, PlatformStatus
 from localdev.simulator import RunResult
 from localdev.victoria import MachinePoints
 
@@ -25,7 +25,7 @@ def progress(console: Console) -> Iterator[Notify]:
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         tasks = {
-            name: bar.add_task(f"{name}: waiting", total=1) for name in ("state", *PROCESSES, "registry")
+            name: bar.add_task(f"{name}: waiting", total=1) for name in ("state", *PROCESSES, *STEPS)
         }
 
         def notify(process: str, event: str) -> None:

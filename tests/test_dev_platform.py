@@ -7,6 +7,7 @@ port 8883, hence the xdist group: one worker runs them all, one after the other.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -20,8 +21,8 @@ from typing import Any
 
 import httpx
 import paho.mqtt.client as mqtt
-import psycopg
 import pytest
+from cryptography.hazmat.primitives import serialization
 from paho.mqtt.reasoncodes import ReasonCode
 
 from infra.tenancy import device_username, telemetry_topic
@@ -30,6 +31,8 @@ from localdev import servers, supervisor
 from localdev.platform import PROCESSES
 from localdev.victoria import wait_for_points
 from tests.conftest import DevPlatformHandle
+from tests.provisioning_platform import MqttDevice
+from tests.test_provisioning import key_and_csr
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("devplatform")]
 
@@ -180,9 +183,6 @@ def test_a_device_claiming_another_tenant_in_its_payload_is_dead_lettered(
 
 
 # ------------------------------------------------------------------------------ registry mode
-ACME_MILL = ("acme", "plant-1", "mill-01")
-
-
 def _admin_token(dev: DevPlatformHandle) -> str:
     """A platform admin token, minted the operator's way: ``ironlink provisioning token create``."""
     ironlink = str(Path(sys.executable).parent / "ironlink")
@@ -191,13 +191,13 @@ def _admin_token(dev: DevPlatformHandle) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def _mill_reading() -> bytes:
-    tenant, site, machine = ACME_MILL
+def _mill_reading(machine: tuple[str, str, str]) -> bytes:
+    tenant, site, machine_id = machine
     body = TelemetryV2(
         schema_version=2,
         tenant_id=tenant,
         site_id=site,
-        machine_id=machine,
+        machine_id=machine_id,
         machine_type="cnc_mill",
         status="running",
         ts=time.time(),
@@ -212,64 +212,83 @@ def _environment(pid: int) -> dict[str, str]:
     return dict(entry.split("=", 1) for entry in entries if "=" in entry)
 
 
-def _reasons(dev: DevPlatformHandle, topic: str, since: float) -> list[str]:
-    with psycopg.connect(dev.platform.registry_dsn(), autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT reason FROM dead_letters WHERE topic = %s AND received_at >= to_timestamp(%s)",
-            (topic, since),
-        ).fetchall()
-    return [reason for (reason,) in rows]
+def _stored(dev: DevPlatformHandle, device: MqttDevice, machine: tuple[str, str, str], since: float) -> bool:
+    """Publish one reading (accepted by the broker) and say whether the store has any since ``since``."""
+    assert device.publish(telemetry_topic(*machine), _mill_reading(machine)) == "Success"
+    time.sleep(0.5)
+    store = dev.platform.store
+    store.force_flush()
+    return any(
+        p.points
+        for p in store.points_by_machine(since=since)
+        if (p.tenant_id, p.site_id, p.machine_id) == machine
+    )
 
 
-def test_the_worker_follows_machines_removed_and_added_through_the_provisioning_api(
-    dev: DevPlatformHandle, simulated: float
+def test_devices_enrolled_through_the_provisioning_api_connect_and_are_stored_with_no_restart(
+    dev: DevPlatformHandle, simulated: float, tmp_path: Path
 ) -> None:
-    """The worker reads its machines from the registry (none in its environment): a machine removed
-    through the provisioning API is dead-lettered as ``unknown_machine``, and once added again its
-    telemetry is stored, with no process restarted. The device keeps its broker account (the dev
-    broker's static files), so only the registry decides."""
+    """New machines and their devices, a password one and a certificate one (its own key and CSR),
+    enrolled through the provisioning API while everything runs: the service creates them in the
+    broker's dynamic security, the certificate listener trusts the service's issuing CA, and the
+    worker learns the machines from the registry (none in its environment). Removing a machine
+    takes its device off the broker. No process restarts."""
     dev.ensure_up()
     before = _pids(dev)
-    platform, topic = dev.platform, telemetry_topic(*ACME_MILL)
+    platform = dev.platform
     environment = _environment(before["ingest"])
     assert "IRONLINK_REGISTRY_DSN" in environment
     routes = json.loads(environment["IRONLINK_TENANTS"])
     assert set(routes) == {"acme", "globex"} and all(not r["machines"] for r in routes.values()), routes
     headers = {"Authorization": f"Bearer {_admin_token(dev)}"}
     verify = ssl.create_default_context(cafile=str(platform.ca_file))
-    mill = Device(dev, *ACME_MILL)
-    try:
-        with httpx.Client(base_url=platform.provisioning_url, verify=verify, headers=headers) as api:
-            removed_at = time.time()
-            removed = api.delete("/v1/tenants/acme/machines/plant-1/mill-01")
-            assert removed.status_code == 200, removed.text
-
-            def refused() -> bool:  # until the worker has the change: publish, look for the reason
-                assert not mill.publish(topic, _mill_reading()).is_failure
-                time.sleep(0.5)
-                return "unknown_machine" in _reasons(dev, topic, removed_at)
-
-            servers.wait_until(refused, 15, "the removed machine's message dead-lettered")
-
-            added_at = time.time()
+    by_password, by_certificate = ("acme", "plant-1", "mill-07"), ("acme", "plant-1", "mill-08")
+    devices: list[MqttDevice] = []
+    with httpx.Client(base_url=platform.provisioning_url, verify=verify, headers=headers) as api:
+        for _, site, machine in (by_password, by_certificate):
             added = api.post(
-                "/v1/tenants/acme/machines", json={"site_id": "plant-1", "id": "mill-01", "type": "cnc_mill"}
+                "/v1/tenants/acme/machines", json={"site_id": site, "id": machine, "type": "cnc_mill"}
             )
             assert added.status_code == 201, added.text
-
-            def stored() -> bool:
-                assert not mill.publish(topic, _mill_reading()).is_failure
-                time.sleep(0.5)
-                platform.store.force_flush()
-                return any(
-                    p.points
-                    for p in platform.store.points_by_machine(since=added_at)
-                    if (p.tenant_id, p.site_id, p.machine_id) == ACME_MILL
-                )
-
-            servers.wait_until(stored, 15, "the added machine's telemetry stored")
-    finally:
-        mill.close()
+        enrolled_at = time.time()
+        password = api.post("/v1/tenants/acme/devices", json={"site_id": "plant-1", "machine_id": "mill-07"})
+        assert password.status_code == 201, password.text
+        username = device_username(*by_certificate)
+        key, csr = key_and_csr(username)
+        certificate = api.post(
+            "/v1/tenants/acme/devices", json={"site_id": "plant-1", "machine_id": "mill-08", "csr": csr}
+        )
+        assert certificate.status_code == 201, certificate.text
+        cert_file, key_file = tmp_path / "device.pem", tmp_path / "device.key"
+        cert_file.write_text(certificate.json()["certificate"])
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        try:
+            with_password = MqttDevice(
+                platform.ca_file, device_username(*by_password), password=password.json()["password"]
+            )
+            devices.append(with_password)
+            assert with_password.connect(platform.ports.mqtt), with_password.connack
+            with_certificate = MqttDevice(platform.ca_file, username, cert=(cert_file, key_file))
+            devices.append(with_certificate)
+            assert with_certificate.connect(platform.ports.mqtt_certificates), with_certificate.connack
+            for device, identity in ((with_password, by_password), (with_certificate, by_certificate)):
+                stored = functools.partial(_stored, dev, device, identity, enrolled_at)
+                servers.wait_until(stored, 15, f"{device.username}'s telemetry stored")
+            removed = api.delete("/v1/tenants/acme/machines/plant-1/mill-07")
+            assert removed.status_code == 200, removed.text
+            assert with_password.disconnected.wait(10), "the removed device's session was not dropped"
+        finally:
+            for device in devices:
+                device.close()
+        gone = MqttDevice(
+            platform.ca_file, device_username(*by_password), password=password.json()["password"]
+        )
+        assert not gone.connect(platform.ports.mqtt), "a removed device connected"
+        assert api.delete("/v1/tenants/acme/machines/plant-1/mill-08").status_code == 200
     assert _pids(dev) == before, "nothing may restart for a fleet change"
 
 

@@ -68,7 +68,6 @@ COMMANDS = {
     "plan": ["plan", "{stack}", "--no-tree"],
     "tenant list": ["tenant", "list", "{stack}"],
     "tenant add": ["tenant", "add", "{stack}", "--id", "initech", "--name", "Initech", "--tier", "basic"],
-    "device add": ["device", "add", "{stack}", "acme", "plant-1", "press-02", "--type", "hydraulic_press"],
 }
 
 

@@ -19,10 +19,11 @@ app = typer.Typer(
 from infra.cli import (  # noqa: E402  (after `app`, which they register on)
     deadletters,  # noqa: F401  (ironlink deadletters list|show|replay)
     dev,  # noqa: F401  (ironlink dev up|status|down|logs, ironlink simulate)
+    device,  # noqa: F401  (ironlink device add, through the provisioning API)
     fleet,  # noqa: F401  (ironlink fleet import STACK)
     plan,  # noqa: F401  (ironlink plan STACK | --all)
     provisioning,  # noqa: F401  (ironlink provisioning token create, ironlink claim create)
-    tenant,  # noqa: F401  (ironlink tenant ..., ironlink device ...)
+    tenant,  # noqa: F401  (ironlink tenant add|list|remove)
 )
 
 

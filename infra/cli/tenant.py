@@ -1,11 +1,11 @@
-"""``ironlink tenant add|list|remove`` and ``ironlink device add``: sales-engineer commands.
+"""``ironlink tenant add|list|remove``: sales-engineer commands.
 
 The tenant commands edit ``stacks/Pulumi.<stack>.yaml`` in place (comments and key order kept, see
 :mod:`infra.stackfile`), validate the whole edited config before writing anything, and print what
 the change adds to or removes from the plan. With ``--registry DSN`` (or ``IRONLINK_REGISTRY_DSN``)
 the registry is updated in the same go, with audit events, and the file is written only if the
-registry accepted the change. Devices never touch a stack file: ``ironlink device add`` writes the
-registry only, and the device's password is printed once (the registry keeps its ``$7$`` hash).
+registry accepted the change. Devices never touch a stack file: ``ironlink device add``
+(:mod:`infra.cli.device`) enrolls them through the provisioning API.
 """
 
 from __future__ import annotations
@@ -16,26 +16,19 @@ from typing import Annotated
 
 import psycopg
 import typer
-from pydantic import ValidationError
 from rich.table import Table
 
 from infra.cli import app
 from infra.cli.common import console, fail, guarded, stack_config
 from infra.config import PlatformConfig
-from infra.fleet import Machine, Site
 from infra.plan import build_plan
 from infra.stackfile import StackFile
-from infra.tenancy import SHARED_INFLUXDB, device_username, store_route, telemetry_topic
-from registry import provisioning, store
-from registry.credentials import generate_password, hash_password
+from infra.tenancy import SHARED_INFLUXDB, store_route
+from registry import store
 from registry.migrate import apply_migrations
 
 tenant_app = typer.Typer(help="Add, list and remove the tenants of a stack.", no_args_is_help=True)
-device_app = typer.Typer(
-    help="Register devices (machines) and issue their broker credentials.", no_args_is_help=True
-)
 app.add_typer(tenant_app, name="tenant")
-app.add_typer(device_app, name="device")
 
 StackArg = Annotated[str, typer.Argument(help="Stack name: edits stacks/Pulumi.<stack>.yaml.")]
 RegistryOption = Annotated[
@@ -183,79 +176,3 @@ def tenant_remove(
         stack_file.save()
     console.print(f"Removed tenant [bold]{tenant_id}[/] from {stack_file.path}", highlight=False)
     _print_plan_change(before, after, stack)
-
-
-# ---------------------------------------------------------------------------------------- devices
-@device_app.command("add")
-def device_add(
-    stack: StackArg,
-    tenant_id: Annotated[str, typer.Argument(help="Tenant id.")],
-    site_id: Annotated[str, typer.Argument(help="Site id.")],
-    machine_id: Annotated[str, typer.Argument(help="Machine id (DNS label, e.g. 'press-03').")],
-    machine_type: Annotated[
-        str, typer.Option("--type", help="Machine type from the catalog (e.g. conveyor).")
-    ],
-    new_site: Annotated[
-        bool, typer.Option("--new-site", help="Create the site if the tenant lacks it.")
-    ] = False,
-    registry: RegistryOption = None,
-) -> None:
-    """Add a machine to the registry and issue its device credential (the password is shown once).
-
-    The stack file is not changed: it only has to know the tenant."""
-    config = stack_config(stack)
-    problems = [] if registry else ["--registry: required (devices live in the registry, not the stack file)"]
-    if tenant_id not in {tenant.id for tenant in config.tenants}:
-        known = ", ".join(tenant.id for tenant in config.tenants) or "none"
-        problems.append(f"TENANT: {tenant_id!r} is not a tenant of stack {stack!r} (tenants: {known})")
-    machine = _machine_problems(site_id, machine_id, machine_type)
-    if problems or machine:
-        fail("; ".join([*problems, *machine]))
-    password = generate_password()
-    with _registry(registry) as conn:
-        assert conn is not None
-        try:
-            provisioning.require_tenant(conn, tenant_id)
-            if new_site and site_id not in {s.id for s in provisioning.list_sites(conn, tenant_id)}:
-                provisioning.add_site(conn, tenant_id, site_id, None, actor=_actor())
-            provisioning.add_machine(conn, tenant_id, site_id, machine_id, machine_type, actor=_actor())
-            username = provisioning.store_device(
-                conn, tenant_id, site_id, machine_id, credential=hash_password(password), replace=False
-            )
-            store.record_event(
-                conn, actor=_actor(), action="credential.issued", subject=username, tenant_id=tenant_id
-            )
-        except provisioning.Refused as refusal:
-            fail(f"registry refused the change: {refusal.detail}")
-    console.print(
-        f"Added machine [bold]{machine_id}[/] ({machine_type}) to {tenant_id}/{site_id} in the registry"
-    )
-    console.print(f"  username: {device_username(tenant_id, site_id, machine_id)}", highlight=False)
-    console.print(f"  password: {password}", highlight=False)
-    console.print(
-        "  [yellow]The password is shown once and stored only as a hash: put it on the device now.[/]"
-    )
-    console.print(f"  topic:    {telemetry_topic(tenant_id, site_id, machine_id)}", highlight=False)
-    if machine_type not in config.tenant(tenant_id).machine_types:
-        console.print(
-            f"  [yellow]{tenant_id}'s dashboards do not cover {machine_type!r}:[/] add it to the tenant's"
-            f" machine_types in stack {stack!r}"
-        )
-
-
-def _machine_problems(site_id: str, machine_id: str, machine_type: str) -> list[str]:
-    """What is wrong with the ids and type, as the fleet model says it (all at once)."""
-    checks: list[tuple[type[Site] | type[Machine], dict[str, str], dict[str, str]]] = [
-        (Site, {"id": site_id}, {"id": "SITE"}),
-        (Machine, {"id": machine_id, "type": machine_type}, {"id": "MACHINE", "type": "--type"}),
-    ]
-    problems = []
-    for model, values, names in checks:
-        try:
-            model.model_validate(values)
-        except ValidationError as error:
-            problems += [
-                f"{names[str(item['loc'][0])]}: {item.get('ctx', {}).get('error', item['msg'])}"
-                for item in error.errors(include_url=False)
-            ]
-    return problems

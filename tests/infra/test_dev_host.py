@@ -71,8 +71,7 @@ def test_secret_files_are_0600_and_owned_by_their_reader(host: Any, platform: De
         layout.credentials_file: "root",  # the CLI and the simulator read it
         layout.ca_key: "root",  # only `ironlink dev up` signs with it
         Path(paths.keyfile): "mosquitto",
-        Path(paths.password_file): "mosquitto",
-        Path(paths.acl_file): "mosquitto",
+        layout.dynamic_security_file: "mosquitto",  # the plugin rewrites it
         layout.store_tokens_file: worker.user,
     }
     for path, owner in secrets.items():
@@ -88,6 +87,7 @@ def test_data_belongs_to_the_service_accounts(host: Any, platform: DevPlatform) 
         platform.layout.postgres_data: "postgres",
         platform.layout.victoria_metrics: "_victoria-metrics",
         Path(platform.mosquitto_paths.persistence_dir): "mosquitto",
+        platform.layout.dynamic_security: "mosquitto",
     }
     for folder, owner in data.items():
         assert (host.file(str(folder)).user, host.file(str(folder)).mode) == (owner, 0o700), folder
