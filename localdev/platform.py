@@ -687,7 +687,7 @@ class DevPlatform:
             LOOPBACK, self.ports.mqtt, DYNSEC_ADMIN, admin, ca_file=str(self.layout.ca_cert)
         )
         try:
-            with directory.connect():
+            with directory:  # connects, and closes after
                 for tenant_id, site_id, machine_id in missing:
                     username = device_username(tenant_id, site_id, machine_id)
                     directory.add_device(

@@ -24,9 +24,7 @@ def progress(console: Console) -> Iterator[Notify]:
     """A progress line per step of ``up``; yields the callback :meth:`DevPlatform.up` reports to."""
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
-        tasks = {
-            name: bar.add_task(f"{name}: waiting", total=1) for name in ("state", *PROCESSES, *STEPS)
-        }
+        tasks = {name: bar.add_task(f"{name}: waiting", total=1) for name in ("state", *PROCESSES, *STEPS)}
 
         def notify(process: str, event: str) -> None:
             bar.update(tasks[process], description=f"{process}: {event}", completed=int(event not in _BUSY))
