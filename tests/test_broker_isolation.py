@@ -90,6 +90,7 @@ class Broker:
     fixture: Platform
     plaintext_port: int
     mode: str
+    server: servers.Server
     mtls_port: int | None = None
     """``DYNAMIC`` mode: the certificate listener (``port`` itself on an mTLS-only stack)."""
     directory: MosquittoDynamicSecurity | None = None
@@ -288,19 +289,19 @@ def start_broker(
     fixture.passwords.update({name: f"{name}-password" for name in extra_readers})
     (folder / "data").mkdir(parents=True)
     ca = pki.make_ca()
-    server = pki.issue_server_cert(ca)
+    server_cert = pki.issue_server_cert(ca)
     paths = MosquittoPaths(
         cafile=str(folder / "ca.pem"),
         certfile=str(folder / "server.pem"),
         keyfile=str(folder / "server.key"),
         password_file=str(folder / "passwd"),
         acl_file=str(folder / "acl"),
-        persistence_dir=str(folder / "data"),
+        persistence_dir=f"{folder / 'data'}/",
     )
     services = [BrokerAccount(name, fixture.hash_of(name)) for name in service_usernames(config)]
     (folder / "ca.pem").write_bytes(ca.cert_pem)
-    (folder / "server.pem").write_bytes(server.cert_pem)
-    (folder / "server.key").write_bytes(server.key_pem)
+    (folder / "server.pem").write_bytes(server_cert.cert_pem)
+    (folder / "server.key").write_bytes(server_cert.key_pem)
     mtls_only = config.broker.tls == "mtls"
     plaintext_port, mtls_port = servers.free_port(), servers.free_port()
     dynamic = None
@@ -339,8 +340,8 @@ def start_broker(
             dynamic_security=listener,
         )
 
-    _, port = start_mosquitto(render)
-    broker = Broker(port, folder, ca, fixture, plaintext_port, mode, device_ca=device_ca)
+    server, port = start_mosquitto(render)
+    broker = Broker(port, folder, ca, fixture, plaintext_port, mode, server, device_ca=device_ca)
     if dynamic is not None:
         broker.mtls_port = port if mtls_only else mtls_port
         broker.directory = broker.admin(mtls=mtls_only)

@@ -33,20 +33,14 @@ from paho.mqtt.properties import Properties
 
 from components.render.mosquitto import (
     AUTOSAVE_CHANGES,
-    BrokerAccount,
-    MosquittoPaths,
-    device_accounts,
-    render_acl_file,
-    render_mosquitto_conf,
-    render_password_file,
 )
 from infra.tenancy import INGEST_SERVICE, TELEMETRY_FILTER, device_username, telemetry_topic
 from ingest.contract import TelemetryV2
-from localdev import pki, servers
+from localdev import servers
 from localdev.victoria import VictoriaMetrics, wait_for_points
-from registry.access import service_usernames
 from tests.conftest import DevPlatformHandle, MosquittoFactory
-from tests.fixtures.registry import Platform, platform
+from tests.fixtures.registry import Platform
+from tests.test_broker_isolation import STATIC, start_broker
 from tests.test_dev_platform import Device
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -86,31 +80,10 @@ class Broker:
 
 @pytest.fixture
 def broker(start_mosquitto: MosquittoFactory, server_root: Path, tmp_path: Path) -> Broker:
-    """Mosquitto with the rendered config, password and ACL files (TLS on a free port)."""
-    fixture = platform()
-    folder = server_root / f"durability-{tmp_path.name}"
-    (folder / "data").mkdir(parents=True)
-    ca = pki.make_ca()
-    issued = pki.issue_server_cert(ca)
-    paths = MosquittoPaths(
-        cafile=str(folder / "ca.pem"),
-        certfile=str(folder / "server.pem"),
-        keyfile=str(folder / "server.key"),
-        password_file=str(folder / "passwd"),
-        acl_file=str(folder / "acl"),
-        persistence_dir=f"{folder / 'data'}/",
-    )
-    services = [BrokerAccount(name, fixture.hash_of(name)) for name in service_usernames(fixture.config)]
-    (folder / "ca.pem").write_bytes(ca.cert_pem)
-    (folder / "server.pem").write_bytes(issued.cert_pem)
-    (folder / "server.key").write_bytes(issued.key_pem)
-    (folder / "passwd").write_text(render_password_file([*device_accounts(fixture.fleet), *services]))
-    (folder / "acl").write_text(render_acl_file(fixture.config, fixture.fleet))
-    servers.hand_over(folder, servers.service_user("mosquitto"))
-    server, port = start_mosquitto(
-        lambda port: render_mosquitto_conf(fixture.config, paths, tls_port=port, bind_address="127.0.0.1")
-    )
-    return Broker(server, port, folder / "ca.pem", fixture)
+    """Mosquitto with the rendered config, password and ACL files (TLS on a free port): the
+    isolation suite's static-file broker, whose persistence this file kills and restarts."""
+    started = start_broker(start_mosquitto, server_root / f"durability-{tmp_path.name}", STATIC)
+    return Broker(started.server, started.port, started.folder / "ca.pem", started.fixture)
 
 
 def leave_worker_session(broker: Broker) -> None:
