@@ -4,7 +4,9 @@ writes it to the tenant's InfluxDB bucket.
 Its environment is rendered by the worker's own settings model (``ingest.settings``), so the
 workload and ``python -m ingest`` cannot disagree on a variable name. Secrets reach it only as
 files and ``secretKeyRef`` variables: the broker password, the CA (and, under mutual TLS, its client
-certificate with CN ``svc.ingest``), and the tenants' write tokens as one JSON file.
+certificate with CN ``svc.ingest``) and the registry's DSN. Tenants, their store routes and write
+tokens are not in the workload: tenants have stacks of their own, and the worker reads what they
+registered from the registry at runtime.
 
 Rollouts and scale-in lose nothing because every replica has a stable identity: the worker is a
 StatefulSet, its MQTT client id is ``svc.ingest-<pod name>`` (``ingest-0``, ``ingest-1``...), so a
@@ -51,7 +53,6 @@ from ingest.settings import worker_settings_for
 
 USER = 10001
 SECRETS_DIR = "/var/run/secrets/ironlink"
-TOKENS_FILE = "store-tokens.json"
 SPOOL_VOLUME = "spool"
 SPOOL_DIR = "/var/lib/ironlink/spool"
 # Time the kubelet leaves between the worker's own shutdown grace and SIGKILL (process exit, flush).
@@ -72,11 +73,13 @@ class IngestWorkerArgs(TypedDict):
     ca_cert_pem: pulumi.Input[str]
     """The CA that signed the broker's certificate."""
     store_urls: Mapping[str, str]
-    """InfluxDB instance name → in-cluster URL."""
+    """InfluxDB instance name → in-cluster URL of the platform's own instances; a level-3 tenant's
+    instance is in its registry route."""
+    registry_dsn: pulumi.Input[str]
+    """DSN of the registry (secret): the worker reads tenants, their store routes and write tokens,
+    and machines from it at runtime, and follows their changes."""
     client_certificate: NotRequired[IssuedCertificate | None]
     """Under mutual TLS: the worker's client certificate (CN ``svc.ingest``)."""
-    store_tokens: NotRequired[Mapping[str, pulumi.Input[str]]]
-    """Tenant id → InfluxDB write token, mounted as a JSON file; empty until tenants are wired."""
 
 
 def colour_workloads(name: str, section: Ingest) -> dict[str, tuple[str | None, IngestColour]]:
@@ -91,7 +94,7 @@ class IngestWorker(pulumi.ComponentResource):
     workload_names: list[str]
     """The worker's StatefulSets: ``ingest``, or one per colour (``ingest-blue``, ``ingest-green``)."""
     credentials: k8s.core.v1.Secret
-    """The worker's secret files: MQTT password, CA (and client cert), the tenants' store tokens."""
+    """The worker's secrets: MQTT password, registry DSN, CA (and client cert)."""
 
     def __init__(self, name: str, args: IngestWorkerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("ironlink:ingest_worker:IngestWorker", name, None, opts)
@@ -101,11 +104,10 @@ class IngestWorker(pulumi.ComponentResource):
         object_labels = labels("ingest-worker", name, ROLE_INGEST)
 
         client = args.get("client_certificate")
-        tokens = args.get("store_tokens") or {}
         files: dict[str, pulumi.Input[str]] = {
             "mqtt-password": args["mqtt_password"],
+            "registry-dsn": args["registry_dsn"],
             "ca.crt": args["ca_cert_pem"],
-            TOKENS_FILE: pulumi.Output.json_dumps(dict(tokens)),
         }
         if client is not None:
             files.update({"tls.crt": client.cert_pem, "tls.key": client.private_key_pem})
@@ -123,7 +125,6 @@ class IngestWorker(pulumi.ComponentResource):
             mqtt_host=args["mqtt_host"],
             mqtt_port=args["mqtt_port"],
             store_urls=args["store_urls"],
-            store_tokens_file=f"{SECRETS_DIR}/{TOKENS_FILE}",
             mqtt_client_id=f"{INGEST_SERVICE}-$(POD_NAME)",
             shutdown_grace_s=config.ingest.shutdown_grace_s,
             spool_dir=SPOOL_DIR,
@@ -134,6 +135,7 @@ class IngestWorker(pulumi.ComponentResource):
             field_env("POD_NAME", "metadata.name"),
             *env_list(settings.to_env()),
             secret_env("IRONLINK_MQTT_PASSWORD", credentials, "mqtt-password"),
+            secret_env("IRONLINK_REGISTRY_DSN", credentials, "registry-dsn"),
         ]
         port = settings.http_port
         volumes, mounts = scratch_volumes({"tmp": "/tmp"})

@@ -21,9 +21,13 @@ on a headless Service that publishes not-ready addresses, share one random Erlan
 
 Mosquitto keeps the plugin's state on its data volume: an initContainer seeds it from a Secret (the
 admin and the platform's services, hashes only) when, and only when, the file is absent, since the
-plugin rewrites it after every change. Its certificate listener trusts the directory of an optional
-ConfigMap ``<name>-device-ca`` that Pulumi does not declare: the issuing CAs are made by the
-provisioning service in the cluster, after the broker is up (the service needs the broker to start).
+plugin rewrites it after every change. Its certificate listener (8884, on the device Service too)
+trusts only the provisioning service's issuing CAs and checks their CRLs, from an emptyDir that a
+sidecar, ``python -m provisioning.trust_sync`` in the service's image, keeps in step with
+``/v1/ca.pem`` and ``/v1/crl.pem``: new CAs and revocations reach the running broker within seconds
+(a revoked certificate is refused at the TLS handshake). Pulumi never holds those CAs: the service
+makes them in the cluster. An initContainer syncs once first (``--once``): Mosquitto does not start
+without a CRL in ``crlfile``. The broker's pods may reach the service's port and nothing else.
 """
 
 from __future__ import annotations
@@ -47,11 +51,13 @@ from components.render.kubernetes import (
     anti_affinity,
     container,
     container_port,
+    egress_rule,
     env_list,
     field_env,
     http_probe,
     ingress_policy_spec,
     ingress_rule,
+    isolated_policy_spec,
     labels,
     majority,
     pod_disruption_budget_spec,
@@ -76,7 +82,9 @@ from components.render.mosquitto import (
     seed_if_absent_command,
 )
 from components.render.postgres import EMQX_ROLE
-from infra.config import PlatformConfig
+from infra.config import Amounts, ComputeResources, PlatformConfig
+from provisioning.settings import HTTP_PORT as PROVISIONING_PORT
+from provisioning.trust_sync import CRL_FILE
 
 TLS_PORT = emqx.MQTTS_PORT
 PLAINTEXT_PORT = emqx.MQTT_PORT
@@ -95,6 +103,20 @@ DYNSEC_STATE = f"{MOSQUITTO_PATHS.persistence_dir}/dynamic-security.json"
 DYNSEC_SEED_DIR = "/mosquitto/seed"
 DYNSEC_SEED_FILE = "dynamic-security.json"
 DEVICE_CA_DIR = "/mosquitto/device-ca"
+TRUST_SYNC_INTERVAL_S = 5
+# The sidecar parses two small PEM bundles every few seconds: a sliver of CPU, a little memory.
+TRUST_SYNC_RESOURCES = ComputeResources(
+    requests=Amounts(cpu="10m", memory="48Mi"), limits=Amounts(cpu="100m", memory="96Mi")
+)
+
+
+class DeviceTrust(TypedDict):
+    """Where the certificate listener's CAs and CRLs come from (Mosquitto only)."""
+
+    image: str
+    """The provisioning service's image: it holds ``provisioning.trust_sync``."""
+    url: str
+    """The service's in-cluster URL (HTTPS, its certificate signed by the region CA)."""
 
 
 class MqttBrokerArgs(TypedDict):
@@ -112,6 +134,8 @@ class MqttBrokerArgs(TypedDict):
     provisioning service adds them at runtime."""
     dynamic_security_admin_hash: NotRequired[pulumi.Input[str] | None]
     """Mosquitto only: the ``$7$`` hash of ``admin.dynsec``, whom the provisioning service logs in as."""
+    device_trust: NotRequired[DeviceTrust | None]
+    """Mosquitto only: the provisioning service the certificate listener's trust comes from."""
 
 
 def config_hash(*documents: str) -> str:
@@ -174,7 +198,12 @@ class MqttBroker(pulumi.ComponentResource):
                 raise ValueError(
                     "MqttBrokerArgs.dynamic_security_admin_hash: Mosquitto needs its dynamic-security admin"
                 )
-            self._mosquitto(args.get("service_accounts") or {}, admin_hash)
+            trust = args.get("device_trust")
+            if trust is None:
+                raise ValueError(
+                    "MqttBrokerArgs.device_trust: Mosquitto's certificate listener needs the provisioning API"
+                )
+            self._mosquitto(args.get("service_accounts") or {}, admin_hash, trust)
         self._service()
         self._network_policy()
         if spreads(config, broker.nodes):
@@ -194,15 +223,17 @@ class MqttBroker(pulumi.ComponentResource):
     def _listener_ports(self) -> list[int]:
         return [TLS_PORT, PLAINTEXT_PORT] if self._config.broker.allow_plaintext else [TLS_PORT]
 
+    def _device_ports(self) -> list[tuple[str, int]]:
+        """What devices connect to: the listeners, and Mosquitto's certificate listener."""
+        ports = [("mqtts" if port == TLS_PORT else "mqtt", port) for port in self._listener_ports()]
+        if self.engine == "mosquitto":
+            ports.append(("mqtts-certs", MOSQUITTO_MTLS_PORT))
+        return ports
+
     def _service(self) -> None:
         ports = [
-            {
-                "name": "mqtts" if port == TLS_PORT else "mqtt",
-                "port": port,
-                "targetPort": port,
-                "protocol": "TCP",
-            }
-            for port in self._listener_ports()
+            {"name": name, "port": port, "targetPort": port, "protocol": "TCP"}
+            for name, port in self._device_ports()
         ]
         spec: Manifest = {"type": "LoadBalancer", "selector": self._pods, "ports": ports}
         if self._config.high_availability:
@@ -210,16 +241,20 @@ class MqttBroker(pulumi.ComponentResource):
         self._kube.service(self._name, self._labels, spec)
 
     def _network_policy(self) -> None:
-        rules = [ingress_rule([(port, "TCP") for port in self._listener_ports()], None)]
+        rules = [ingress_rule([(port, "TCP") for _, port in self._device_ports()], None)]
         if self.engine == "emqx":
             peers = [pod_peer(self._pods)]
             rules.append(ingress_rule([(emqx.EKKA_PORT, "TCP"), (emqx.RPC_PORT, "TCP")], peers))
+            spec = ingress_policy_spec(self._pods, rules)
         else:
             # The provisioning service's $CONTROL connection: named, so that it survives a narrower
-            # device rule.
+            # device rule. Out: only the service's API, where the trust sidecar reads CAs and CRLs.
             provisioning = [pod_peer(role_selector(ROLE_PROVISIONING))]
             rules.append(ingress_rule([(TLS_PORT, "TCP")], provisioning))
-        self._kube.network_policy(self._name, self._labels, ingress_policy_spec(self._pods, rules))
+            spec = isolated_policy_spec(
+                self._pods, rules, [egress_rule([(PROVISIONING_PORT, "TCP")], provisioning)]
+            )
+        self._kube.network_policy(self._name, self._labels, spec)
 
     def _affinity(self) -> Manifest | None:
         if not spreads(self._config, self._config.broker.nodes):
@@ -338,7 +373,10 @@ class MqttBroker(pulumi.ComponentResource):
 
     # -------------------------------------------------------------------------- Mosquitto
     def _mosquitto(
-        self, service_accounts: Mapping[str, pulumi.Input[str]], admin_hash: pulumi.Input[str]
+        self,
+        service_accounts: Mapping[str, pulumi.Input[str]],
+        admin_hash: pulumi.Input[str],
+        trust: DeviceTrust,
     ) -> None:
         config, kube, name = self._config, self._kube, self._name
         broker = config.broker
@@ -347,6 +385,7 @@ class MqttBroker(pulumi.ComponentResource):
             DYNSEC_STATE,
             mtls_port=MOSQUITTO_MTLS_PORT,
             device_capath=DEVICE_CA_DIR,
+            device_crlfile=f"{DEVICE_CA_DIR}/{CRL_FILE}",
         )
         conf = render_mosquitto_conf(
             config,
@@ -373,11 +412,7 @@ class MqttBroker(pulumi.ComponentResource):
         volumes += [
             {"name": "config", "configMap": {"name": f"{name}-config"}},
             {"name": "seed", "secret": {"secretName": seed_secret, "defaultMode": 0o440}},
-            # Filled after the provisioning service made its CAs; empty until then (see the module doc).
-            {
-                "name": "device-ca",
-                "configMap": {"name": f"{name}-device-ca", "optional": True, "defaultMode": 0o444},
-            },
+            {"name": "device-ca", "emptyDir": {}},  # written by the trust sidecar only
             self._certs_volume(),
         ]
         data = {"name": "data", "mountPath": MOSQUITTO_PATHS.persistence_dir}
@@ -394,8 +429,7 @@ class MqttBroker(pulumi.ComponentResource):
             command=seed_if_absent_command(f"{DYNSEC_SEED_DIR}/{DYNSEC_SEED_FILE}", DYNSEC_STATE),
             mounts=[data, {"name": "seed", "mountPath": DYNSEC_SEED_DIR, "readOnly": True}],
         )
-        ports = [container_port("mqtts" if p == TLS_PORT else "mqtt", p) for p in self._listener_ports()]
-        ports.append(container_port("mqtts-certs", MOSQUITTO_MTLS_PORT))
+        ports = [container_port(port_name, port) for port_name, port in self._device_ports()]
         server = container(
             "mosquitto",
             broker.image,
@@ -410,8 +444,8 @@ class MqttBroker(pulumi.ComponentResource):
         annotations = {"ironlink.io/config-hash": config_hash(conf)}
         template = pod_template(
             self._labels,
-            [server],
-            init_containers=[seeder],
+            [server, self._trust_sync(trust, once=False)],
+            init_containers=[seeder, self._trust_sync(trust, once=True)],
             user=MOSQUITTO_USER,
             service_account=name,
             volumes=volumes,
@@ -428,3 +462,22 @@ class MqttBroker(pulumi.ComponentResource):
             ],
         }
         kube.stateful_set(name, self._labels, spec)
+
+    def _trust_sync(self, trust: DeviceTrust, *, once: bool) -> Manifest:
+        """``python -m provisioning.trust_sync`` into the certificate listener's capath: once before
+        the broker starts (an initContainer), then every few seconds beside it."""
+        command = [
+            *("python", "-m", "provisioning.trust_sync"),
+            *("--url", trust["url"], "--dir", DEVICE_CA_DIR, "--ca-file", MOSQUITTO_PATHS.cafile),
+            *(["--once"] if once else ["--interval", str(TRUST_SYNC_INTERVAL_S)]),
+        ]
+        return container(
+            "trust-sync-first" if once else "trust-sync",
+            trust["image"],
+            resources=TRUST_SYNC_RESOURCES,
+            command=command,
+            mounts=[
+                {"name": "device-ca", "mountPath": DEVICE_CA_DIR},
+                {"name": "certs", "mountPath": "/mosquitto/certs", "readOnly": True},
+            ],
+        )

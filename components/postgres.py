@@ -20,6 +20,7 @@ from components.render.kubernetes import (
     ROLE_BROKER,
     ROLE_DEAD_LETTERS,
     ROLE_GRAFANA,
+    ROLE_INGEST,
     ROLE_POSTGRES,
     ROLE_PROVISIONING,
     Manifest,
@@ -145,6 +146,7 @@ class Postgres(pulumi.ComponentResource):
 
         clients = [
             pod_peer(role_selector(ROLE_GRAFANA)),
+            pod_peer(role_selector(ROLE_INGEST)),
             pod_peer(role_selector(ROLE_DEAD_LETTERS)),
             pod_peer(role_selector(ROLE_PROVISIONING)),
             backup_peer(name),

@@ -62,6 +62,11 @@ DEVICE_PORT = 443
 TENANT_CA_ISOLATION = 3
 
 
+def service_url(name: str, namespace: str) -> str:
+    """The API's in-cluster URL (operators, the broker's trust sidecar)."""
+    return f"https://{service_host(name, namespace)}:{HTTP_PORT}"
+
+
 class ProvisioningServiceArgs(TypedDict):
     section: Provisioning
     """The stack's ``provisioning`` section: image, replicas, resources, CA volume, validity, rate limit."""
@@ -107,7 +112,7 @@ class ProvisioningService(pulumi.ComponentResource):
         pods = selector(object_labels)
         host = service_host(name, namespace)
         public_host = f"provision.{args['domain']}"
-        self.url = f"https://{host}:{HTTP_PORT}"
+        self.url = service_url(name, namespace)
         self.public_url = f"https://{public_host}" if args["expose_to_devices"] else self.url
 
         server = args["ca"].issue(
@@ -238,12 +243,16 @@ class ProvisioningService(pulumi.ComponentResource):
         # In: from anywhere where devices reach it, else from the platform namespace only (operators,
         # the CLI, probes, scrapes). Out: the registry, Mosquitto's control topic, DNS.
         callers: list[Manifest] | None = None if args["expose_to_devices"] else [{"podSelector": {}}]
+        ingress = [ingress_rule([(HTTP_PORT, "TCP")], callers)]
         egress = [egress_rule([(POSTGRES_PORT, "TCP")], [pod_peer(role_selector(ROLE_POSTGRES))])]
         if mosquitto is not None:
-            egress.append(egress_rule([(mosquitto[1], "TCP")], [pod_peer(role_selector(ROLE_BROKER))]))
+            brokers = [pod_peer(role_selector(ROLE_BROKER))]
+            egress.append(egress_rule([(mosquitto[1], "TCP")], brokers))
+            # The broker's trust sidecar reads the CAs and CRLs: named, so it survives narrower callers.
+            ingress.append(ingress_rule([(HTTP_PORT, "TCP")], brokers))
         self.network_policy = kube.network_policy(
             name,
             object_labels,
-            isolated_policy_spec(pods, [ingress_rule([(HTTP_PORT, "TCP")], callers)], egress),
+            isolated_policy_spec(pods, ingress, egress),
         )
         self.register_outputs({"url": self.url, "public_url": self.public_url})

@@ -4,11 +4,13 @@ The region owns the single Kubernetes provider (``cluster.context``), the namesp
 ``restricted``, ingress denied by default), the certificate authority, and the platform's shared
 services: PostgreSQL (registry, HA Grafana), the shared InfluxDB, the MQTT broker, Grafana, the
 ingest worker, the dead-letter sink (``dlq/#`` into the registry, replays on request) and the
-provisioning service (claims, enrollment, device certificates from in-cluster issuing CAs). Each
-tenant of the config is a ``components.tenant.Tenant`` (InfluxDB org, buckets and tokens, Grafana
-org or folder, registry rows, a level-3 tenant's own InfluxDB); tenants are declared before the
-worker, which gets their write tokens. The broker credentials of ``svc.ingest`` and
-``svc.deadletters`` are registered in the registry, where EMQX authenticates them.
+provisioning service (claims, enrollment, device certificates from in-cluster issuing CAs). The
+broker credentials of ``svc.ingest`` and ``svc.deadletters`` are registered in the registry, where
+EMQX authenticates them.
+
+No tenant is declared here: each tenant is a stack of its own (``infra.program.build_tenant``), and
+whatever a platform service must know of all tenants (the worker's store routes and write tokens,
+the brokers' devices, the issuing CAs of level-3 tenants) it reads from the registry at runtime.
 """
 
 from __future__ import annotations
@@ -23,33 +25,19 @@ from components.dead_letters import DeadLetterSink, DeadLetterSinkArgs
 from components.grafana import Grafana, GrafanaArgs
 from components.influxdb import InfluxDB, InfluxDBArgs, influxdb_url
 from components.ingest_worker import IngestWorker, IngestWorkerArgs
-from components.mqtt_broker import MqttBroker, MqttBrokerArgs
+from components.mqtt_broker import DeviceTrust, MqttBroker, MqttBrokerArgs
 from components.pki import CertificateAuthority, CertificateAuthorityArgs
 from components.postgres import Postgres, PostgresArgs
-from components.providers.influxdb import InfluxConnection
 from components.providers.registry import RegistryServiceAccount
-from components.provisioning import ProvisioningService, ProvisioningServiceArgs
+from components.provisioning import ProvisioningService, ProvisioningServiceArgs, service_url
 from components.render.kubernetes import default_deny_spec, namespace_labels, object_meta
-from components.tenant import Tenant, TenantArgs, grafana_admin_provider, shared_alert_routing
 from infra.config import PlatformConfig
-from infra.tenancy import (
-    DEAD_LETTER_SERVICE,
-    INGEST_SERVICE,
-    SHARED_INFLUXDB,
-    influxdb_instance,
-    tenant_service_username,
-)
+from infra.tenancy import DEAD_LETTER_SERVICE, INGEST_SERVICE, SHARED_INFLUXDB
 
 
 class RegionalPlatformArgs(TypedDict):
     config: PlatformConfig
     """The validated stack config of the region."""
-
-
-def store_urls(config: PlatformConfig) -> dict[str, str]:
-    """InfluxDB instance name → in-cluster URL: the shared one and each level-3 tenant's."""
-    instances = {SHARED_INFLUXDB, *(influxdb_instance(config, tenant) for tenant in config.tenants)}
-    return {instance: influxdb_url(config.cluster.namespace, instance) for instance in sorted(instances)}
 
 
 class RegionalPlatform(pulumi.ComponentResource):
@@ -62,8 +50,6 @@ class RegionalPlatform(pulumi.ComponentResource):
     broker: MqttBroker
     grafana: Grafana
     worker: IngestWorker
-    tenants: dict[str, Tenant]
-    """Tenant id → its component."""
     ingest_credential: ServiceCredential
     """``svc.ingest``'s broker password and ``$7$`` hash (the registry needs the hash for EMQX)."""
     dead_letters: DeadLetterSink
@@ -73,9 +59,6 @@ class RegionalPlatform(pulumi.ComponentResource):
     broker_admin_credential: ServiceCredential | None
     """Mosquitto only: the dynamic-security admin (``admin.dynsec``) the provisioning service logs
     in as; its ``$7$`` hash is what the broker's plugin state must hold."""
-    tenant_service_credentials: dict[str, ServiceCredential]
-    """Mosquitto only: each tenant's read-only service identity (``svc.<tenant>``) → its credential,
-    seeded into the plugin; empty for EMQX."""
 
     def __init__(
         self, name: str, args: RegionalPlatformArgs, opts: pulumi.ResourceOptions | None = None
@@ -121,16 +104,6 @@ class RegionalPlatform(pulumi.ComponentResource):
         # Mosquitto learns devices from the service over dynamic security; EMQX reads the registry.
         mosquitto = config.broker.engine == "mosquitto"
         self.broker_admin_credential = service_credential("dynsec-admin", parent=self) if mosquitto else None
-        # The plugin's seed holds every service identity of the stack, the tenants' read-only ones too.
-        self.tenant_service_credentials = (
-            {
-                tenant_service_username(tenant.id): service_credential(f"svc-{tenant.id}", parent=self)
-                for tenant in config.tenants
-            }
-            if mosquitto
-            else {}
-        )
-        broker_accounts = {**services, **self.tenant_service_credentials}
         self.broker = MqttBroker(
             config.broker.engine,
             MqttBrokerArgs(
@@ -138,44 +111,18 @@ class RegionalPlatform(pulumi.ComponentResource):
                 provider=self.provider,
                 ca=self.ca,
                 registry=self.postgres,
-                service_accounts={
-                    user: credential.password_hash for user, credential in broker_accounts.items()
-                },
+                service_accounts={user: credential.password_hash for user, credential in services.items()},
                 dynamic_security_admin_hash=(
                     self.broker_admin_credential.password_hash if self.broker_admin_credential else None
+                ),
+                device_trust=DeviceTrust(
+                    image=config.provisioning.image, url=service_url("provisioning", self.namespace)
                 ),
             ),
             inside,
         )
         self.grafana = Grafana(
             "grafana", GrafanaArgs(config=config, provider=self.provider, database=self.postgres), inside
-        )
-        grafana_provider = grafana_admin_provider(
-            f"{name}-grafana-admin",
-            self.grafana.url,
-            self.grafana.admin_user,
-            self.grafana.admin_password,
-            self,
-        )
-        shared = {SHARED_INFLUXDB: InfluxConnection(self.influxdb.url, self.influxdb.admin_token)}
-        platform = [namespace, self.influxdb, self.grafana, self.postgres]
-        self.tenants = {
-            tenant.id: Tenant(
-                tenant.id,
-                TenantArgs(
-                    config=config,
-                    tenant=tenant,
-                    influxdb=shared,
-                    grafana=grafana_provider,
-                    registry_dsn=self.postgres.dsn,
-                    k8s_provider=self.provider,
-                ),
-                pulumi.ResourceOptions(parent=self, depends_on=platform),
-            )
-            for tenant in config.tenants
-        }
-        shared_alert_routing(
-            f"{name}-shared-alert-routing", list(self.tenants.values()), grafana_provider, self
         )
         if config.broker.engine == "emqx":  # EMQX authenticates against the registry; Mosquitto has a file
             for username, credential in services.items():
@@ -202,8 +149,8 @@ class RegionalPlatform(pulumi.ComponentResource):
                 mqtt_password=self.ingest_credential.password,
                 ca_cert_pem=self.ca.cert_pem,
                 client_certificate=client_certificate,
-                store_urls=store_urls(config),
-                store_tokens={tenant_id: tenant.write_token for tenant_id, tenant in self.tenants.items()},
+                store_urls={SHARED_INFLUXDB: influxdb_url(self.namespace, SHARED_INFLUXDB)},
+                registry_dsn=self.postgres.dsn,
             ),
             inside,
         )

@@ -15,7 +15,9 @@ What a tenant gets, by isolation level (``PlatformConfig.isolation_of``):
 - **Grafana**: an org of its own at levels 2 and 3; at level 1 a folder in the shared org that only
   its team may view. In either: a Flux datasource bound to the read token, the fleet and machine
   dashboards, the alert rules, and with ``alert_emails`` a contact point, routed by the tenant
-  org's notification policy (levels 2, 3) or by the shared org's (:func:`shared_alert_routing`).
+  org's notification policy (levels 2, 3) or, in the shared org, by each rule's own notification
+  settings (Grafana's simplified routing): the shared org's one policy tree would be a resource
+  that knows every tenant, and a tenant stack may not touch what other tenants share.
 - **Registry**: its rows, through ``RegistryTenant``.
 
 All names come from :mod:`infra.tenancy`. Buckets hold data and are protected where the stack
@@ -26,14 +28,14 @@ which a protected stack refuses instead of dropping the data.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import NotRequired, TypedDict
 
 import pulumi
 import pulumi_kubernetes as k8s
 import pulumiverse_grafana as grafana
 from pulumiverse_grafana import alerting, oss
-from pulumiverse_grafana.alerting import NotificationPolicyPolicyArgsDict
+from pulumiverse_grafana.alerting import RuleGroupRuleNotificationSettingsArgsDict
 
 from components.influxdb import InfluxDB, InfluxDBArgs
 from components.kube import inherited_dependencies
@@ -47,9 +49,8 @@ from infra.config import Tenant as TenantModel
 from infra.tenancy import GrafanaNames, StoreRoute, grafana_names, store_route
 
 GRAFANA_ADMIN = "admin"
-# Grafana creates this contact point in every org; the shared org's policy falls back to it.
-DEFAULT_CONTACT_POINT = "grafana-default-email"
-GROUP_BY = ["alertname", "tenant", "site_id", "machine_id"]
+GROUP_BY = ["alertname", "grafana_folder", "tenant", "site_id", "machine_id"]
+"""Labels alerts are grouped by; a rule's own routing needs ``alertname`` and ``grafana_folder``."""
 
 
 class TenantArgs(TypedDict):
@@ -241,6 +242,12 @@ class Tenant(pulumi.ComponentResource):
             )
 
         rules = tenant_rules(view)
+        if tenant.alert_emails and org_id is None:  # the shared org: each rule names its contact point
+            routing: RuleGroupRuleNotificationSettingsArgsDict = {
+                "contact_point": names.contact_point,
+                "group_bies": GROUP_BY,
+            }
+            rules = [{**rule, "notification_settings": routing} for rule in rules]
         if rules:
             alerting.RuleGroup(
                 f"{name}-alert-rules",
@@ -273,42 +280,16 @@ class Tenant(pulumi.ComponentResource):
                 )
 
 
-# ----------------------------------------------------------------------- shared org routing
-def shared_routes(tenants: Sequence[Tenant]) -> list[NotificationPolicyPolicyArgsDict]:
-    """Routes of the shared org's policy: a tenant-label match to each level-1 tenant's contact point."""
-    return [
-        {
-            "contact_point": tenant.names.contact_point,
-            "matchers": [{"label": "tenant", "match": "=", "value": tenant.route.tenant_id}],
-            "group_bies": GROUP_BY,
-        }
-        for tenant in tenants
-        if tenant.names.org is None and tenant.contact_point is not None
-    ]
-
-
-def shared_alert_routing(
-    name: str, tenants: Sequence[Tenant], grafana_provider: pulumi.ProviderResource, parent: pulumi.Resource
-) -> alerting.NotificationPolicy | None:
-    """The shared org's one notification policy (it owns the whole tree, so it cannot be declared per
-    tenant): routes each level-1 tenant's alerts to its contact point. None without such tenants."""
-    routes = shared_routes(tenants)
-    if not routes:
-        return None
-    contact_points = [tenant.contact_point for tenant in tenants if tenant.contact_point is not None]
-    return alerting.NotificationPolicy(
-        name,
-        contact_point=DEFAULT_CONTACT_POINT,
-        group_bies=GROUP_BY,
-        policies=routes,
-        opts=pulumi.ResourceOptions(parent=parent, provider=grafana_provider, depends_on=contact_points),
-    )
-
-
 def grafana_admin_provider(
-    name: str, url: pulumi.Input[str], user: str, password: pulumi.Input[str], parent: pulumi.Resource
+    name: str,
+    url: pulumi.Input[str],
+    user: str,
+    password: pulumi.Input[str],
+    parent: pulumi.Resource | None = None,
+    aliases: list[str] | None = None,
 ) -> grafana.Provider:
     """The region's Grafana provider with the admin's basic auth (``Grafana.url``, ``admin_user``,
     ``admin_password``), for :class:`TenantArgs` ``grafana``."""
     auth: pulumi.Output[str] = pulumi.Output.secret(pulumi.Output.concat(user, ":", password))
-    return grafana.Provider(name, url=url, auth=auth, opts=pulumi.ResourceOptions(parent=parent))
+    options = pulumi.ResourceOptions(parent=parent, aliases=list(aliases or []))
+    return grafana.Provider(name, url=url, auth=auth, opts=options)

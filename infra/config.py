@@ -504,6 +504,19 @@ class PlatformConfig(Section):
         raise KeyError(tenant_id)
 
 
+PlatformStackName = Annotated[
+    str, AfterValidator(_pattern("platform stack name", re.compile(r"[A-Za-z0-9_-]{1,60}"), "mvp-eu"))
+]
+
+
+class TenantStackConfig(Section):
+    """A tenant's own stack (``<platform>.<tenant id>``): the platform stack it runs on, and the
+    tenant. Everything else (tiers, phase, images, protection) is the platform's."""
+
+    platform: PlatformStackName
+    tenant: Tenant
+
+
 # ------------------------------------------------------------------------------------- presets
 def _compute(cpu: str, memory: str, cpu_limit: str, memory_limit: str) -> dict[str, Any]:
     return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu_limit, "memory": memory_limit}}
@@ -769,6 +782,30 @@ def _rule_ingest_colours(s: Sections) -> Iterator[Problem]:
         )
 
 
+def _tenant_problems(
+    tenant: Tenant, at: tuple[str | int, ...], tiers: Mapping[str, Any] | None, phase: str | None
+) -> Iterator[Problem]:
+    """What one tenant asks of its platform that the platform cannot give (``at``: its config path)."""
+    if tiers is not None and tenant.tier not in tiers:
+        yield Problem(
+            _path([*at, "tier"]),
+            f"{tenant.tier!r} is not a retention tier (known: {', '.join(sorted(tiers))})",
+        )
+    if phase is not None and tenant.isolation is not None and tenant.isolation > MAX_ISOLATION[phase]:
+        yield Problem(
+            _path([*at, "isolation"]),
+            f"{tenant.isolation} is not available in phase {phase} (level 3 needs phase C)",
+        )
+    for type_index, name in enumerate(tenant.machine_types):
+        if name in tenant.machine_types[:type_index]:
+            yield Problem(_path([*at, "machine_types", type_index]), f"{name!r} is listed twice")
+    if tenant.id in RESERVED_TENANT_IDS:
+        yield Problem(
+            _path([*at, "id"]),
+            f"{tenant.id!r} is reserved (svc.{tenant.id} is a platform service's broker identity)",
+        )
+
+
 def _rule_tenants(s: Sections) -> Iterator[Problem]:
     tiers = s["influxdb"].retention_tiers if "influxdb" in s else None
     seen: dict[str, int] = {}
@@ -779,21 +816,7 @@ def _rule_tenants(s: Sections) -> Iterator[Problem]:
                 f"{tenant.id!r} is already used by tenants[{seen[tenant.id]}]",
             )
         seen.setdefault(tenant.id, index)
-        if tiers is not None and tenant.tier not in tiers:
-            yield Problem(
-                _path(["tenants", index, "tier"]),
-                f"{tenant.tier!r} is not a retention tier (known: {', '.join(sorted(tiers))})",
-            )
-        if "phase" in s and tenant.isolation is not None and tenant.isolation > MAX_ISOLATION[s["phase"]]:
-            yield Problem(
-                _path(["tenants", index, "isolation"]),
-                f"{tenant.isolation} is not available in phase {s['phase']} (level 3 needs phase C)",
-            )
-        for type_index, name in enumerate(tenant.machine_types):
-            if name in tenant.machine_types[:type_index]:
-                yield Problem(
-                    _path(["tenants", index, "machine_types", type_index]), f"{name!r} is listed twice"
-                )
+        yield from _tenant_problems(tenant, ("tenants", index), tiers, s.get("phase"))
 
 
 # Tenant ids whose derived names would be the platform's own: svc.<tenant> == svc.ingest (the
@@ -807,15 +830,6 @@ def _rule_default_isolation(s: Sections) -> Iterator[Problem]:
             _path(["default_isolation"]),
             f"{s['default_isolation']} is not available in phase {s['phase']} (level 3 needs phase C)",
         )
-
-
-def _rule_reserved_tenant_ids(s: Sections) -> Iterator[Problem]:
-    for index, tenant in s["tenants"]:
-        if tenant.id in RESERVED_TENANT_IDS:
-            yield Problem(
-                _path(["tenants", index, "id"]),
-                f"{tenant.id!r} is reserved (svc.{tenant.id} is a platform service's broker identity)",
-            )
 
 
 def _rule_provisioning(s: Sections) -> Iterator[Problem]:
@@ -848,7 +862,6 @@ _RULES: list[tuple[tuple[str, ...], Callable[[Sections], Iterator[Problem]]]] = 
     (("provisioning",), _rule_provisioning),
     (("broker", "ingest"), _rule_ingest_colours),
     (("tenants",), _rule_tenants),
-    (("tenants",), _rule_reserved_tenant_ids),
     (("phase", "default_isolation"), _rule_default_isolation),
 ]
 
@@ -913,6 +926,66 @@ def parse_platform(raw: Mapping[str, Any], stack: str | None = None) -> Platform
     if problems:
         raise StackConfigError(problems, stack)
     return PlatformConfig.model_validate({**merged, "tenants": [tenant for _, tenant in valid_tenants]})
+
+
+TENANTS_KEY = "tenants"
+OLD_STYLE_TENANTS = (
+    "tenants have stacks of their own now ('<platform>.<tenant>'); run 'ironlink stack split {stack}' "
+    "to move them there"
+)
+
+
+def parse_platform_stack(raw: Mapping[str, Any], stack: str | None = None) -> PlatformConfig:
+    """A platform stack's settings: :func:`parse_platform`, with no tenant (they have stacks of
+    their own; an old-style file that still lists them is refused, naming the migration)."""
+    if TENANTS_KEY in raw:
+        problem = Problem(_path([TENANTS_KEY]), OLD_STYLE_TENANTS.format(stack=stack or "STACK"))
+        raise StackConfigError([problem], stack)
+    return parse_platform(raw, stack)
+
+
+def tenant_stack_name(platform: str, tenant_id: str) -> str:
+    return f"{platform}.{tenant_id}"
+
+
+def is_tenant_stack(stack: str) -> bool:
+    """Platform stack names have no dot; a tenant stack is ``<platform>.<tenant>``."""
+    return "." in stack
+
+
+def parse_tenant_stack(raw: Mapping[str, Any], stack: str, platform: PlatformConfig) -> TenantStackConfig:
+    """Validate a tenant stack's settings against its platform's config (tiers, phase); the stack's
+    name must be ``<platform>.<tenant id>``. Raises :class:`StackConfigError` listing every problem."""
+    problems: list[Problem] = []
+    for key in raw:
+        if key not in TenantStackConfig.model_fields:
+            known = ", ".join(TenantStackConfig.model_fields)
+            problems.append(Problem(_path([key]), f"unknown setting of a tenant stack (known: {known})"))
+    body = {key: value for key, value in raw.items() if key in TenantStackConfig.model_fields}
+    tenant_raw = body.get("tenant")
+    if isinstance(tenant_raw, Mapping) and FLEET_KEY in tenant_raw:
+        problems.append(Problem(_path(["tenant", FLEET_KEY]), OLD_STYLE_FLEET.format(stack=stack)))
+        body["tenant"] = {key: value for key, value in tenant_raw.items() if key != FLEET_KEY}
+    parsed: TenantStackConfig | None = None
+    try:
+        parsed = TenantStackConfig.model_validate(body)
+    except ValidationError as error:
+        problems.extend(_problems_from(error, ()))
+    if parsed is not None:
+        tiers, tenant = platform.influxdb.retention_tiers, parsed.tenant
+        problems.extend(_tenant_problems(tenant, ("tenant",), tiers, platform.phase))
+        expected = tenant_stack_name(parsed.platform, tenant.id)
+        if stack != expected:
+            problems.append(
+                Problem(
+                    _path(["tenant", "id"]),
+                    f"{tenant.id!r} on platform {parsed.platform!r} belongs in stack {expected!r}, "
+                    f"not {stack!r}",
+                )
+            )
+    if problems or parsed is None:
+        raise StackConfigError(problems, stack)
+    return parsed
 
 
 # ---------------------------------------------------------------------------------- stack files
@@ -1077,9 +1150,53 @@ def read_stack_settings(path: Path, stack: str | None = None) -> dict[str, Any]:
     }
 
 
+def load_platform(stack: str, root: Path | None = None) -> PlatformConfig:
+    """A platform stack's own config, no tenant: what its ``pulumi up`` declares."""
+    if is_tenant_stack(stack):
+        raise UnknownStackError(stack, platform_stacks(root))
+    return parse_platform_stack(read_stack_settings(existing_stack_file(stack, root), stack), stack)
+
+
+def platform_stacks(root: Path | None = None) -> list[str]:
+    return [stack for stack in list_stacks(root) if not is_tenant_stack(stack)]
+
+
+def tenant_stacks(platform: str, root: Path | None = None) -> list[str]:
+    """The tenant stacks of ``platform``, by file name (each file's own ``platform`` is checked
+    when it is loaded)."""
+    return [stack for stack in list_stacks(root) if stack.startswith(platform + ".")]
+
+
+def load_tenant_stack(
+    stack: str, platform: PlatformConfig | None = None, root: Path | None = None
+) -> TenantStackConfig:
+    """Read and validate ``stacks/Pulumi.<platform>.<tenant>.yaml`` (``platform``: its platform's
+    config when the caller has it already)."""
+    settings = read_stack_settings(existing_stack_file(stack, root), stack)
+    if platform is None:
+        name = settings.get("platform")
+        if not isinstance(name, str) or is_tenant_stack(name) or not _STACK_NAME.fullmatch(name):
+            raise StackConfigError(
+                [Problem(_path(["platform"]), f"{_show(name)} is not a platform stack")], stack
+            )
+        platform = load_platform(name, root)
+    return parse_tenant_stack(settings, stack, platform)
+
+
 def load_stack(stack: str, root: Path | None = None) -> PlatformConfig:
-    """Read and validate ``stacks/Pulumi.<stack>.yaml``."""
-    return parse_platform(read_stack_settings(existing_stack_file(stack, root), stack), stack)
+    """A whole region as the tools see it: the platform stack ``stack`` with the tenants of its
+    tenant stacks (every tenant stack is validated; all problems are raised together)."""
+    platform = load_platform(stack, root)
+    tenants: list[Tenant] = []
+    problems: list[Problem] = []
+    for name in tenant_stacks(stack, root):
+        try:
+            tenants.append(load_tenant_stack(name, platform, root).tenant)
+        except StackConfigError as error:
+            problems.extend(Problem(f"{name}: {p.path}", p.message) for p in error.problems)
+    if problems:
+        raise StackConfigError(problems, stack)
+    return platform.model_copy(update={"tenants": tenants})
 
 
 def settings_from_pulumi_config(values: Mapping[str, str]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import string
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,21 @@ from pulumi.runtime.config import set_all_config
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
-from infra.config import NAMESPACE, PlatformConfig
+from infra.config import (
+    NAMESPACE,
+    PlatformConfig,
+    Tenant,
+    TenantStackConfig,
+    is_tenant_stack,
+    tenant_stack_name,
+)
 
 PROJECT = "ironlink"
 SECRET = "[secret]"
 _SECRET_SIG = rpc._special_secret_sig
 _SIG_KEY = rpc._special_sig_key
 STACK_TYPE = "pulumi:pulumi:Stack"
+STACK_REFERENCE_TYPE = "pulumi:pulumi:StackReference"
 INFLUX_TOKEN_TYPE = "pulumi-python:dynamic/influxdb:Token"
 GRAFANA_ORG_TYPE = "grafana:oss/organization:Organization"
 GRAFANA_TEAM_TYPE = "grafana:oss/team:Team"
@@ -83,6 +91,7 @@ class PlannedResource:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "urn": self.urn,
             "type": self.type,
             "name": self.name,
             "parent": self.parent,
@@ -96,8 +105,15 @@ class Plan:
     stack: str
     resources: list[PlannedResource]
     outputs: dict[str, Any] = field(default_factory=dict)
+    """The stack's exports, secrets masked."""
     platform: Any = None
-    """The program's return value (the ``RegionalPlatform``), for tests of its Output attributes."""
+    """The program's return value (the ``RegionalPlatform`` or the ``Tenant``), for tests of its
+    Output attributes."""
+    reference_outputs: StackOutputs | None = None
+    """The exports as a ``StackReference`` to this stack reads them (mock values, secrets unmasked
+    and named): what the mock engine answers a tenant stack's reference to its platform with."""
+    references: list[str] = field(default_factory=list)
+    """Stacks this one reads through a ``StackReference``."""
 
     def __post_init__(self) -> None:
         self._by_urn = {resource.urn: resource for resource in self.resources}
@@ -154,13 +170,19 @@ class Plan:
             if r.is_kubernetes_object
         ]
 
+    @property
+    def kind(self) -> str:
+        return "tenant" if is_tenant_stack(self.stack) else "platform"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "stack": self.stack,
+            "kind": self.kind,
+            "platform": self.stack.split(".", 1)[0],
+            "references": self.references,
             "resources": [resource.to_json() for resource in self.resources],
             "outputs": self.outputs,
         }
-
 
 # ------------------------------------------------------------------------------------ values
 def _is_secret(value: Any) -> bool:
@@ -213,12 +235,30 @@ def mock_grafana_id(name: str) -> int:
     return 2 + int.from_bytes(_digest(name, 2)) % 1000
 
 
+@dataclass(frozen=True)
+class StackOutputs:
+    """A stack's exports as the engine keeps them: plain values, and which of them are secret."""
+
+    values: dict[str, Any]
+    secret_names: frozenset[str]
+
+
 class PlanMocks(mocks.Mocks):
-    """Deterministic stand-ins for the outputs the program reads; everything else echoes inputs."""
+    """Deterministic stand-ins for the outputs the program reads; everything else echoes inputs.
+
+    A ``StackReference`` is answered from ``stacks`` (stack name → its planned exports); a
+    reference to a stack not planned is an error, as it is for the engine.
+    """
+
+    def __init__(self, stacks: Mapping[str, StackOutputs] | None = None) -> None:
+        self.stacks = dict(stacks or {})
+        self.referenced: list[str] = []
 
     def new_resource(self, args: mocks.MockResourceArgs) -> tuple[str, dict[str, Any]]:
         outputs = dict(args.inputs)
         name, typ = args.name, args.typ
+        if typ == STACK_REFERENCE_TYPE:
+            return self._reference(str(args.inputs.get("name", name)))
         if typ == "random:index/randomPassword:RandomPassword":
             outputs["result"] = _mock_password(name, int(args.inputs.get("length", 32)))
         elif typ == "random:index/randomBytes:RandomBytes":
@@ -241,6 +281,18 @@ class PlanMocks(mocks.Mocks):
         elif typ in (GRAFANA_ORG_TYPE, GRAFANA_TEAM_TYPE):
             outputs["orgId" if typ == GRAFANA_ORG_TYPE else "teamId"] = mock_grafana_id(name)
         return f"{name}-id", outputs
+
+    def _reference(self, qualified: str) -> tuple[str, dict[str, Any]]:
+        stack = qualified.rsplit("/", 1)[-1]
+        if stack not in self.stacks:
+            known = ", ".join(sorted(self.stacks)) or "none"
+            raise LookupError(
+                f"StackReference {qualified!r}: stack {stack!r} was not planned (planned: {known})"
+            )
+        self.referenced.append(stack)
+        found = self.stacks[stack]
+        state = {"name": qualified, "outputs": found.values, "secretOutputNames": sorted(found.secret_names)}
+        return qualified, state
 
     def call(self, args: mocks.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
         return {}, None
@@ -276,29 +328,87 @@ class RecordingMonitor(mocks.MockMonitor):
 
 # ---------------------------------------------------------------------------------- planning
 def engine_config(config: PlatformConfig) -> dict[str, str]:
-    """The stack config as the engine hands it to the program (``ironlink:<key>`` → JSON text)."""
-    return {f"{NAMESPACE}:{key}": json.dumps(value) for key, value in config.model_dump(mode="json").items()}
+    """A platform stack's config as the engine hands it to the program (``ironlink:<key>`` → JSON
+    text); its tenants are stacks of their own."""
+    return {
+        f"{NAMESPACE}:{key}": json.dumps(value)
+        for key, value in config.model_dump(mode="json", exclude={"tenants"}).items()
+    }
+
+
+def tenant_engine_config(platform: str, tenant: Tenant) -> dict[str, str]:
+    """A tenant stack's config as the engine hands it to the program."""
+    body = TenantStackConfig(platform=platform, tenant=tenant).model_dump(mode="json")
+    return {f"{NAMESPACE}:{key}": json.dumps(value) for key, value in body.items()}
 
 
 def build_plan(config: PlatformConfig, stack: str) -> Plan:
-    """Run ``infra.program`` for ``config`` under the mock engine; returns what it declared, in order."""
+    """Run ``infra.program`` for platform stack ``stack`` with ``config`` under the mock engine;
+    returns what it declared, in order. ``config.tenants`` is not part of it (see
+    :func:`build_tenant_plan`, :func:`build_region`)."""
     return run_program(engine_config(config), stack)
 
 
-def run_program(values: dict[str, str], stack: str, monitor: RecordingMonitor | None = None) -> Plan:
+def build_tenant_plan(platform: PlatformConfig, platform_plan: Plan, tenant: Tenant) -> Plan:
+    """Run ``infra.program`` for the tenant stack of ``tenant`` on the platform ``platform_plan``
+    planned (its exports answer the tenant's ``StackReference``; ``platform`` is its config)."""
+    if platform_plan.reference_outputs is None:
+        raise ValueError(f"plan of {platform_plan.stack!r} carries no exports to reference")
+    stack = tenant_stack_name(platform_plan.stack, tenant.id)
+    monitor = RecordingMonitor(PlanMocks({platform_plan.stack: platform_plan.reference_outputs}))
+    values = tenant_engine_config(platform_plan.stack, tenant)
+    return run_program(values, stack, monitor, platforms={platform_plan.stack: platform})
+
+
+@dataclass
+class RegionPlan:
+    """A platform stack's plan and the plans of its tenant stacks."""
+
+    platform: Plan
+    tenants: dict[str, Plan]
+    """Tenant id → its stack's plan."""
+
+    @property
+    def plans(self) -> list[Plan]:
+        return [self.platform, *self.tenants.values()]
+
+    def merged(self) -> Plan:
+        """The region's resources in one view (platform, then tenants; URNs name their stack, so
+        none collide), with the platform's exports and program result."""
+        resources = [resource for plan in self.plans for resource in plan.resources]
+        return Plan(self.platform.stack, resources, self.platform.outputs, self.platform.platform)
+
+
+def build_region(config: PlatformConfig, stack: str) -> RegionPlan:
+    """Plan the platform stack ``stack`` and each tenant of ``config`` as a stack of its own."""
+    platform = build_plan(config, stack)
+    return RegionPlan(platform, {t.id: build_tenant_plan(config, platform, t) for t in config.tenants})
+
+
+def run_program(
+    values: dict[str, str],
+    stack: str,
+    monitor: RecordingMonitor | None = None,
+    platforms: Mapping[str, PlatformConfig] | None = None,
+) -> Plan:
     """Run ``infra.program`` with raw engine config ``values`` (what ``pulumi up`` would pass).
 
-    Raises what the program raises (e.g. ``StackConfigError``), after which ``monitor.recorded``
-    shows what had been declared; each call runs in its own context.
+    ``platforms``: platform configs a tenant stack's program may use without reading their stack
+    files. Raises what the program raises (e.g. ``StackConfigError``), after which
+    ``monitor.recorded`` shows what had been declared; each call runs in its own context.
     """
-    return contextvars.copy_context().run(_run, values, stack, monitor or RecordingMonitor(PlanMocks()))
+    run_monitor = monitor or RecordingMonitor(PlanMocks())
+    return contextvars.copy_context().run(_run, values, stack, run_monitor, platforms or {})
 
 
-def _run(values: dict[str, str], stack: str, monitor: RecordingMonitor) -> Plan:
+def _run(
+    values: dict[str, str], stack: str, monitor: RecordingMonitor, platforms: Mapping[str, PlatformConfig]
+) -> Plan:
     from infra import program
 
     plan_mocks = monitor.mocks
     settings.ROOT.set(None)
+    program.PLATFORM_CONFIGS.set(platforms)
     mocks.set_mocks(
         plan_mocks,
         project=PROJECT,
@@ -312,21 +422,36 @@ def _run(values: dict[str, str], stack: str, monitor: RecordingMonitor) -> Plan:
 
     async def run() -> None:
         result["platform"] = program.main()
-        result["outputs"] = await _stack_outputs()
+        result["outputs"], result["reference"] = await _stack_outputs()
 
     _sync_await(run_pulumi_func(run))
-    return Plan(stack, tree_order(monitor.recorded), result.get("outputs", {}), result.get("platform"))
+    referenced = sorted(set(plan_mocks.referenced)) if isinstance(plan_mocks, PlanMocks) else []
+    return Plan(
+        stack,
+        tree_order(monitor.recorded),
+        result.get("outputs", {}),
+        result.get("platform"),
+        result.get("reference"),
+        referenced,
+    )
 
 
-async def _stack_outputs() -> dict[str, Any]:
-    """The program's exports (the mock engine finishes the stack before the program runs, so they
-    are read from the root stack rather than from a registration)."""
+async def _stack_outputs() -> tuple[dict[str, Any], StackOutputs]:
+    """The program's exports, masked and as a reference reads them (the mock engine finishes the
+    stack before the program runs, so they are read from the root stack, not a registration)."""
     root: Any = settings.get_root_resource()
-    resolved: dict[str, Any] = {}
+    masked: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    secret: set[str] = set()
     for key, value in root.outputs.items():
         output = Output.from_input(value)
-        resolved[key] = SECRET if await output.is_secret() else clean(await output.future())
-    return resolved
+        values[key] = await output.future()
+        if await output.is_secret():
+            secret.add(key)
+            masked[key] = SECRET
+        else:
+            masked[key] = clean(values[key])
+    return masked, StackOutputs(values, frozenset(secret))
 
 
 def tree_order(resources: list[PlannedResource]) -> list[PlannedResource]:

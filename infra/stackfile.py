@@ -1,13 +1,13 @@
-"""Edit ``stacks/Pulumi.<stack>.yaml`` in place, keeping its comments, key order and layout.
+"""Rewrite ``stacks/Pulumi.<stack>.yaml`` keeping its comments, key order and layout.
 
-The tenant CLI changes a stack file the way a person would: ruamel.yaml's round-trip mode keeps
-every comment and the order of keys, and an edit touches only the lines it changes. Before
-anything is written, the *whole* edited file is validated with :func:`infra.config.parse_platform`;
-a file that would not validate is never written. Writes are atomic (temporary file + rename).
+``ironlink fleet import`` and ``ironlink stack split`` take parts out of an old-style file the way a
+person would: ruamel.yaml's round-trip mode keeps every comment and the order of keys, and an edit
+touches only the lines it changes. Nothing is written unless the whole result validates; writes
+are atomic (temporary file + rename).
 
-ruamel.yaml attaches the comment lines *between* two list items to the end of the first item. An
-edit therefore moves them along: a comment introducing the next tenant stays above that tenant
-when an item is appended before it or the item it hangs on is removed.
+ruamel.yaml attaches the comment lines *between* two list items to the end of the first item: a
+moved item takes the lines above it along (:meth:`StackFile.take_tenants`), and lines below the
+last one stay where they were.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from infra.config import (
     PlatformConfig,
     Problem,
     StackConfigError,
+    Tenant,
     existing_stack_file,
     parse_platform,
     read_stack_text,
@@ -37,6 +38,21 @@ from infra.config import (
 from infra.fleet import Fleet, machine_types, parse_fleet
 
 TENANTS_KEY = f"{NAMESPACE}:tenants"
+PLATFORM_KEY = f"{NAMESPACE}:platform"
+TENANT_KEY = f"{NAMESPACE}:tenant"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (temporary file + rename), keeping an existing file's mode."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _yaml() -> YAML:
@@ -98,46 +114,6 @@ def _append_trailing_lines(node: Any, lines: str) -> None:
         entry[2].value = entry[2].value + lines
 
 
-def _set_header(parent: CommentedMap, key: str, lines: str) -> None:
-    """Put comment lines above the first item of ``parent[key]`` (or drop them: ``lines=""``)."""
-    items = parent[key]
-    column = items.lc.col if getattr(items.lc, "col", None) is not None else 0
-    tokens = [
-        CommentToken(line.strip() + "\n", CommentMark(column), None)
-        for line in lines.splitlines()
-        if line.strip()
-    ]
-    entry = parent.ca.items.setdefault(key, [None, None, None, None])
-    entry[3] = tokens or None
-    items.ca.comment = [None, tokens] if tokens else None
-
-
-def append_item(items: CommentedSeq, item: CommentedMap) -> None:
-    """Append, keeping the comments that followed the old last item after the new one."""
-    lines = _take_trailing_lines(items[-1]) if len(items) else ""
-    items.append(item)
-    _append_trailing_lines(item, lines)
-
-
-def add_key(mapping: CommentedMap, key: str, value: Any) -> None:
-    """Add a key at the end of ``mapping``, keeping the comments that followed it after the new value."""
-    lines = _take_trailing_lines(mapping)
-    mapping[key] = value
-    _append_trailing_lines(mapping, lines)
-
-
-def remove_item(parent: CommentedMap, key: str, index: int) -> None:
-    """Remove ``parent[key][index]`` with the comment lines above it; those below it stay put."""
-    items: CommentedSeq = parent[key]
-    following = _take_trailing_lines(items[index])
-    if index == 0:
-        _set_header(parent, key, following)
-    else:
-        _take_trailing_lines(items[index - 1])  # the removed item's own header
-        _append_trailing_lines(items[index - 1], following)
-    del items[index]
-
-
 # ------------------------------------------------------------------------------------ stack file
 class StackFile:
     """One stack file loaded for editing; :meth:`save` validates the whole file, then writes it."""
@@ -184,65 +160,55 @@ class StackFile:
     def save(self) -> PlatformConfig:
         """Validate the whole edited config; write the file only if it is valid."""
         config = self.validate()
-        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(handle, "w") as out:
-                out.write(self.text())
-            os.chmod(temporary, self.path.stat().st_mode & 0o777)
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomically(self.path, self.text())
         return config
 
     # ------------------------------------------------------------------------------- tenants
-    def _tenants(self, create: bool = False) -> CommentedSeq:
+    def _tenants(self) -> CommentedSeq:
         tenants = self.config_map.get(TENANTS_KEY)
-        if tenants is None and create:
-            tenants = self.config_map[TENANTS_KEY] = CommentedSeq()
         if tenants is None:
             return CommentedSeq()
         if not isinstance(tenants, CommentedSeq):
             raise StackConfigError([Problem(TENANTS_KEY, "is not a list of tenants")], self.stack)
         return tenants
 
-    def _find(self, items: Sequence[Any], item_id: str) -> int | None:
-        return next(
-            (i for i, item in enumerate(items) if isinstance(item, Mapping) and item.get("id") == item_id),
-            None,
-        )
+    def take_tenants(self) -> list[tuple[CommentedMap, str]]:
+        """Remove an old-style file's ``ironlink:tenants``: each tenant's node (its own comments
+        inside) with the comment lines that stood above it. Comment lines after the last tenant
+        stay in this file, above what followed the list. Nothing is written."""
+        if TENANTS_KEY not in self.config_map:
+            return []
+        items = self._tenants()
+        header = (items.ca.comment or [None, None])[1] or []
+        above = "".join(token.value for token in header)
+        taken: list[tuple[CommentedMap, str]] = []
+        for item in items:
+            following = _take_trailing_lines(item)
+            taken.append((item, above))
+            above = following
+        keys = list(self.config_map)
+        position = keys.index(TENANTS_KEY)
+        del self.config_map[TENANTS_KEY]
+        if above and position > 0:
+            previous = keys[position - 1]
+            value = self.config_map[previous]
+            if isinstance(value, CommentedMap | CommentedSeq) and len(value):
+                _append_trailing_lines(value, above)
+            else:
+                _append_trailing_lines(self.config_map, above)
+        return taken
 
-    def _problem(self, path: str, message: str) -> StackConfigError:
-        return StackConfigError([Problem(f"{NAMESPACE}:{path}", message)], self.stack)
-
-    def tenant_index(self, tenant_id: str) -> int:
-        index = self._find(self._tenants(), tenant_id)
-        if index is None:
-            known = ", ".join(str(t.get("id")) for t in self._tenants() if isinstance(t, Mapping)) or "none"
-            raise self._problem("tenants", f"{tenant_id!r} is not a tenant of this stack (tenants: {known})")
-        return index
-
-    def add_tenant(
-        self,
-        tenant_id: str,
-        name: str,
-        tier: str,
-        isolation: int | None = None,
-        machine_types: Sequence[str] = (),
-    ) -> None:
-        tenants = self._tenants(create=True)
-        index = self._find(tenants, tenant_id)
-        if index is not None:
-            raise self._problem(f"tenants[{index}].id", f"{tenant_id!r} already exists in this stack")
-        tenant = CommentedMap([("id", tenant_id), ("name", name), ("tier", tier)])
-        if isolation is not None:
-            tenant["isolation"] = isolation
-        if machine_types:
-            tenant["machine_types"] = _flow(machine_types)
-        append_item(tenants, tenant)
-
-    def remove_tenant(self, tenant_id: str) -> None:
-        remove_item(self.config_map, TENANTS_KEY, self.tenant_index(tenant_id))
+    def tenant_stack_text(self, tenant: CommentedMap, comments: str) -> str:
+        """The text of the tenant stack file for ``tenant`` (a node of :meth:`take_tenants`) on this
+        platform, its comments kept."""
+        config = CommentedMap([(PLATFORM_KEY, self.stack), (TENANT_KEY, tenant)])
+        document = CommentedMap([("config", config)])
+        lines = [f"Tenant {tenant.get('id')} on platform stack {self.stack}: a stack of its own."]
+        lines += [line.strip().removeprefix("#").strip() for line in comments.splitlines() if line.strip()]
+        document.yaml_set_start_comment("\n".join(lines))
+        out = io.StringIO()
+        self._yaml.dump(document, out)
+        return out.getvalue()
 
     # --------------------------------------------------------------------------------- fleet
     def take_fleet(self) -> tuple[Fleet, str]:
@@ -269,6 +235,20 @@ class StackFile:
         out = io.StringIO()
         self._yaml.dump(CommentedMap([("tenants", moved)]), out)
         return fleet, out.getvalue()
+
+
+def new_tenant_stack_text(platform: str, tenant: Tenant) -> str:
+    """The stack file of a new tenant, in the stacks' style (short lists on one line)."""
+    body = CommentedMap(
+        (key, _flow(value) if isinstance(value, list) else value)
+        for key, value in tenant.model_dump(mode="json", exclude_defaults=True).items()
+    )
+    config = CommentedMap([(PLATFORM_KEY, platform), (TENANT_KEY, body)])
+    document = CommentedMap([("config", config)])
+    document.yaml_set_start_comment(f"Tenant {tenant.id} on platform stack {platform}: a stack of its own.")
+    out = io.StringIO()
+    _yaml().dump(document, out)
+    return out.getvalue()
 
 
 def _flow(items: Sequence[str]) -> CommentedSeq:

@@ -209,3 +209,15 @@ def grafana_names(config: PlatformConfig, tenant: Tenant) -> GrafanaNames:
         rule_group=f"{tenant.id}-telemetry",
         contact_point=f"{tenant.id}-operations",
     )
+
+
+# Where a tenant's component sat when a region was one stack: ``ironlink stack split`` prints the
+# ``pulumi state move`` of it, and a tenant stack aliases its component to it.
+REGION_COMPONENT_TYPE = "ironlink:regional_platform:RegionalPlatform"
+TENANT_COMPONENT_TYPE = "ironlink:tenant:Tenant"
+PROJECT = "ironlink"
+
+
+def legacy_tenant_urn(stack: str, tenant_id: str) -> str:
+    """The URN tenant ``tenant_id``'s component had under its region in stack ``stack``."""
+    return f"urn:pulumi:{stack}::{PROJECT}::{REGION_COMPONENT_TYPE}${TENANT_COMPONENT_TYPE}::{tenant_id}"

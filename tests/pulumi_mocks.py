@@ -1,7 +1,8 @@
 """The shared mock-engine helper of the component, plan and manifest tests.
 
-``stack_plan(stack)`` runs the real program for a stack under :class:`infra.plan.PlanMocks` once per
-test process and caches the result; tests assert many properties on the same plan. Modules using it
+``region_plan(stack)`` runs the real program for a platform stack and each of its tenant stacks
+under :class:`infra.plan.PlanMocks` once per test process and caches the result; ``stack_plan``
+is the region's resources in one view (platform and tenants), for properties that span them. Modules using it
 run in one xdist group (``pytestmark = PLANS``), so the plans are built once per session.
 """
 
@@ -13,16 +14,23 @@ from typing import Any
 
 import pytest
 
-from infra.config import PlatformConfig, list_stacks, load_stack
-from infra.plan import Plan, PlannedResource, build_plan
+from infra.config import PlatformConfig, load_stack, platform_stacks
+from infra.plan import Plan, PlannedResource, RegionPlan, build_region
 
 PLANS = pytest.mark.xdist_group("pulumi-plans")
-STACKS = list_stacks()
+STACKS = platform_stacks()
+"""The platform stacks: one region each, their tenants in stacks of their own."""
+
+
+@functools.cache
+def region_plan(stack: str) -> RegionPlan:
+    return build_region(stack_config(stack), stack)
 
 
 @functools.cache
 def stack_plan(stack: str) -> Plan:
-    return build_plan(load_stack(stack), stack)
+    """Platform stack ``stack`` and its tenant stacks, as one view."""
+    return region_plan(stack).merged()
 
 
 @functools.cache

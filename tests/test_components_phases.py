@@ -12,7 +12,6 @@ from pulumi.runtime.sync_await import _sync_await
 from pyhocon import ConfigFactory
 
 from components.influxdb import influxdb_url
-from components.ingest_worker import TOKENS_FILE
 from components.render import emqx
 from components.render.kubernetes import (
     ROLE_BACKUP,
@@ -34,6 +33,7 @@ from tests.pulumi_mocks import (
     broker,
     env_of,
     pod_spec,
+    region_plan,
     stack_config,
     stack_plan,
     stacks_of,
@@ -113,7 +113,8 @@ def test_phase_a_mosquitto_loads_the_dynamic_security_plugin_and_trusts_only_dev
     assert conf_value(conf, "password_file") == [] and conf_value(conf, "acl_file") == [], stack
     (state,) = conf_value(conf, "plugin_opt_config_file")
     spec = pod_spec(broker(plan))
-    (server,) = spec["containers"]
+    server, sidecar = spec["containers"]
+    assert (server["name"], sidecar["name"]) == ("mosquitto", "trust-sync"), stack
     # The plugin rewrites its state: it lives on the persistent volume, writable.
     assert mount_of(server, state)["name"] == "data" and not mount_of(server, state).get("readOnly")
     # Listeners: passwords on 8883 (platform CA server cert), certificates on 8884 (device CAs only).
@@ -125,11 +126,14 @@ def test_phase_a_mosquitto_loads_the_dynamic_security_plugin_and_trusts_only_dev
     assert {"require_certificate true", "use_identity_as_username true"} <= set(certificates)
     assert conf_value(certificates, "cafile") == [], f"{stack}: the certificate listener trusts a cafile"
     (capath,) = conf_value(certificates, "capath")
+    (crlfile,) = conf_value(certificates, "crlfile")
+    assert crlfile.startswith(f"{capath}/"), f"{stack}: the CRLs come with the CAs"
     volumes = {v["name"]: v for v in spec["volumes"]}
     device_ca = volumes[mount_of(server, capath)["name"]]
-    # Filled by the CAs the provisioning service makes in the cluster, not by Pulumi.
-    assert device_ca["configMap"]["optional"] is True
-    assert plan.find("ConfigMap", device_ca["configMap"]["name"]) == []
+    # Written by the trust sidecar from the provisioning service's CAs and CRLs, not by Pulumi.
+    assert device_ca == {"name": device_ca["name"], "emptyDir": {}}, stack
+    assert mount_of(server, capath)["readOnly"] is True
+    assert not mount_of(sidecar, capath).get("readOnly"), f"{stack}: the sidecar cannot write the capath"
 
 
 @pytest.mark.parametrize("stack", PHASE_A)
@@ -404,7 +408,9 @@ def test_devices_reach_only_the_broker_tls_port(stack: str) -> None:
         for rule in policy.get("spec.ingress", [])
         if "from" not in rule
     ]
-    public = {(broker(plan).name, (8883,)), ("grafana", (3000,))}
+    # Mosquitto's second listener is for certificate devices (CN = identity).
+    device_ports = (8883, 8884) if stack_config(stack).broker.engine == "mosquitto" else (8883,)
+    public = {(broker(plan).name, device_ports), ("grafana", (3000,))}
     if stack_config(stack).phase != "A":  # claims and renewals (components/provisioning.py)
         public.add(("provisioning", (8443,)))
     for name, rule in open_rules:
@@ -505,21 +511,18 @@ def test_the_worker_reads_its_deployment_environment_and_reaches_every_store(sta
         {**plain, "IRONLINK_MQTT_PASSWORD": "x"}
     )  # what `python -m ingest` reads
     assert settings.mqtt_host == f"{broker(plan).name}.{config.cluster.namespace}.svc.cluster.local"
-    assert set(settings.tenants) == {tenant.id for tenant in config.tenants}
-    instances = {influxdb_instance(config, tenant) for tenant in config.tenants} | {"influxdb"}
-    assert set(settings.store_urls) == instances, f"{stack}: the worker cannot reach every InfluxDB instance"
-    # Level-3 instances are declared by their tenants' components, under the same naming rule.
-    assert settings.store_urls == {i: influxdb_url(config.cluster.namespace, i) for i in instances}
+    # The platform knows no tenant: their routes (a level-3 tenant's own instance too) and write
+    # tokens are the registry's, written by each tenant's stack.
+    assert settings.tenants == {}, f"{stack}: the platform stack lists tenants"
+    assert settings.store_urls == {"influxdb": influxdb_url(config.cluster.namespace, "influxdb")}
     shared = plan.one("Service", "influxdb").get("spec.ports.0.port")
     assert settings.store_urls["influxdb"].endswith(
         f"influxdb.{config.cluster.namespace}.svc.cluster.local:{shared}"
     )
-    mounted = pod_spec(deployment)["containers"][0]["volumeMounts"]
-    secrets_dir = next(m["mountPath"] for m in mounted if m["name"] == "credentials")
     files = set(plan.one("Secret", "ingest-credentials").get("stringData"))
-    assert (
-        str(settings.store_tokens_file) == f"{secrets_dir}/store-tokens.json" and "store-tokens.json" in files
-    )
+    assert env["IRONLINK_REGISTRY_DSN"] == {
+        "secretKeyRef": {"key": "registry-dsn", "name": "ingest-credentials"}
+    }, f"{stack}: tenants, routes and tokens come from the registry"
     assert settings.mqtt_ca_file is not None and settings.mqtt_ca_file.name in files
     mtls = config.broker.tls == "mtls"
     assert (settings.mqtt_cert_file is not None) == mtls, f"{stack}: client certificate only under mutual TLS"
@@ -537,15 +540,32 @@ def tenant_owned(plan: Plan, tenant_id: str, type: str | None = None) -> list[Pl
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_every_tenant_has_its_own_component_in_the_region(stack: str) -> None:
-    plan, config = stack_plan(stack), stack_config(stack)
-    region = plan.one("RegionalPlatform", f"ironlink-{config.region}")
-    assert sorted(t.name for t in plan.find("ironlink:tenant:Tenant")) == sorted(t.id for t in config.tenants)
+def test_every_tenant_is_a_stack_of_its_own_on_its_platform(stack: str) -> None:
+    region, config = region_plan(stack), stack_config(stack)
+    assert region.platform.find("ironlink:tenant:Tenant") == [], f"{stack}: a tenant in the platform stack"
+    assert sorted(region.tenants) == sorted(t.id for t in config.tenants) and region.tenants, stack
+    for tenant_id, plan in region.tenants.items():
+        component = plan.one("Tenant", tenant_id)
+        assert component.parent is None, f"{plan.stack}: the tenant is the stack's root component"
+        assert plan.references == [stack], f"{plan.stack}: reads its platform's outputs, no other stack's"
+        registry = tenant_owned(plan, tenant_id, "pulumi-python:dynamic/registry:Tenant")
+        assert [r.inputs["tenant_id"] for r in registry] == [tenant_id], f"{plan.stack}: registry rows"
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_platform_stack_declares_nothing_of_any_tenant(stack: str) -> None:
+    platform, config = region_plan(stack).platform, stack_config(stack)
+    tenant_types = {r.type for plan in region_plan(stack).tenants.values() for r in plan.resources}
     for tenant in config.tenants:
-        component = plan.one("Tenant", tenant.id)
-        assert component.parent == region.urn, f"{stack}: tenant {tenant.id} outside the region"
-        registry = tenant_owned(plan, tenant.id, "pulumi-python:dynamic/registry:Tenant")
-        assert [r.inputs["tenant_id"] for r in registry] == [tenant.id], f"{stack}: {tenant.id} registry rows"
+        named = [r.urn for r in platform.resources if tenant.id in r.name]
+        assert named == [], f"{stack}: the platform declares resources of tenant {tenant.id}"
+    shared = {"pulumi:providers:grafana", "pulumi:providers:kubernetes", "kubernetes:core/v1:Secret"}
+    kinds = {r.type for r in platform.resources} & tenant_types - shared
+    assert INFLUX_TOKEN not in kinds and "grafana:oss/dashboard:Dashboard" not in kinds, stack
+    outputs = set(platform.outputs)
+    assert {"influxdb_url", "influxdb_admin_token", "grafana_admin_password", "registry_dsn"} <= outputs
+    for secret in ("influxdb_admin_token", "grafana_admin_password", "registry_dsn"):
+        assert platform.outputs[secret] == SECRET, f"{stack}: export {secret} is not a secret"
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -583,16 +603,6 @@ def test_tenant_tokens_name_only_that_tenants_buckets(stack: str) -> None:
             {"action": "read", "bucket_id": f"{route.bucket}-id"},
             {"action": "read", "bucket_id": f"{route.downsampled_bucket}-id"},
         ], f"{stack}: {tenant.id}"
-
-
-@pytest.mark.parametrize("stack", STACKS)
-def test_the_worker_gets_each_tenants_write_token_as_a_secret(stack: str) -> None:
-    plan, config = stack_plan(stack), stack_config(stack)
-    assert plan.one("Secret", "ingest-credentials").inputs["stringData"][TOKENS_FILE] == SECRET
-    string_data = plan.platform.worker.credentials.string_data
-    assert _sync_await(string_data.is_secret()), f"{stack}: the worker's tokens are not a Pulumi secret"
-    tokens = json.loads(_sync_await(string_data.future())[TOKENS_FILE])
-    assert tokens == {t.id: f"token-of-{t.id}-write-token" for t in config.tenants}, stack
 
 
 @pytest.mark.parametrize("stack", STACKS)

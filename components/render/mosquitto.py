@@ -112,6 +112,11 @@ class DynamicSecurity:
     (``openssl x509 -hash``, ``<hash>.0``). OpenSSL reads it at each handshake, so a CA added later is
     trusted without a restart, and the broker starts while the directory is still empty (a missing
     ``cafile`` stops it)."""
+    device_crlfile: str | None = None
+    """The certificate listener's ``crlfile``: the CRL of every issuing CA. Naming it turns on CRL
+    checking (Mosquitto reads this file once, at start, and refuses to start unless it holds a CRL);
+    later CRLs come as new ``<hash>.r<N>`` files in ``device_capath``, read at each handshake
+    (:mod:`provisioning.trust_sync`), so a revoked certificate is refused at TLS without a restart."""
 
     def __post_init__(self) -> None:
         if self.device_cafile is not None and self.device_capath is not None:
@@ -176,6 +181,7 @@ def _tls_listener(
     mtls: bool,
     cafile: str | None = None,
     capath: str | None = None,
+    crlfile: str | None = None,
 ) -> list[str]:
     lines = [
         "",
@@ -187,6 +193,7 @@ def _tls_listener(
         f"keyfile {paths.keyfile}",
         "tls_version tlsv1.2",
         f"require_certificate {str(mtls).lower()}",
+        *([f"crlfile {crlfile}"] if crlfile else []),
     ]
     if mtls:
         lines.append("use_identity_as_username true")
@@ -215,6 +222,7 @@ def _dynamic_security_listeners(
         mtls=True,
         cafile=dynamic.device_cafile,
         capath=dynamic.device_capath,
+        crlfile=dynamic.device_crlfile,
     )
     return lines + certificates
 
@@ -305,11 +313,12 @@ def dynsec_role(rolename: str, rules: Iterable[AccessRule]) -> dict[str, object]
     return {"rolename": rolename, "acls": dynsec_acls(rules)}
 
 
-def dynsec_admin_role() -> dict[str, object]:
-    """The admin may use the plugin's control topic and nothing else."""
+def dynsec_admin_role(rolename: str = DYNSEC_ADMIN) -> dict[str, object]:
+    """An admin may use the plugin's control topic and nothing else. The plugin of Mosquitto 2.0
+    grants its commands by that topic alone, so an admin has all of them or none."""
     control = "$CONTROL/dynamic-security/#"
     return {
-        "rolename": DYNSEC_ADMIN,
+        "rolename": rolename,
         "acls": [
             _acl("publishClientSend", control),
             _acl("subscribePattern", control),
@@ -343,14 +352,22 @@ def seed_if_absent_command(seed: str, state: str) -> list[str]:
 
 
 def render_dynamic_security_config(
-    config: PlatformConfig, admin: BrokerAccount, services: Iterable[BrokerAccount]
+    config: PlatformConfig,
+    admin: BrokerAccount,
+    services: Iterable[BrokerAccount],
+    *,
+    other_admins: Iterable[BrokerAccount] = (),
 ) -> str:
     """The plugin's first state: the admin and the platform's services, each with its own role.
 
     Devices are not in it: provisioning adds them at runtime. ``services`` must be exactly the
     stack's service identities (:func:`registry.access.service_usernames`); each gets the rules of
     :func:`registry.access.platform_rules` or :func:`registry.access.tenant_service_rules`.
+    ``other_admins``: more admins (the dev platform's device sync), each its own client and role:
+    with ``use_username_as_clientid`` one username is one session, and a second login would take
+    the first one's over.
     """
+    admins = [admin, *other_admins]
     rules: dict[str, list[AccessRule]] = {}
     for rule in [*platform_rules(), *(r for tenant in config.tenants for r in tenant_service_rules(tenant))]:
         rules.setdefault(rule.username, []).append(rule)
@@ -359,8 +376,11 @@ def render_dynamic_security_config(
     problems += [
         f"services: {name!r} is not a service of this stack" for name in accounts if name not in rules
     ]
-    if admin.username in rules:
-        problems.append(f"admin.username: {admin.username!r} is a service identity")
+    problems += [
+        f"admin.username: {a.username!r} is a service identity" for a in admins if a.username in rules
+    ]
+    if len({a.username for a in admins}) != len(admins):
+        problems.append(f"admins: {[a.username for a in admins]} name one identity twice")
     if problems:
         raise ValueError("; ".join(problems))
     clients = [
@@ -369,12 +389,15 @@ def render_dynamic_security_config(
             "roles": [{"rolename": account.username}],
             **dynsec_password(account.password_hash, f"{account.username}.password_hash"),
         }
-        for account in [admin, *(accounts[name] for name in rules)]
+        for account in [*admins, *(accounts[name] for name in rules)]
     ]
     document = {
         "defaultACLAccess": DYNSEC_DEFAULT_ACCESS,
         "clients": clients,
         "groups": [],
-        "roles": [dynsec_admin_role(), *(dynsec_role(name, own) for name, own in rules.items())],
+        "roles": [
+            *(dynsec_admin_role(a.username) for a in admins),
+            *(dynsec_role(name, own) for name, own in rules.items()),
+        ],
     }
     return json.dumps(document, indent=2) + "\n"

@@ -8,8 +8,6 @@ file was written; a second run finds nothing left to move. Heavy modules load on
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -38,17 +36,6 @@ def summary(fleet: Fleet) -> list[str]:
     return lines
 
 
-def write_atomically(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 @fleet_app.command("import")
 def import_command(
     stack: Annotated[str, typer.Argument(help="Stack name: stacks/Pulumi.<stack>.yaml.")],
@@ -64,7 +51,7 @@ def import_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would move; change nothing.")] = False,
 ) -> None:
     """Move the stack's sites, machines and credentials into the registry and rewrite the file."""
-    from infra.stackfile import StackFile
+    from infra.stackfile import StackFile, write_atomically
 
     stack_file = guarded(lambda: StackFile.open(stack))
     fleet, fleet_text = guarded(stack_file.take_fleet)

@@ -1,8 +1,11 @@
-"""``ironlink plan STACK`` / ``ironlink plan --all``: what ``pulumi up`` would declare, offline.
+"""``ironlink plan [STACK...] [--all]``: what ``pulumi up`` would declare, offline.
 
-Prints the resource tree and a per-component summary, writes ``<output-dir>/<stack>.json`` and the
-Kubernetes manifests under ``<output-dir>/<stack>/``. A bad stack exits with code 2 and every
-problem of its config.
+A platform stack's name plans its region (the platform and every tenant stack on it); a tenant
+stack's name (``mvp-eu.acme``) plans that tenant alone (its platform is planned only to answer its
+``StackReference``). Tenants are planned in parallel processes (``--jobs``). Writes
+``<output-dir>/<stack>.json`` and the Kubernetes manifests under ``<output-dir>/<stack>/`` for each;
+one stack prints its resource tree and per-component summary, many print one line each. A bad
+stack exits with code 2 and every problem of its config; the others are still planned.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from rich.table import Table
 from rich.tree import Tree
 
 from infra.cli import app
-from infra.cli.common import EXIT_BAD_INPUT, console, errors, fail, stack_config
+from infra.cli.common import EXIT_BAD_INPUT, console, errors, fail, guarded
 from infra.config import StackConfigError, UnknownStackError, list_stacks, load_stack, project_root
-from infra.plan import Plan, PlannedResource, build_plan, write_plan
+from infra.plan import Plan, PlannedResource, build_plan, build_tenant_plan, write_plan
+from infra.planner import PlannedStack, plan_region, select
 
 
 def _label(resource: PlannedResource) -> str:
@@ -62,42 +66,77 @@ def render_summary(plan: Plan) -> Table:
     return table
 
 
-def _plan_stack(stack: str, output_dir: Path, show_tree: bool) -> Path:
-    plan = build_plan(stack_config(stack), stack)
+def _plan_one(stack: str, output_dir: Path, show_tree: bool) -> None:
+    """One stack, in detail: its tree and per-component summary."""
+    platform_name, _, tenant_id = stack.partition(".")
+    config = load_stack(platform_name)
+    plan = build_plan(config, platform_name)
+    if tenant_id:
+        if tenant_id not in {t.id for t in config.tenants}:
+            raise UnknownStackError(stack, list_stacks())
+        plan = build_tenant_plan(config, plan, config.tenant(tenant_id))
     if show_tree:
         console.print(render_tree(plan))
     console.print(render_summary(plan))
     path = write_plan(plan, output_dir)
     console.print(f"wrote {path} and {len(plan.manifests())} manifests in {output_dir / stack}/")
-    return path
+
+
+def render_stacks(planned: list[PlannedStack]) -> Table:
+    table = Table(title=f"{len(planned)} stacks planned")
+    for column in ("stack", "resources", "protected", "plan"):
+        table.add_column(
+            column, no_wrap=True, justify="right" if column in ("resources", "protected") else "left"
+        )
+    for item in planned:
+        table.add_row(item.stack, str(item.resources), str(item.protected), str(item.path))
+    return table
 
 
 @app.command("plan")
 def plan_command(
-    stack: Annotated[str | None, typer.Argument(help="Stack to plan (stacks/Pulumi.<STACK>.yaml).")] = None,
-    all_stacks: Annotated[bool, typer.Option("--all", help="Plan every stack in stacks/.")] = False,
+    stacks: Annotated[
+        list[str] | None,
+        typer.Argument(help="Platform stacks (their whole region) or tenant stacks (<platform>.<tenant>)."),
+    ] = None,
+    all_stacks: Annotated[bool, typer.Option("--all", help="Plan every region in stacks/.")] = False,
     output_dir: Annotated[
         Path | None,
         typer.Option("--output-dir", help="Where to write <stack>.json and manifests [build/plan]."),
     ] = None,
-    tree: Annotated[bool, typer.Option("--tree/--no-tree", help="Print the resource tree.")] = True,
+    tree: Annotated[
+        bool, typer.Option("--tree/--no-tree", help="Print the resource tree (one stack).")
+    ] = True,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", min=1, max=64, help="Processes planning tenants [CPU count].")
+    ] = None,
 ) -> None:
-    """Run the Pulumi program offline under the mock engine and show what a stack declares."""
-    if all_stacks == (stack is not None):
-        fail("give either a STACK or --all (stacks: " + ", ".join(list_stacks()) + ")")
+    """Run the Pulumi program offline under the mock engine and show what stacks declare."""
+    names = list(stacks or [])
+    if all_stacks == bool(names):
+        fail("give STACK names or --all (stacks: " + ", ".join(list_stacks()) + ")")
     target = output_dir or project_root() / "build" / "plan"
-    if stack is not None:
-        _plan_stack(stack, target, tree)
+    if len(names) == 1 and "." in names[0]:  # one tenant stack: in detail
+        guarded(lambda: _plan_one(names[0], target, tree))
         return
-    failed = []
-    for name in list_stacks():
+    failed: list[str] = []
+    planned: list[PlannedStack] = []
+    for selection in select(names, all_stacks):
         try:
-            load_stack(name)
+            config = load_stack(selection.platform)
+            planned += plan_region(
+                config,
+                selection.platform,
+                target,
+                include_platform=selection.include_platform,
+                tenants=selection.tenants,
+                jobs=jobs,
+            )
         except (StackConfigError, UnknownStackError) as error:
             errors.print(f"[bold red]error:[/] {error}", highlight=False)
-            failed.append(name)
-            continue
-        _plan_stack(name, target, tree)
+            failed.append(selection.platform)
+    if planned:
+        console.print(render_stacks(planned))
     if failed:
         errors.print(f"[bold red]{len(failed)} stack(s) not planned:[/] {', '.join(failed)}")
         raise typer.Exit(EXIT_BAD_INPUT)

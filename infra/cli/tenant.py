@@ -1,17 +1,18 @@
-"""``ironlink tenant add|list|remove``: sales-engineer commands.
+"""``ironlink tenant add|list|remove PLATFORM``: sales-engineer commands.
 
-The tenant commands edit ``stacks/Pulumi.<stack>.yaml`` in place (comments and key order kept, see
-:mod:`infra.stackfile`), validate the whole edited config before writing anything, and print what
-the change adds to or removes from the plan. With ``--registry DSN`` (or ``IRONLINK_REGISTRY_DSN``)
-the registry is updated in the same go, with audit events, and the file is written only if the
-registry accepted the change. Devices never touch a stack file: ``ironlink device add``
-(:mod:`infra.cli.device`) enrolls them through the provisioning API.
+Each tenant is a stack of its own, ``<platform>.<tenant>`` (``stacks/Pulumi.mvp-eu.acme.yaml``).
+``add`` validates the new tenant against its platform's config (tiers, phase) and writes its stack
+file; ``remove`` deletes it; both show that one stack's plan, never the region's. With
+``--registry DSN`` (or ``IRONLINK_REGISTRY_DSN``) the registry is updated in the same go, with audit
+events, and the file is written only if the registry accepted the change. Devices never touch a
+stack file: ``ironlink device add`` (:mod:`infra.cli.device`) enrolls them through the
+provisioning API.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Annotated
 
 import psycopg
@@ -20,17 +21,28 @@ from rich.table import Table
 
 from infra.cli import app
 from infra.cli.common import console, fail, guarded, stack_config
-from infra.config import PlatformConfig
-from infra.plan import build_plan
-from infra.stackfile import StackFile
+from infra.config import (
+    PlatformConfig,
+    Problem,
+    StackConfigError,
+    Tenant,
+    load_platform,
+    load_tenant_stack,
+    parse_tenant_stack,
+    project_root,
+    stack_file,
+    tenant_stack_name,
+    tenant_stacks,
+)
+from infra.plan import Plan, build_plan, build_tenant_plan
 from infra.tenancy import SHARED_INFLUXDB, store_route
 from registry import store
 from registry.migrate import apply_migrations
 
-tenant_app = typer.Typer(help="Add, list and remove the tenants of a stack.", no_args_is_help=True)
+tenant_app = typer.Typer(help="Add, list and remove the tenants of a platform.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
 
-StackArg = Annotated[str, typer.Argument(help="Stack name: edits stacks/Pulumi.<stack>.yaml.")]
+StackArg = Annotated[str, typer.Argument(help="Platform stack (stacks/Pulumi.<platform>.yaml).")]
 RegistryOption = Annotated[
     str | None,
     typer.Option(
@@ -62,41 +74,23 @@ def _registry(dsn: str | None) -> Iterator[psycopg.Connection | None]:
             fail(f"registry refused the change: {error}")
 
 
-def _print_plan_change(before: PlatformConfig, after: PlatformConfig, stack: str) -> None:
-    """What ``pulumi up`` would add, change (inputs differ; secrets are masked) and remove."""
+def _tenant_plan(platform: PlatformConfig, platform_stack: str, tenant: Tenant) -> Plan | None:
+    """The tenant stack's plan (its platform planned only to answer its ``StackReference``)."""
     try:
-        old, new = build_plan(before, stack), build_plan(after, stack)
+        return build_tenant_plan(platform, build_plan(platform, platform_stack), tenant)
     except Exception as error:  # the file is written already; the plan is a report, not a gate
+        stack = tenant_stack_name(platform_stack, tenant.id)
         console.print(f"[yellow]plan:[/] could not be computed ({error}); run `ironlink plan {stack}`")
+        return None
+
+
+def _print_plan(plan: Plan | None, sign: str, verb: str) -> None:
+    if plan is None:
         return
-    old_urns = {resource.urn: resource for resource in old.resources}
-    new_urns = {resource.urn: resource for resource in new.resources}
-    added = [new_urns[urn] for urn in new_urns.keys() - old_urns.keys()]
-    removed = [old_urns[urn] for urn in old_urns.keys() - new_urns.keys()]
-    changed = [
-        new_urns[urn]
-        for urn in new_urns.keys() & old_urns.keys()
-        if new_urns[urn].inputs != old_urns[urn].inputs
-    ]
-    counts = f"[green]+{len(added)}[/] [yellow]~{len(changed)}[/] [red]-{len(removed)}[/]"
-    console.print(f"Plan for stack {stack!r}: {counts} resources")
-    for sign, resources in (("[green]+[/]", added), ("[yellow]~[/]", changed), ("[red]-[/]", removed)):
-        for resource in sorted(resources, key=lambda r: (r.type, r.name)):
-            console.print(f"  {sign} {resource.type} [bold]{resource.name}[/]", highlight=False)
-
-
-def _edit(
-    stack: str, change: Callable[[StackFile], None]
-) -> tuple[StackFile, PlatformConfig, PlatformConfig]:
-    """Open, change and validate a stack file (nothing written yet): (file, before, after)."""
-
-    def attempt() -> tuple[StackFile, PlatformConfig, PlatformConfig]:
-        stack_file = StackFile.open(stack)
-        before = stack_file.validate()
-        change(stack_file)
-        return stack_file, before, stack_file.validate()
-
-    return guarded(attempt)
+    console.print(f"Plan for stack {plan.stack!r}: {verb} {len(plan.resources)} resources")
+    for resource in plan.resources:
+        mark = " [yellow](protected)[/]" if resource.protect else ""
+        console.print(f"  {sign} {resource.type} [bold]{resource.name}[/]{mark}", highlight=False)
 
 
 def _actor() -> str:
@@ -106,7 +100,7 @@ def _actor() -> str:
 # ---------------------------------------------------------------------------------------- tenants
 @tenant_app.command("add")
 def tenant_add(
-    stack: StackArg,
+    platform_stack: StackArg,
     tenant_id: Annotated[str, typer.Option("--id", help="Tenant id (DNS label, e.g. 'acme').")],
     name: Annotated[str, typer.Option("--name", help="Display name.")],
     tier: Annotated[str, typer.Option("--tier", help="Retention tier (basic, standard, premium, ...).")],
@@ -115,34 +109,55 @@ def tenant_add(
         list[str] | None,
         typer.Option("--machine-type", help="Catalog type its dashboards cover; repeat for several."),
     ] = None,
+    alert_emails: Annotated[
+        list[str] | None, typer.Option("--alert-email", help="Who Grafana notifies; repeat for several.")
+    ] = None,
     registry: RegistryOption = None,
 ) -> None:
-    """Add a tenant to a stack (its sites and machines go to the registry: ``ironlink device add``)."""
-    stack_file, before, after = _edit(
-        stack, lambda f: f.add_tenant(tenant_id, name, tier, isolation, machine_types or [])
-    )
-    tenant = after.tenant(tenant_id)
+    """Give a new tenant its own stack on a platform (its devices: ``ironlink device add``)."""
+    from infra.stackfile import new_tenant_stack_text, write_atomically
+
+    root = project_root()
+    platform = guarded(lambda: load_platform(platform_stack, root))
+    stack = tenant_stack_name(platform_stack, tenant_id)
+    body: dict[str, object] = {"id": tenant_id, "name": name, "tier": tier}
+    if isolation is not None:
+        body["isolation"] = isolation
+    if machine_types:
+        body["machine_types"] = machine_types
+    if alert_emails:
+        body["alert_emails"] = alert_emails
+
+    def validate() -> Tenant:
+        path = stack_file(stack, root)
+        parsed = parse_tenant_stack({"platform": platform_stack, "tenant": body}, stack, platform)
+        if path.exists():
+            raise StackConfigError([Problem(str(path), f"tenant {tenant_id!r} has a stack already")], stack)
+        return parsed.tenant
+
+    tenant = guarded(validate)
     with _registry(registry) as conn:
         if conn is not None:
-            isolation_level = after.isolation_of(tenant)
+            isolation_level = platform.isolation_of(tenant)
             store.sync_tenant(conn, tenant, isolation=isolation_level, actor=_actor(), must_be_new=True)
-        stack_file.save()
-    route = store_route(after, tenant)
+        write_atomically(stack_file(stack, root), new_tenant_stack_text(platform_stack, tenant))
+    route = store_route(platform, tenant)
     console.print(
         f"Added tenant [bold]{tenant.id}[/] ({tenant.name}, tier {tenant.tier}, isolation "
-        f"{after.isolation_of(tenant)}) to {stack_file.path}",
+        f"{platform.isolation_of(tenant)}) as stack {stack}: {stack_file(stack, root)}",
         highlight=False,
     )
     console.print(f"  InfluxDB: {route.instance}/{route.org}/{route.bucket}", highlight=False)
-    _print_plan_change(before, after, stack)
+    _print_plan(_tenant_plan(platform, platform_stack, tenant), "[green]+[/]", "creates")
+    console.print(f"Next: pulumi stack init {stack} && pulumi up --stack {stack}", highlight=False)
 
 
 @tenant_app.command("list")
-def tenant_list(stack: StackArg) -> None:
-    """List a stack's tenants with their isolation, machine types and store (devices: the registry)."""
-    config = stack_config(stack)
-    table = Table(title=f"Tenants of stack {stack!r} (phase {config.phase}, {config.region})")
-    for column in ("tenant", "tier", "level"):
+def tenant_list(platform_stack: StackArg) -> None:
+    """List a platform's tenants (one stack each) with their isolation, machine types and store."""
+    config = stack_config(platform_stack)
+    table = Table(title=f"Tenants of platform {platform_stack!r} (phase {config.phase}, {config.region})")
+    for column in ("tenant", "stack", "tier", "level"):
         table.add_column(column, no_wrap=True)
     for column in ("name", "machine types", "InfluxDB org/bucket"):
         table.add_column(column, overflow="fold")
@@ -151,6 +166,7 @@ def tenant_list(stack: StackArg) -> None:
         dedicated = f" on {route.instance}" if route.instance != SHARED_INFLUXDB else ""
         table.add_row(
             tenant.id,
+            tenant_stack_name(platform_stack, tenant.id),
             tenant.tier,
             str(config.isolation_of(tenant)),
             tenant.name,
@@ -159,20 +175,40 @@ def tenant_list(stack: StackArg) -> None:
         )
     console.print(table)
     if not config.tenants:
-        console.print(f"stack {stack!r} has no tenants yet: `ironlink tenant add {stack} --id ...`")
+        console.print(
+            f"platform {platform_stack!r} has no tenants yet: `ironlink tenant add {platform_stack} --id ...`"
+        )
 
 
 @tenant_app.command("remove")
 def tenant_remove(
-    stack: StackArg,
+    platform_stack: StackArg,
     tenant_id: Annotated[str, typer.Argument(help="Id of the tenant to remove.")],
     registry: RegistryOption = None,
 ) -> None:
-    """Remove a tenant (its sites, devices and credentials) from a stack."""
-    stack_file, before, after = _edit(stack, lambda f: f.remove_tenant(tenant_id))
+    """Remove a tenant's stack file (and, with --registry, its registry rows, devices included)."""
+    root = project_root()
+    platform = guarded(lambda: load_platform(platform_stack, root))
+    stack = tenant_stack_name(platform_stack, tenant_id)
+
+    def existing() -> Tenant:
+        if stack not in tenant_stacks(platform_stack, root):
+            known = ", ".join(name.split(".", 1)[1] for name in tenant_stacks(platform_stack, root)) or "none"
+            problem = Problem(
+                "TENANT", f"{tenant_id!r} is not a tenant of {platform_stack!r} (tenants: {known})"
+            )
+            raise StackConfigError([problem], platform_stack)
+        return load_tenant_stack(stack, platform, root).tenant
+
+    tenant = guarded(existing)
+    plan = _tenant_plan(platform, platform_stack, tenant)
     with _registry(registry) as conn:
         if conn is not None and not store.remove_tenant(conn, tenant_id, actor=_actor()):
             console.print(f"[yellow]registry:[/] tenant {tenant_id!r} was not in the registry")
-        stack_file.save()
-    console.print(f"Removed tenant [bold]{tenant_id}[/] from {stack_file.path}", highlight=False)
-    _print_plan_change(before, after, stack)
+        stack_file(stack, root).unlink()
+    console.print(f"Removed tenant [bold]{tenant_id}[/]: deleted {stack_file(stack, root)}", highlight=False)
+    _print_plan(plan, "[red]-[/]", "deletes")
+    console.print(
+        f"Deployed? Its state still holds it: pulumi destroy --stack {stack} && pulumi stack rm {stack}",
+        highlight=False,
+    )
