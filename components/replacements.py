@@ -47,6 +47,7 @@ KUBERNETES_METADATA: dict[str, str] = {
 _LABEL_SELECTOR_WHY = "the API refuses to change a controller's selector"
 _SELECTOR = {"spec.selector": _LABEL_SELECTOR_WHY}
 _TLS_CERT_WHY = "terraform-provider-tls re-issues the certificate (RequiresReplace)"
+_CONFIGMAP_DATA_WHY = "pulumi-kubernetes replaces ConfigMaps on new data unless enableConfigMapMutable is set"
 _ORG_ID = {"orgId": "a Grafana object cannot move between orgs (org_id is ForceNew)"}
 
 FORCE_NEW: dict[str, dict[str, str]] = {
@@ -78,8 +79,8 @@ FORCE_NEW: dict[str, dict[str, str]] = {
         "stringData": "pulumi-kubernetes replaces Secrets on new data unless enableSecretMutable is set",
     },
     "kubernetes:core/v1:ConfigMap": {
-        "data": "pulumi-kubernetes replaces ConfigMaps on new data unless enableConfigMapMutable is set",
-        "binaryData": "pulumi-kubernetes replaces ConfigMaps on new data unless enableConfigMapMutable is set",
+        "data": _CONFIGMAP_DATA_WHY,
+        "binaryData": _CONFIGMAP_DATA_WHY,
     },
     "kubernetes:core/v1:Service": {
         "spec.clusterIP": "a Service's cluster IP is immutable",
@@ -102,7 +103,9 @@ FORCE_NEW: dict[str, dict[str, str]] = {
         "ecdsaCurve": "a key on another curve is another key",
         "rsaBits": "a key of another size is another key",
     },
-    "tls:index/certRequest:CertRequest": {"*": "terraform-provider-tls regenerates the CSR (RequiresReplace)"},
+    "tls:index/certRequest:CertRequest": {
+        "*": "terraform-provider-tls regenerates the CSR (RequiresReplace)"
+    },
     "tls:index/selfSignedCert:SelfSignedCert": {
         key: _TLS_CERT_WHY
         for key in (

@@ -70,6 +70,7 @@ COMMENT_LIMIT = 65_536
 RENAME_SIMILARITY = 0.9
 """Share of input leaves a deleted and a created resource of one type must have in common to be
 reported as a probable rename."""
+RENAME_PAIR_LIMIT = 10_000
 VALUE_CLIP = 60
 STACK_TYPE = "pulumi:pulumi:Stack"
 PROJECT = "ironlink"
@@ -127,9 +128,7 @@ class Step:
         """One line for humans: what changes, why it replaces, the rename hint."""
         parts: list[str] = []
         if self.replace_reasons:
-            parts.append(
-                "replaces: " + "; ".join(f"{path} ({why})" for path, why in self.replace_reasons)
-            )
+            parts.append("replaces: " + "; ".join(f"{path} ({why})" for path, why in self.replace_reasons))
         if self.changes and self.op in ("update", "replace"):
             parts.append(", ".join(_change_text(change, clip) for change in self.changes))
         if self.rename and self.op == "delete":
@@ -307,12 +306,13 @@ def _under(path: Path_, pattern: str) -> bool:
 
 # ---------------------------------------------------------------------------- stateful, urns
 def record_urn(record: Mapping[str, Any], stack: str, project: str = PROJECT) -> str:
-    """The record's URN, or the one the engine gives it: the parent's type chain, ``$``, the type."""
+    """The record's URN, or the one the mock engine gives it: the parent's own type (the stack's for
+    a top-level resource), ``$``, the type, ``::``, the name."""
     if record.get("urn"):
         return str(record["urn"])
     parent = record.get("parent")
-    chain = parent.split("::")[2] if parent else STACK_TYPE
-    return f"urn:pulumi:{stack}::{project}::{chain}${record['type']}::{record['name']}"
+    parent_type = parent.split("::")[2].rsplit("$", 1)[-1] if parent else STACK_TYPE
+    return f"urn:pulumi:{stack}::{project}::{parent_type}${record['type']}::{record['name']}"
 
 
 def stateful_reason(record: Mapping[str, Any]) -> str | None:
@@ -384,6 +384,10 @@ def _leaves(value: Any, path: Path_ = ()) -> dict[Path_, Any]:
     return {path: value}
 
 
+def _canonical(record: Mapping[str, Any] | None) -> str:
+    return json.dumps((record or {}).get("inputs", {}), sort_keys=True)
+
+
 def similarity(old: Mapping[str, Any], new: Mapping[str, Any]) -> float:
     """Share of input leaves (paths and values) two records have in common."""
     left, right = _leaves(old.get("inputs", {})), _leaves(new.get("inputs", {}))
@@ -394,20 +398,38 @@ def similarity(old: Mapping[str, Any], new: Mapping[str, Any]) -> float:
 
 
 def _renames(deleted: list[Step], created: list[Step]) -> dict[str, str]:
-    """Deleted URN ↔ created URN for the best-matching pairs of one type above the threshold."""
+    """Deleted URN ↔ created URN for the best-matching pairs of one type above the threshold.
+    Identical inputs pair first; near matches are searched only while a type's pairs stay under
+    :data:`RENAME_PAIR_LIMIT` (a removed and an added tenant of 1,000 resources each stay fast)."""
+    pairs: dict[str, str] = {}
+    exact: dict[tuple[str, str], list[str]] = {}
+    for gone in deleted:
+        exact.setdefault((gone.type, _canonical(gone.old)), []).append(gone.urn)
+    for made in created:
+        waiting = exact.get((made.type, _canonical(made.new)))
+        if waiting:
+            gone_urn = waiting.pop(0)
+            pairs[gone_urn], pairs[made.urn] = made.urn, gone_urn
+    by_type: dict[str, tuple[list[Step], list[Step]]] = {}
+    for step in deleted:
+        if step.urn not in pairs:
+            by_type.setdefault(step.type, ([], []))[0].append(step)
+    for step in created:
+        if step.urn not in pairs:
+            by_type.setdefault(step.type, ([], []))[1].append(step)
     candidates = sorted(
         (
             (similarity(gone.old or {}, made.new or {}), gone.urn, made.urn)
-            for gone in deleted
-            for made in created
-            if gone.type == made.type
+            for gones, mades in by_type.values()
+            if len(gones) * len(mades) <= RENAME_PAIR_LIMIT
+            for gone in gones
+            for made in mades
         ),
         reverse=True,
     )
-    pairs: dict[str, str] = {}
-    for score, gone, made in candidates:
-        if score >= RENAME_SIMILARITY and gone not in pairs and made not in pairs:
-            pairs[gone], pairs[made] = made, gone
+    for score, gone_urn, made_urn in candidates:
+        if score >= RENAME_SIMILARITY and gone_urn not in pairs and made_urn not in pairs:
+            pairs[gone_urn], pairs[made_urn] = made_urn, gone_urn
     return pairs
 
 
@@ -428,13 +450,30 @@ def diff_plans(
     for urn, record in old.items():
         if urn not in new:
             steps.append(
-                Step("delete", urn, record["type"], record["name"], record, None, stateful=stateful_reason(record))
+                Step(
+                    "delete",
+                    urn,
+                    record["type"],
+                    record["name"],
+                    record,
+                    None,
+                    stateful=stateful_reason(record),
+                )
             )
-    renames = _renames(
-        [s for s in steps if s.op == "delete"], [s for s in steps if s.op == "create"]
-    )
+    renames = _renames([s for s in steps if s.op == "delete"], [s for s in steps if s.op == "create"])
     steps = [
-        Step(s.op, s.urn, s.type, s.name, s.old, s.new, s.changes, s.replace_reasons, s.stateful, renames[s.urn])
+        Step(
+            s.op,
+            s.urn,
+            s.type,
+            s.name,
+            s.old,
+            s.new,
+            s.changes,
+            s.replace_reasons,
+            s.stateful,
+            renames[s.urn],
+        )
         if s.urn in renames
         else s
         for s in steps
@@ -518,12 +557,18 @@ def render_table(diffs: Sequence[StackDiff], allowed: Allowance = Allowance()) -
     tables = []
     for diff in diffs:
         counts = ", ".join(f"{n} to {op}" for op, n in diff.counts().items() if n)
-        table = Table(title=f"{diff.stack}{f' ({diff.status})' if diff.status != 'changed' else ''}: {counts}")
+        table = Table(
+            title=f"{diff.stack}{f' ({diff.status})' if diff.status != 'changed' else ''}: {counts}"
+        )
         for column in ("op", "type", "name", "detail"):
             table.add_column(column, overflow="fold", no_wrap=column != "detail")
         for step in diff.steps:
             style = _OP_STYLE[step.op]
-            flag = " [bold red]REFUSED[/]" if step.destructive and step.stateful and not allowed.allows(step) else ""
+            flag = (
+                " [bold red]REFUSED[/]"
+                if step.destructive and step.stateful and not allowed.allows(step)
+                else ""
+            )
             table.add_row(f"[{style}]{step.op}[/]{flag}", _kind(step.type), step.name, step.detail())
         tables.append(table)
     return Group(*tables)
@@ -532,8 +577,12 @@ def render_table(diffs: Sequence[StackDiff], allowed: Allowance = Allowance()) -
 def _cell(text: str) -> str:
     """Safe inside a Markdown table cell and an HTML ``<details>`` block."""
     return (
-        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-        .replace("\n", " ").replace("`", "'")
+        text.replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace("|", "\\|")
+        .replace("\n", " ")
+        .replace("`", "'")
     )
 
 
@@ -559,9 +608,7 @@ def render_markdown(
         head.append("No stack changes.")
     else:
         head.append(
-            f"**{len(diffs)} stack(s) change:** "
-            + ", ".join(f"{totals[op]} to {op}" for op in OPS)
-            + "."
+            f"**{len(diffs)} stack(s) change:** " + ", ".join(f"{totals[op]} to {op}" for op in OPS) + "."
         )
     if refused:
         head.append(
@@ -569,15 +616,23 @@ def render_markdown(
             f"(exit {EXIT_STATEFUL_REFUSED}); allow knowingly with `--allow-stateful-changes`."
         )
     if violations:
-        head.append(f"\n:no_entry: **{len(violations)} policy violation(s)** (exit {EXIT_POLICY_VIOLATION}):\n")
-        head += [f"- `{_cell(v.rule)}` {_cell(v.stack)} {_cell(v.name)}: {_cell(v.message)}" for v in violations[:50]]
+        head.append(
+            f"\n:no_entry: **{len(violations)} policy violation(s)** (exit {EXIT_POLICY_VIOLATION}):\n"
+        )
+        head += [
+            f"- `{_cell(v.rule)}` {_cell(v.stack)} {_cell(v.name)}: {_cell(v.message)}"
+            for v in violations[:50]
+        ]
         if len(violations) > 50:
             head.append(f"- … and {len(violations) - 50} more")
     text = "\n".join(head) + "\n"
     if not diffs:
         return text
     ordered = sorted(diffs, key=lambda d: _priority(d, refused_urns))
-    table_head = "\n| stack | create | update | replace | delete | stateful refused |\n|---|---:|---:|---:|---:|---:|\n"
+    table_head = (
+        "\n| stack | create | update | replace | delete | stateful refused |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
+    )
     more_line = "\n_… and {n} more stack(s) change: not listed, the comment limit is reached._\n"
     omitted_line = "\n_Details of {n} stack(s) omitted to stay under the comment limit._\n"
     reserve = len(more_line) + len(omitted_line) + 40
@@ -587,7 +642,11 @@ def render_markdown(
         counts = diff.counts()
         flagged = sum(step.urn in refused_urns for step in diff.steps)
         status = "" if diff.status == "changed" else f" ({diff.status})"
-        row = f"| {_cell(diff.stack)}{status} | " + " | ".join(str(counts[op]) for op in OPS) + f" | {flagged} |\n"
+        row = (
+            f"| {_cell(diff.stack)}{status} | "
+            + " | ".join(str(counts[op]) for op in OPS)
+            + f" | {flagged} |\n"
+        )
         if len(row) > budget:
             break
         budget -= len(row)
@@ -615,7 +674,10 @@ def _details(diff: StackDiff, refused: set[str], budget: int) -> str | None:
     """A folded section of the stack's steps within ``budget`` characters (rows cut short with a
     count line if needed), or None if not even its frame fits."""
     counts = ", ".join(f"{_OP_SIGN[op]}{n}" for op, n in diff.counts().items() if n)
-    opening = f"\n<details><summary><b>{_cell(diff.stack)}</b> {counts}</summary>\n\n| op | type | name | detail |\n|---|---|---|---|\n"
+    opening = (
+        f"\n<details><summary><b>{_cell(diff.stack)}</b> {counts}</summary>\n\n"
+        "| op | type | name | detail |\n|---|---|---|---|\n"
+    )
     closing = "\n</details>\n"
     cut_line = "| … | | | {n} more step(s) not shown |\n"
     room = budget - len(opening) - len(closing) - len(cut_line) - 10
@@ -683,7 +745,12 @@ def render_json(diffs: Sequence[StackDiff]) -> dict[str, dict[str, Any]]:
         for step in diff.steps:
             if step.stateful and step.destructive:
                 diagnostics.append(
-                    {"urn": step.urn, "prefix": "stateful: ", "message": f"{step.op} of a stateful resource ({step.stateful})", "severity": "warning"}
+                    {
+                        "urn": step.urn,
+                        "prefix": "stateful: ",
+                        "message": f"{step.op} of a stateful resource ({step.stateful})",
+                        "severity": "warning",
+                    }
                 )
             if step.rename:
                 diagnostics.append(

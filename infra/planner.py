@@ -22,7 +22,6 @@ from infra.config import (
     StackConfigError,
     Tenant,
     is_tenant_stack,
-    load_stack,
     platform_stacks,
 )
 from infra.plan import Plan, build_plan, build_tenant_plan, write_plan
@@ -101,9 +100,11 @@ def plan_region(
     include_platform: bool = True,
     tenants: Iterable[str] | None = None,
     jobs: int | None = None,
+    platform_plan: Plan | None = None,
 ) -> list[PlannedStack]:
-    """Plan platform ``stack`` (``config`` with its tenants) and the chosen tenants; write each plan."""
-    platform_plan = build_plan(config, stack)
+    """Plan platform ``stack`` (``config`` with its tenants; ``platform_plan`` if planned already)
+    and the chosen tenants; write each plan."""
+    platform_plan = platform_plan or build_plan(config, stack)
     planned = [_summary(platform_plan, write_plan(platform_plan, output_dir))] if include_platform else []
     chosen = set(tenants) if tenants is not None else None
     unknown = sorted(chosen - {t.id for t in config.tenants}) if chosen is not None else []
@@ -126,23 +127,4 @@ def plan_region(
     ) as pool:
         for result in pool.map(_plan_tenants, _chunks(selected, workers * 4), [output_dir] * (workers * 4)):
             planned.extend(result)
-    return planned
-
-
-def plan_selection(
-    selections: Sequence[Selection], output_dir: Path, jobs: int | None = None
-) -> list[PlannedStack]:
-    """Plan every selection; a bad stack anywhere raises before any plan is written (all are
-    loaded and validated first)."""
-    configs = {selection.platform: load_stack(selection.platform) for selection in selections}
-    planned: list[PlannedStack] = []
-    for selection in selections:
-        planned += plan_region(
-            configs[selection.platform],
-            selection.platform,
-            output_dir,
-            include_platform=selection.include_platform,
-            tenants=selection.tenants,
-            jobs=jobs,
-        )
     return planned

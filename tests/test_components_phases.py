@@ -26,7 +26,6 @@ from components.render.mosquitto import DYNSEC_ADMIN, dynsec_password
 from infra.plan import SECRET, Plan, PlannedResource
 from infra.tenancy import DEAD_LETTER_SERVICE, INGEST_SERVICE, influxdb_instance, store_route
 from ingest.settings import WorkerSettings
-from registry.access import service_usernames
 from tests.pulumi_mocks import (
     PLANS,
     STACKS,
@@ -76,8 +75,9 @@ def test_phase_a_runs_one_mosquitto_reachable_only_over_tls(stack: str) -> None:
     assert names(brokers) == ["StatefulSet mosquitto"], f"{stack}: phase A has exactly one Mosquitto"
     assert brokers[0].get("spec.replicas") == 1
     service = plan.one("Service", "mosquitto")
-    assert [p["port"] for p in service.get("spec.ports")] == [8883], (
-        f"{stack}: Service mosquitto must expose only 8883"
+    # Passwords on 8883, certificate devices (CN = identity) on 8884: both TLS, nothing in plaintext.
+    assert [p["port"] for p in service.get("spec.ports")] == [8883, 8884], (
+        f"{stack}: Service mosquitto must expose only 8883 and 8884"
     )
     conf = plan.one("ConfigMap", "mosquitto-config").get("data")["mosquitto.conf"]
     assert "listener 8883" in conf and "listener 1883" not in conf, f"{stack}: mosquitto.conf opens 1883"
@@ -138,7 +138,7 @@ def test_phase_a_mosquitto_loads_the_dynamic_security_plugin_and_trusts_only_dev
 
 @pytest.mark.parametrize("stack", PHASE_A)
 def test_the_plugin_seed_holds_the_admin_and_services_by_hash_only_and_no_device(stack: str) -> None:
-    plan, config = stack_plan(stack), stack_config(stack)
+    plan = stack_plan(stack)
     platform = plan.platform
     assert plan.one("Secret", "mosquitto-dynsec-seed").get("stringData") == {"dynamic-security.json": SECRET}
     assert plan.find("Secret", "mosquitto-passwd") == [], "dynamic security replaces the password file"
@@ -147,14 +147,14 @@ def test_the_plugin_seed_holds_the_admin_and_services_by_hash_only_and_no_device
     seed = _sync_await(seed_output.future())
     document = json.loads(seed)
     clients = {client["username"]: client for client in document["clients"]}
-    assert set(clients) == {DYNSEC_ADMIN, *service_usernames(config)}, f"{stack}: {sorted(clients)}"
+    # The platform's own services only: tenants are stacks of their own, devices are the registry's.
+    assert set(clients) == {DYNSEC_ADMIN, INGEST_SERVICE, DEAD_LETTER_SERVICE}, f"{stack}: {sorted(clients)}"
     admin = platform.broker_admin_credential
     assert admin is not None
     credentials = {
         DYNSEC_ADMIN: admin,
         INGEST_SERVICE: platform.ingest_credential,
         DEAD_LETTER_SERVICE: platform.dead_letter_credential,
-        **platform.tenant_service_credentials,
     }
     assert set(credentials) == set(clients)
     for username, credential in credentials.items():
@@ -170,14 +170,14 @@ def test_the_plugin_seed_holds_the_admin_and_services_by_hash_only_and_no_device
 def test_the_seed_init_container_never_overwrites_the_plugins_state(stack: str, tmp_path: Any) -> None:
     plan = stack_plan(stack)
     spec = pod_spec(broker(plan))
-    (seeder,) = spec["initContainers"]
+    seeder, _trust = spec["initContainers"]  # then the first trust sync (tests/test_trust_sync.py)
     (state,) = conf_value(mosquitto_conf(plan), "plugin_opt_config_file")
     *script, seed_path, state_path = seeder["command"]
     assert state_path == state and mount_of(seeder, state)["name"] == "data"
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes[mount_of(seeder, seed_path)["name"]]["secret"]["secretName"] == "mosquitto-dynsec-seed"
-    (server,) = spec["containers"]
-    assert all(m["name"] != mount_of(seeder, seed_path)["name"] for m in server["volumeMounts"])
+    for container in spec["containers"]:  # the broker and its trust sidecar
+        assert all(m["name"] != mount_of(seeder, seed_path)["name"] for m in container["volumeMounts"])
     # Run the planned command itself, twice: the second start keeps what the plugin wrote.
     seed, target = tmp_path / "seed.json", tmp_path / "dynamic-security.json"
     seed.write_text('{"seed": 1}')
@@ -393,7 +393,7 @@ def test_only_the_worker_grafana_broker_and_backups_reach_the_databases(stack: s
     postgres_roles = {
         v for k, v in ingress_sources(plan, "postgres")[0] if k == "app.kubernetes.io/component"
     }
-    assert ROLE_INGEST not in postgres_roles, f"{stack}: the worker has no business in the registry database"
+    assert ROLE_INGEST in postgres_roles, f"{stack}: the worker reads tenants and machines from the registry"
     assert ROLE_DEAD_LETTERS in postgres_roles and ROLE_DEAD_LETTERS not in influx_roles, stack
     assert ROLE_PROVISIONING in postgres_roles and ROLE_PROVISIONING not in influx_roles, stack
     assert (ROLE_BROKER in postgres_roles) == (stack_config(stack).broker.engine == "emqx")
@@ -507,9 +507,8 @@ def test_the_worker_reads_its_deployment_environment_and_reaches_every_store(sta
         "secretKeyRef": {"key": "mqtt-password", "name": "ingest-credentials"}
     }
     plain = {name: value for name, value in env.items() if isinstance(value, str)}
-    settings = WorkerSettings.from_env(
-        {**plain, "IRONLINK_MQTT_PASSWORD": "x"}
-    )  # what `python -m ingest` reads
+    secrets = {"IRONLINK_MQTT_PASSWORD": "x", "IRONLINK_REGISTRY_DSN": "postgresql://r"}
+    settings = WorkerSettings.from_env({**plain, **secrets})  # what `python -m ingest` reads
     assert settings.mqtt_host == f"{broker(plan).name}.{config.cluster.namespace}.svc.cluster.local"
     # The platform knows no tenant: their routes (a level-3 tenant's own instance too) and write
     # tokens are the registry's, written by each tenant's stack.

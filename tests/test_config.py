@@ -16,11 +16,19 @@ from infra.config import (
     StackConfigError,
     UnknownStackError,
     duration_seconds,
+    is_tenant_stack,
     list_stacks,
+    load_platform,
     load_stack,
+    load_tenant_stack,
     parse_platform,
+    parse_platform_stack,
+    parse_tenant_stack,
+    platform_stacks,
     read_stack_settings,
     settings_from_pulumi_config,
+    stack_file,
+    tenant_stacks,
 )
 
 
@@ -266,14 +274,42 @@ def test_presets_are_not_mutated_by_parsing() -> None:
     assert before == PHASE_PRESETS
 
 
-@pytest.mark.parametrize("stack", list_stacks())
-def test_every_stack_in_stacks_parses(stack: str) -> None:
+@pytest.mark.parametrize("stack", platform_stacks())
+def test_every_platform_stack_parses_with_its_tenant_stacks(stack: str) -> None:
     config = load_stack(stack)
-    assert config.region and config.tenants, f"stack {stack} should declare a region and tenants"
+    assert config.region and config.tenants, f"stack {stack} should declare a region and have tenants"
+    assert [t.id for t in config.tenants] == [name.split(".", 1)[1] for name in tenant_stacks(stack)]
+
+
+def test_every_stack_file_is_a_platform_or_one_of_its_tenants() -> None:
+    for stack in list_stacks():
+        if is_tenant_stack(stack):
+            platform, tenant_id = stack.split(".", 1)
+            assert load_tenant_stack(stack).platform == platform and platform in platform_stacks()
+            assert load_tenant_stack(stack).tenant.id == tenant_id
+        else:
+            assert "tenants" not in read_stack_settings(stack_file(stack), stack), stack
+
+
+def test_a_tenant_stack_is_checked_against_its_platform_naming_every_problem() -> None:
+    platform = load_platform("mvp-eu")
+    settings = {"platform": "mvp-eu", "tenant": tenant("acme", tier="gold", isolation=3), "extra": 1}
+    with pytest.raises(StackConfigError) as caught:
+        parse_tenant_stack(settings, "mvp-eu.initech", platform)
+    text = str(caught.value)
+    assert "ironlink:tenant.tier: 'gold' is not a retention tier" in text
+    assert "ironlink:tenant.isolation: 3 is not available in phase B" in text
+    assert "ironlink:extra: unknown setting of a tenant stack" in text
+    assert "belongs in stack 'mvp-eu.acme', not 'mvp-eu.initech'" in text
+
+
+def test_an_old_style_platform_file_with_tenants_is_refused_naming_the_migration() -> None:
+    with pytest.raises(StackConfigError, match=r"ironlink:tenants: .*run 'ironlink stack split old'"):
+        parse_platform_stack({"region": "eu", "tenants": [tenant()]}, "old")
 
 
 def test_the_issue_stacks_exist_with_their_phases() -> None:
-    phases = {stack: load_stack(stack).phase for stack in list_stacks()}
+    phases = {stack: load_stack(stack).phase for stack in platform_stacks()}
     assert phases == {"dev": "A", "poc": "A", "mvp-eu": "B", "scale-eu-west-1": "C", "scale-us-east-1": "C"}
     for stack in ("scale-eu-west-1", "scale-us-east-1"):
         config = load_stack(stack)

@@ -49,7 +49,10 @@ def worker_sets(plan: Plan) -> list[PlannedResource]:
 def settings_of(workload: PlannedResource) -> WorkerSettings:
     """What ``python -m ingest`` reads from the workload's plain environment."""
     plain = {name: value for name, value in env_of(workload).items() if isinstance(value, str)}
-    return WorkerSettings.from_env({**plain, "IRONLINK_MQTT_PASSWORD": "x"})
+    # the secrets, as the pod gets them from its Secret
+    return WorkerSettings.from_env(
+        {**plain, "IRONLINK_MQTT_PASSWORD": "x", "IRONLINK_REGISTRY_DSN": "postgresql://r"}
+    )
 
 
 def matches(selector: Mapping[str, str], pod_labels: Mapping[str, str]) -> bool:
@@ -177,8 +180,7 @@ def test_network_policies_treat_both_colours_alike() -> None:
             f"NetworkPolicy {policy.name} splits the colours"
         )
     reached = {policy.name for policy in policies if admits(policy, blue)}
-    assert {"emqx", "influxdb"} <= reached, "both colours reach the broker and the store"
-    assert "postgres" not in reached
+    assert {"emqx", "influxdb", "postgres"} <= reached, "both colours reach the broker, store and registry"
     governing = plan.one("Service", "ingest").get("spec.selector")
     assert matches(governing, blue) and matches(governing, green)
 

@@ -12,7 +12,7 @@ from pulumi.runtime import rpc
 from typer.testing import CliRunner
 
 from infra.cli import app
-from infra.config import StackConfigError, load_stack, parse_platform, settings_from_pulumi_config
+from infra.config import StackConfigError, load_stack, parse_platform_stack, settings_from_pulumi_config
 from infra.plan import (
     SECRET,
     PlanMocks,
@@ -23,7 +23,7 @@ from infra.plan import (
     run_program,
     write_plan,
 )
-from tests.pulumi_mocks import PLANS, stack_plan
+from tests.pulumi_mocks import PLANS, region_plan, stack_plan
 
 pytestmark = PLANS
 runner = CliRunner()
@@ -49,8 +49,10 @@ def test_wire_doubles_become_integers_only_when_integral() -> None:
 def test_the_engine_config_round_trips_to_the_same_platform() -> None:
     config = load_stack("scale-eu-west-1")
     values = engine_config(config)
-    assert set(values) >= {"ironlink:phase", "ironlink:broker", "ironlink:tenants"}
-    assert parse_platform(settings_from_pulumi_config(values), "scale-eu-west-1") == config
+    assert set(values) >= {"ironlink:phase", "ironlink:broker"}
+    assert "ironlink:tenants" not in values, "tenants are stacks of their own"
+    platform = parse_platform_stack(settings_from_pulumi_config(values), "scale-eu-west-1")
+    assert platform == config.model_copy(update={"tenants": []})
 
 
 # ------------------------------------------------------------------------------------- plans
@@ -74,12 +76,12 @@ def test_the_planner_can_run_repeatedly_in_one_process() -> None:
 
 
 def test_each_resource_has_type_name_parent_inputs_and_protect() -> None:
-    plan = stack_plan("mvp-eu")
+    plan = region_plan("mvp-eu").platform
     document = plan.to_json()
     assert document["stack"] == "mvp-eu"
     urns = {r.urn for r in plan.resources}
     for entry, resource in zip(document["resources"], plan.resources, strict=True):
-        assert set(entry) == {"type", "name", "parent", "inputs", "protect"}
+        assert set(entry) == {"urn", "type", "name", "parent", "inputs", "protect"}
         assert entry["parent"] is None or entry["parent"] in urns, f"{resource.name}: parent outside the plan"
     roots = [r for r in plan.resources if r.parent is None]
     assert [(r.type, r.name) for r in roots] == [
@@ -118,14 +120,18 @@ def test_a_missing_resource_is_reported_with_the_names_there_are() -> None:
         stack_plan("dev").one("StatefulSet", "nope")
 
 
-def test_exports_are_recorded_and_hold_no_secret() -> None:
-    outputs = stack_plan("scale-eu-west-1").outputs
+def test_exports_are_recorded_and_only_the_tenant_stacks_credentials_are_secret() -> None:
+    plan = stack_plan("scale-eu-west-1")
+    outputs = plan.outputs
     assert (
         outputs["phase"] == "C"
         and outputs["mqtt_endpoint"] == "mqtts://mqtt.eu-west-1.ironlink.example.com:8883"
     )
     assert outputs["ca_cert_pem"].startswith("-----BEGIN CERTIFICATE-----")
-    assert SECRET not in outputs.values()
+    secret = {key for key, value in outputs.items() if value == SECRET}
+    assert secret == {"influxdb_admin_token", "grafana_admin_password", "registry_dsn"}
+    reference = region_plan("scale-eu-west-1").platform.reference_outputs
+    assert reference is not None and reference.secret_names == secret, "a reference keeps them secret"
 
 
 def test_write_plan_writes_the_json_and_one_manifest_per_object(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from pulumi.runtime.sync_await import _sync_await
 
 from components.influxdb import influxdb_url
 from components.providers.influxdb import InfluxConnection
-from components.tenant import Tenant, TenantArgs, grafana_admin_provider, shared_alert_routing
+from components.tenant import GROUP_BY, Tenant, TenantArgs, grafana_admin_provider
 from infra.config import PlatformConfig, parse_platform
 from infra.plan import (
     SECRET,
@@ -118,7 +118,6 @@ def _declare(config: PlatformConfig, influxdb: dict[str, InfluxConnection] | Non
             )
             for tenant in config.tenants
         }
-        shared_alert_routing("shared-alert-routing", list(tenants.values()), grafana, k8s_provider)
         found["tenants"] = tenants
         found["secrets"] = {
             tenant_id: {
@@ -173,14 +172,24 @@ def test_level_1_tenants_share_the_org_and_get_a_folder_their_team_alone_may_vie
         assert folder["title"] == f"{CONFIG.tenant(tenant_id).name} ({tenant_id})", "titles must not clash"
 
 
-def test_level_1_tenants_do_not_own_the_shared_orgs_notification_policy() -> None:
+def test_level_1_tenants_route_their_alerts_per_rule_and_touch_no_shared_policy() -> None:
+    """The shared org's policy tree is one resource of every tenant's; a tenant stack may not own
+    it, so each level-1 rule names its tenant's contact point (Grafana's simplified routing)."""
+    assert declared().plan.find("NotificationPolicy") == [
+        r for r in declared().plan.find("NotificationPolicy") if r.inputs.get("orgId")
+    ], "no notification policy in the shared org"
     for tenant_id in ("acme", "initech"):
         assert owned(tenant_id, "grafana:alerting/notificationPolicy:NotificationPolicy") == [], tenant_id
-    routing = declared().plan.one("NotificationPolicy", "shared-alert-routing")
-    assert "orgId" not in routing.inputs
-    assert [(p["contactPoint"], p["matchers"]) for p in routing.inputs["policies"]] == [
-        ("acme-operations", [{"label": "tenant", "match": "=", "value": "acme"}])
-    ], "one route per level-1 tenant with a contact point (initech has no alert_emails)"
+    rules = one("acme", "grafana:alerting/ruleGroup:RuleGroup").inputs["rules"]
+    contact = one("acme", "grafana:alerting/contactPoint:ContactPoint").inputs["name"]
+    assert rules and all(
+        rule["notificationSettings"] == {"contactPoint": contact, "groupBies": GROUP_BY} for rule in rules
+    )
+    assert {"alertname", "grafana_folder"} <= set(GROUP_BY), "Grafana's rule routing requires both"
+    own_org = one("globex", "grafana:alerting/ruleGroup:RuleGroup").inputs["rules"]
+    assert own_org and all("notificationSettings" not in rule for rule in own_org), (
+        "a tenant with an org of its own is routed by that org's policy"
+    )
 
 
 @pytest.mark.parametrize("tenant_id", ["globex", "umbrella"])

@@ -66,20 +66,31 @@ def render_summary(plan: Plan) -> Table:
     return table
 
 
-def _plan_one(stack: str, output_dir: Path, show_tree: bool) -> None:
-    """One stack, in detail: its tree and per-component summary."""
+def _plan_one(stack: str, output_dir: Path, show_tree: bool, jobs: int | None) -> None:
+    """One stack in detail (its tree and per-component summary); a platform's tenants after it,
+    a line each."""
     platform_name, _, tenant_id = stack.partition(".")
     config = load_stack(platform_name)
-    plan = build_plan(config, platform_name)
+    platform = plan = build_plan(config, platform_name)
     if tenant_id:
         if tenant_id not in {t.id for t in config.tenants}:
             raise UnknownStackError(stack, list_stacks())
-        plan = build_tenant_plan(config, plan, config.tenant(tenant_id))
+        plan = build_tenant_plan(config, platform, config.tenant(tenant_id))
     if show_tree:
         console.print(render_tree(plan))
     console.print(render_summary(plan))
     path = write_plan(plan, output_dir)
     console.print(f"wrote {path} and {len(plan.manifests())} manifests in {output_dir / stack}/")
+    if not tenant_id and config.tenants:
+        tenants = plan_region(
+            config, platform_name, output_dir, include_platform=False, jobs=jobs, platform_plan=plan
+        )
+        console.print(render_stacks(tenants))
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the working directory where it is below it."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def render_stacks(planned: list[PlannedStack]) -> Table:
@@ -89,7 +100,7 @@ def render_stacks(planned: list[PlannedStack]) -> Table:
             column, no_wrap=True, justify="right" if column in ("resources", "protected") else "left"
         )
     for item in planned:
-        table.add_row(item.stack, str(item.resources), str(item.protected), str(item.path))
+        table.add_row(item.stack, str(item.resources), str(item.protected), _shown(item.path))
     return table
 
 
@@ -114,10 +125,10 @@ def plan_command(
     """Run the Pulumi program offline under the mock engine and show what stacks declare."""
     names = list(stacks or [])
     if all_stacks == bool(names):
-        fail("give STACK names or --all (stacks: " + ", ".join(list_stacks()) + ")")
+        fail("give either a STACK or --all (stacks: " + ", ".join(list_stacks()) + ")")
     target = output_dir or project_root() / "build" / "plan"
-    if len(names) == 1 and "." in names[0]:  # one tenant stack: in detail
-        guarded(lambda: _plan_one(names[0], target, tree))
+    if len(names) == 1:
+        guarded(lambda: _plan_one(names[0], target, tree, jobs))
         return
     failed: list[str] = []
     planned: list[PlannedStack] = []

@@ -94,7 +94,9 @@ def _container_limits(args: ResourceValidationArgs, report: ReportViolation) -> 
         limits = _get(container, "resources", "limits")
         missing = [key for key in ("cpu", "memory") if not isinstance(limits, Mapping) or not limits.get(key)]
         if missing:
-            report(f"container {container.get('name')!r} has no resources.limits.{' or '.join(missing)}", None)
+            report(
+                f"container {container.get('name')!r} has no resources.limits.{' or '.join(missing)}", None
+            )
 
 
 def _container_hardened(args: ResourceValidationArgs, report: ReportViolation) -> None:
@@ -183,7 +185,9 @@ def _public_services_tls_only(args: ResourceValidationArgs, report: ReportViolat
     for port in _seq(_get(args.props, "spec", "ports")):
         number = port.get("port") if isinstance(port, Mapping) else None
         if number not in allowed:
-            report(f"{kind} Service exposes port {number!r}: only TLS ports {list(allowed)} may be public", None)
+            report(
+                f"{kind} Service exposes port {number!r}: only TLS ports {list(allowed)} may be public", None
+            )
 
 
 def _stateful_protected(args: ResourceValidationArgs, report: ReportViolation) -> None:
@@ -192,7 +196,10 @@ def _stateful_protected(args: ResourceValidationArgs, report: ReportViolation) -
     what = MUST_PROTECT.get(args.resource_type)
     if what is None:
         return
-    if args.resource_type == "tls:index/selfSignedCert:SelfSignedCert" and args.props.get("isCaCertificate") is not True:
+    if (
+        args.resource_type == "tls:index/selfSignedCert:SelfSignedCert"
+        and args.props.get("isCaCertificate") is not True
+    ):
         return
     if not args.opts.protect:
         report(f"{what} is not protected although the stack protects stateful resources", None)
@@ -210,9 +217,13 @@ def _datasource_secrets_secure(args: ResourceValidationArgs, report: ReportViola
     except ValueError:
         report("jsonDataEncoded is not JSON", None)
         return
-    leaked = sorted(key for key in (document if isinstance(document, dict) else {}) if _CREDENTIAL_KEY.search(key))
+    leaked = sorted(
+        key for key in (document if isinstance(document, dict) else {}) if _CREDENTIAL_KEY.search(key)
+    )
     if leaked:
-        report(f"jsonDataEncoded carries {', '.join(leaked)}: credentials belong in secureJsonDataEncoded", None)
+        report(
+            f"jsonDataEncoded carries {', '.join(leaked)}: credentials belong in secureJsonDataEncoded", None
+        )
 
 
 def _store_tokens_scoped(args: ResourceValidationArgs, report: ReportViolation) -> None:
@@ -221,26 +232,39 @@ def _store_tokens_scoped(args: ResourceValidationArgs, report: ReportViolation) 
     grants = [grant for grant in _seq(args.props.get("permissions")) if isinstance(grant, Mapping)]
     actions = sorted({str(grant.get("action")) for grant in grants})
     if len(actions) != 1:
-        report(f"a store token grants {actions or 'nothing'}: one action per token (worker writes, Grafana reads)", None)
+        report(
+            f"a store token grants {actions or 'nothing'}: one action per token "
+            "(the worker writes, Grafana reads)",
+            None,
+        )
     for index, grant in enumerate(grants):
         if not grant.get("bucket_id"):
-            report(f"permissions[{index}] names no bucket: wildcard grants reach every bucket of the org", None)
+            report(
+                f"permissions[{index}] names no bucket: wildcard grants reach every bucket of the org", None
+            )
 
 
 # ---------------------------------------------------------------------------------- policies
 _MANDATORY = EnforcementLevel.MANDATORY
 
 
-def _policy(name: str, description: str, validate: Any, config: PolicyConfigSchema | None = None) -> ResourceValidationPolicy:
+def _policy(
+    name: str, description: str, validate: Any, config: PolicyConfigSchema | None = None
+) -> ResourceValidationPolicy:
     return ResourceValidationPolicy(
-        name=name, description=description, validate=validate, enforcement_level=_MANDATORY, config_schema=config
+        name=name,
+        description=description,
+        validate=validate,
+        enforcement_level=_MANDATORY,
+        config_schema=config,
     )
 
 
 POLICIES: list[ResourceValidationPolicy] = [
     _policy(
         "container-resource-limits",
-        "Every container and init container declares CPU and memory limits (one tenant's load cannot starve the node).",
+        "Every container and init container declares CPU and memory limits "
+        "(one tenant's load cannot starve the node).",
         _container_limits,
     ),
     _policy(
@@ -268,7 +292,8 @@ POLICIES: list[ResourceValidationPolicy] = [
     ),
     _policy(
         "public-services-tls-only",
-        "A LoadBalancer or NodePort Service exposes only TLS ports (no plaintext MQTT or HTTP outside the cluster).",
+        "A LoadBalancer or NodePort Service exposes only TLS ports "
+        "(no plaintext MQTT or HTTP outside the cluster).",
         _public_services_tls_only,
         PolicyConfigSchema(properties={"tls_ports": {"type": "array", "items": {"type": "integer"}}}),
     ),

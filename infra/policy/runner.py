@@ -44,7 +44,8 @@ class Violation:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.stack}: {self.rule}: {self.type.rsplit(':', 1)[-1]} {self.name} ({self.urn}): {self.message}"
+        kind = self.type.rsplit(":", 1)[-1]
+        return f"{self.stack}: {self.rule}: {kind} {self.name} ({self.urn}): {self.message}"
 
 
 def _urn(record: Mapping[str, Any], stack: str) -> str:
@@ -62,16 +63,16 @@ def stack_config(
     resources = plan_json.get("resources", [])
     if namespace is None:
         outputs = plan_json.get("outputs") or {}
-        declared = [r["inputs"].get("metadata", {}).get("name") for r in resources if r["type"] == NAMESPACE_TYPE]
+        declared = [
+            r["inputs"].get("metadata", {}).get("name") for r in resources if r["type"] == NAMESPACE_TYPE
+        ]
         namespace = outputs.get("namespace") or next((n for n in declared if n), None) or DEFAULT_NAMESPACE
     if protect_stateful is None:
         protect_stateful = any(r.get("protect") for r in resources)
     return {"namespace": namespace, "protect_stateful": protect_stateful}
 
 
-def validation_args(
-    record: Mapping[str, Any], urn: str, config: Mapping[str, Any]
-) -> ResourceValidationArgs:
+def validation_args(record: Mapping[str, Any], urn: str, config: Mapping[str, Any]) -> ResourceValidationArgs:
     """A plan record as pulumi_policy's analyzer hands a resource to a validate function."""
     props = unknown_checking_proxy(deserialize_properties(dict(record.get("inputs", {}))))
     options = PolicyResourceOptions(
@@ -121,6 +122,7 @@ def run_policies(
             messages: list[str] = []
             _validate(policy, args, messages)
             violations += [
-                Violation(stack, urn, record["name"], record["type"], policy.name, message) for message in messages
+                Violation(stack, urn, record["name"], record["type"], policy.name, message)
+                for message in messages
             ]
     return violations
