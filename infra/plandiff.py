@@ -225,11 +225,29 @@ def _has_secret(value: Any) -> bool:
     return False
 
 
+def _by_name(items: list[Any]) -> dict[str, Any] | None:
+    """A list of uniquely named mappings (Kubernetes containers, env, ports, volumes) by name."""
+    names = [item.get("name") if isinstance(item, Mapping) else None for item in items]
+    if not items or not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
+        return None
+    return dict(zip(names, items, strict=True))  # type: ignore[arg-type]
+
+
 def changed_leaves(old: Any, new: Any, path: Path_ = ()) -> Iterator[Change]:
-    """Every leaf that differs, dicts by key and lists by index; secrets masked."""
+    """Every leaf that differs, dicts by key, lists of named items by name (one added variable is
+    one change, not a shift of every index after it), other lists by index; secrets masked."""
+    named_old = _by_name(old) if isinstance(old, list) else None
+    named_new = _by_name(new) if isinstance(new, list) else None
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         for key in sorted(set(old) | set(new)):
             yield from changed_leaves(old.get(key, ABSENT), new.get(key, ABSENT), (*path, key))
+    elif named_old is not None and named_new is not None:
+        for name in sorted(set(named_old) | set(named_new)):
+            yield from changed_leaves(named_old.get(name, ABSENT), named_new.get(name, ABSENT), (*path, name))
+        kept_old = [name for name in named_old if name in named_new]
+        kept_new = [name for name in named_new if name in named_old]
+        if kept_old != kept_new:  # Kubernetes expands $(VAR) only from variables listed before
+            yield Change((*path, "order"), kept_old, kept_new, False)
     elif isinstance(old, list) and isinstance(new, list):
         for index in range(max(len(old), len(new))):
             yield from changed_leaves(

@@ -10,13 +10,18 @@ stack exits with code 2 and every problem of its config; the others are still pl
 
 from __future__ import annotations
 
+import enum
+import json
+import sys
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
+from typer.core import TyperGroup
 
 from infra.cli import app
 from infra.cli.common import EXIT_BAD_INPUT, console, errors, fail, guarded
@@ -104,7 +109,30 @@ def render_stacks(planned: list[PlannedStack]) -> Table:
     return table
 
 
-@app.command("plan")
+class DiffFormat(enum.StrEnum):
+    table = "table"
+    markdown = "markdown"
+    json = "json"
+
+
+class PlanGroup(TyperGroup):
+    """``ironlink plan diff ...`` is the diff; ``ironlink plan ANYTHING ELSE`` plans stacks."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = [STACKS_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+STACKS_COMMAND = "stacks"
+plan_app = typer.Typer(
+    cls=PlanGroup,
+    help="Plan stacks offline (ironlink plan [STACK...] | --all), or diff two revisions (plan diff).",
+)
+app.add_typer(plan_app, name="plan")
+
+
+@plan_app.command(STACKS_COMMAND)
 def plan_command(
     stacks: Annotated[
         list[str] | None,
@@ -122,7 +150,8 @@ def plan_command(
         int | None, typer.Option("--jobs", min=1, max=64, help="Processes planning tenants [CPU count].")
     ] = None,
 ) -> None:
-    """Run the Pulumi program offline under the mock engine and show what stacks declare."""
+    """Run the Pulumi program offline under the mock engine and show what stacks declare (the
+    default: ``ironlink plan dev`` is ``ironlink plan stacks dev``)."""
     names = list(stacks or [])
     if all_stacks == bool(names):
         fail("give either a STACK or --all (stacks: " + ", ".join(list_stacks()) + ")")
@@ -151,3 +180,71 @@ def plan_command(
     if failed:
         errors.print(f"[bold red]{len(failed)} stack(s) not planned:[/] {', '.join(failed)}")
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@plan_app.command("diff")
+def diff_command(
+    base: Annotated[str, typer.Argument(help="The revision to compare with (a pull request's base).")],
+    head: Annotated[
+        str | None, typer.Argument(help="The changed revision [the working tree, uncommitted changes too].")
+    ] = None,
+    output_format: Annotated[
+        DiffFormat, typer.Option("--format", help="table (terminal), markdown (a PR comment), json.")
+    ] = DiffFormat.table,
+    output: Annotated[Path | None, typer.Option("--output", help="Write there instead of stdout.")] = None,
+    allow_stateful: Annotated[
+        bool,
+        typer.Option(
+            "--allow-stateful-changes", help="Knowingly allow replacing or deleting stateful resources."
+        ),
+    ] = False,
+    plans_dir: Annotated[
+        Path | None, typer.Option("--plans-dir", help="Keep both revisions' plans here [a temporary folder].")
+    ] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", min=1, max=64, help="Planning processes.")] = None,
+) -> None:
+    """Plan only the stacks a change touches, at both revisions, and show what it creates, updates
+    (which inputs), replaces (why) and deletes in each; the project's policies run on the head's
+    plans. Exit 3: a stateful resource would be replaced or deleted; 4: a policy is violated."""
+    import tempfile
+
+    from infra import plandiff
+    from infra.revisions import RevisionError, plan_revisions
+
+    root = project_root()
+    with tempfile.TemporaryDirectory(prefix="ironlink-diff-") as scratch:
+        where = plans_dir or Path(scratch)
+        base_dir, head_dir = where / "base", where / "head"
+        for folder in (base_dir, head_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            touched = plan_revisions(root, base, head, base_dir, head_dir, jobs)
+        except RevisionError as error:
+            fail(str(error))
+        diffs = plandiff.diff_stacks(base_dir, head_dir, touched.union)
+        violations = [
+            violation
+            for stack in touched.head
+            if (path := head_dir / f"{stack}.json").is_file()
+            for violation in plandiff.run_policies(json.loads(path.read_text()))
+        ]
+    allowed = plandiff.Allowance(all=allow_stateful)
+    code = plandiff.exit_code(diffs, allowed, violations)
+    scope = "every stack (the program changed)" if touched.everything else f"{len(touched.union)} stack(s)"
+    if output_format is DiffFormat.table:
+        target = Console(file=output.open("w"), width=160) if output else console
+        target.print(f"planned {scope} at {base} and {head or 'the working tree'}")
+        target.print(plandiff.render_table(diffs, allowed))
+        for violation in violations:
+            target.print(f"[red]policy[/] {violation}", highlight=False)
+    else:
+        text = (
+            plandiff.render_markdown(diffs, allowed, violations)
+            if output_format is DiffFormat.markdown
+            else json.dumps(plandiff.render_json(diffs), indent=2, sort_keys=True) + "\n"
+        )
+        if output:
+            output.write_text(text)
+        else:
+            sys.stdout.write(text)
+    raise typer.Exit(code)
