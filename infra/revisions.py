@@ -9,7 +9,7 @@ Which stacks a change touches, from the files it changes (:func:`touched_stacks`
   ``registry/``, ``provisioning/``, ``Pulumi.yaml``, ``pyproject.toml``) → every stack, since no
   static reading can tell which resources a code change reaches; the diff then shows the stacks
   whose plans really changed;
-- tests, docs, benchmarks, the local dev platform, CI files → no stack.
+- tests, docs, benchmarks, the local dev platform, CI files, other files in ``stacks/`` → no stack.
 
 Each revision is checked out with ``git worktree add --detach`` (the working tree itself stands for
 "HEAD" when no head revision is given, uncommitted changes included) and planned by that
@@ -81,7 +81,7 @@ def touched_stacks(changed: Iterable[str], base_stacks: Sequence[str], head_stac
         stack = stack_name_of(path)
         if stack is not None:
             names.add(stack)
-        elif not _inert(path):
+        elif not path.startswith(STACKS_DIR) and not _inert(path):
             everything = True
     if everything:
         return Touched(sorted(base_stacks), sorted(head_stacks), True)
