@@ -7,6 +7,8 @@ devices, each with its own key and CSR (made before the clock starts), over real
 
     provisioning <N> devices/s
 
+(``--provisioning-only`` stops there: a quick run.)
+
 Then (:func:`worker_start`) ``python -m ingest`` started against ``--fleet`` machines registered in
 a database of the same PostgreSQL (a real Mosquitto beside it), timed from the process start to
 ``/readyz`` 200 with the whole fleet loaded (``ironlink_ingest_fleet_machines``), with its peak RSS
@@ -71,6 +73,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--fleet", type=int, default=50_000, help="machines the worker starts with")
     parser.add_argument("--claimers", type=int, default=50, help="devices timed from claim to stored")
+    parser.add_argument(
+        "--provisioning-only", action="store_true", help="a quick run: the provisioning rate line only"
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="ironlink-bench-fleet-"))
     os.chmod(root, 0o755)
@@ -139,8 +144,9 @@ def main() -> None:
             f"  {args.devices} devices claimed with their own CSR in {elapsed:.2f} s,"
             f" {args.threads} in parallel"
         )
-        worker_start(root, dsn, args.fleet)
-        claim_to_stored(root, dsn, args.claimers)
+        if not args.provisioning_only:
+            worker_start(root, dsn, args.fleet)
+            claim_to_stored(root, dsn, args.claimers)
     finally:
         if service is not None:
             service.terminate()

@@ -46,7 +46,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from infra.config import deep_merge, parse_platform, read_stack_settings, stack_file
+from infra.config import deep_merge, load_stack, parse_platform, read_stack_settings, stack_file
 from infra.tenancy import TELEMETRY_FILTER, store_routes, telemetry_topic
 from ingest.catalog import MACHINE_TYPES
 from ingest.settings import WorkerSettings, worker_settings_for
@@ -74,9 +74,11 @@ def start_broker(folder: Path, name: str) -> tuple[servers.Server, int]:
 
 
 def settings_for(mqtt_port: int, store_url: str, http_port: int) -> WorkerSettings:
+    # The platform stack with its tenant stacks' tenants (load_stack), quotas lifted.
+    tenants = [t.model_dump(mode="json", exclude_none=True) for t in load_stack("dev", ROOT).tenants]
     raw = deep_merge(
         read_stack_settings(stack_file("dev", ROOT)),
-        {"broker": {"tenant_quota": {"messages_per_second": 1e6}}},
+        {"broker": {"tenant_quota": {"messages_per_second": 1e6}}, "tenants": tenants},
     )
     config = parse_platform(raw, "dev")
     return worker_settings_for(

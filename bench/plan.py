@@ -1,111 +1,119 @@
-"""Plan time and peak memory for 10, 100 and 1,000 generated tenants (``make bench``).
+"""Plan speed of a large region, end to end, as a user runs it (``make bench``).
 
-Each size runs in a fresh Python process, so its peak RSS is its own: the child parses a generated
-stack config (``infra.config.parse_platform``, as a stack file would be), plans a 1-tenant stack
-once to load the SDKs, then times ``infra.plan.build_plan`` for the generated stack (best of
-``--repeat``). Growth ratios are against the smaller size measured in the same run.
+A copy of this repository is made with a generated Phase C platform stack ``bench`` and
+``--tenants`` tenant stacks (every 20th on isolation level 3), committed in git. Each figure is the
+wall time of the real command in a fresh process, and the peak RSS of the largest process it ran:
 
-    python bench/plan.py [--sizes 10 100 1000] [--phase C] [--repeat 3]
+- ``one-tenant change``: ``ironlink plan diff main~1 main`` after one tenant's tier changed;
+- ``tenant add``: ``ironlink tenant add`` to the plan it shows;
+- ``region N tenants``: ``ironlink plan bench`` (the platform and every tenant, in parallel).
+
+The baseline, measured in the same run, is ``ironlink plan`` of one tenant stack; each figure is
+also printed as a ratio to it (process start and SDK import are in both).
+
+    python bench/plan.py [--tenants 1000] [--jobs N]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
-import resource
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-# `python bench/plan.py` puts bench/ first on sys.path, where bench/ingest.py would shadow the
-# `ingest` package that the program imports.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
-
-from infra.config import PlatformConfig, parse_platform  # noqa: E402
-
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAM = ("infra", "components", "dashboards", "ingest", "registry", "provisioning")
 TIERS = ("basic", "standard", "premium")
 MACHINE_TYPES = ("cnc_mill", "hydraulic_press", "conveyor")
+IRONLINK = [sys.executable, "-c", "from infra.cli import main; main()"]
+# Runs one command and prints the peak RSS (KiB) of the largest process it ran, pool workers included:
+# RUSAGE_CHILDREN reports the largest descendant reaped, so each command is measured on its own.
+PEAK = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)"
+)
 
 
-def generated_config(tenants: int, phase: str) -> PlatformConfig:
-    """``tenants`` tenants of one site and three machines each; in phase C every 20th is level 3."""
-    raw: dict[str, Any] = {
-        "phase": phase,
-        "region": "bench",
-        "tenants": [
-            {
-                "id": f"tenant-{index:05d}",
-                "name": f"Tenant {index}",
-                "tier": TIERS[index % len(TIERS)],
-                **({"isolation": 3} if phase == "C" and index % 20 == 0 else {}),
-                "sites": [
-                    {
-                        "id": "site-1",
-                        "machines": [{"id": f"m-{m}", "type": kind} for m, kind in enumerate(MACHINE_TYPES)],
-                    }
-                ],
-            }
-            for index in range(tenants)
-        ],
-    }
-    return parse_platform(raw, f"bench-{tenants}")
+def tenant_file(index: int) -> str:
+    level = "    isolation: 3\n" if index % 20 == 0 else ""
+    kinds = ", ".join(MACHINE_TYPES[: 1 + index % len(MACHINE_TYPES)])
+    return (
+        "config:\n  ironlink:platform: bench\n  ironlink:tenant:\n"
+        f"    id: t-{index:05d}\n    name: Tenant {index}\n    tier: {TIERS[index % len(TIERS)]}\n"
+        f"{level}    machine_types: [{kinds}]\n"
+    )
 
 
-def measure(tenants: int, phase: str, repeat: int) -> dict[str, Any]:
-    """Runs in the child process."""
-    from infra.plan import build_plan
-
-    build_plan(generated_config(1, phase), "warmup")
-    config = generated_config(tenants, phase)
-    best, count = float("inf"), 0
-    for _ in range(repeat):
-        start = time.perf_counter()
-        plan = build_plan(config, f"bench-{tenants}")
-        best = min(best, time.perf_counter() - start)
-        count = len(plan.resources)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"tenants": tenants, "resources": count, "seconds": best, "peak_rss_mib": peak_kib / 1024}
+def git(repo: Path, *args: str) -> None:
+    identity = ["-c", "user.email=bench@ironlink.example", "-c", "user.name=bench"]
+    subprocess.run(["git", *identity, *args], cwd=repo, check=True, capture_output=True, timeout=300)
 
 
-def run_child(tenants: int, phase: str, repeat: int) -> dict[str, Any]:
-    argv = [sys.executable, __file__, "--child", str(tenants), "--phase", phase, "--repeat", str(repeat)]
-    completed = subprocess.run(argv, check=True, capture_output=True, text=True)
-    return dict(json.loads(completed.stdout.strip().splitlines()[-1]))
+def make_repo(where: Path, tenants: int) -> Path:
+    repo = where / "repo"
+    (repo / "stacks").mkdir(parents=True)
+    for folder in PROGRAM:
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("Pulumi.yaml", "pyproject.toml"):
+        shutil.copy2(ROOT / name, repo / name)
+    platform = (ROOT / "stacks" / "Pulumi.scale-eu-west-1.yaml").read_text()
+    (repo / "stacks" / "Pulumi.bench.yaml").write_text(platform.replace("region: eu-west-1", "region: bench"))
+    for index in range(tenants):
+        (repo / "stacks" / f"Pulumi.bench.t-{index:05d}.yaml").write_text(tenant_file(index))
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "bench region")
+    return repo
+
+
+def timed(repo: Path, *argv: str, ok: tuple[int, ...] = (0,)) -> tuple[float, float]:
+    """Wall seconds and the peak RSS (MiB) of the largest process of ``ironlink ARGV`` (its pool's
+    workers included: the kernel reports the largest descendant reaped)."""
+    env = {**os.environ, "PYTHONPATH": str(repo), "COLUMNS": "200"}
+    command = [sys.executable, "-c", PEAK, *IRONLINK, *argv]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+    seconds = time.perf_counter() - start
+    if done.returncode not in ok:
+        raise SystemExit(f"ironlink {' '.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return seconds, int(done.stderr.strip().splitlines()[-1]) / 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
-    parser.add_argument("--phase", choices=["A", "B", "C"], default="C")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tenants", type=int, default=1000)
+    parser.add_argument("--jobs", type=int, default=None, help="planning processes [CPU count]")
     args = parser.parse_args()
-    if args.child is not None:
-        print(json.dumps(measure(args.child, args.phase, args.repeat)))
-        return
+    if not 1 <= args.tenants <= 10_000:
+        parser.error(f"--tenants: {args.tenants} is not between 1 and 10000")
+    jobs = ["--jobs", str(args.jobs)] if args.jobs else []
+    with tempfile.TemporaryDirectory(prefix="ironlink-bench-plan-") as scratch:
+        repo = make_repo(Path(scratch), args.tenants)
+        out = Path(scratch) / "plans"
+        baseline, _ = timed(repo, "plan", "bench.t-00001", "--no-tree", "--output-dir", str(out))
+        print(f"baseline: plan of one tenant stack {baseline:.2f} s")
 
-    rows = [run_child(size, args.phase, args.repeat) for size in sorted(args.sizes)]
-    print(f"offline plan, phase {args.phase}, best of {args.repeat} (each size in its own process)")
-    print(f"{'tenants':>8} {'resources':>10} {'plan s':>8} {'peak RSS MiB':>13} {'s/tenant':>9}")
-    for row in rows:
-        per_tenant = row["seconds"] / row["tenants"]
-        print(
-            f"{row['tenants']:>8} {row['resources']:>10} {row['seconds']:>8.3f} "
-            f"{row['peak_rss_mib']:>13.1f} {per_tenant * 1000:>7.2f}ms"
+        target = repo / "stacks" / "Pulumi.bench.t-00002.yaml"
+        target.write_text(target.read_text().replace("tier: premium", "tier: basic"))
+        git(repo, "commit", "-qam", "one tenant's tier")
+        change, _ = timed(repo, "plan", "diff", "main~1", "main", *jobs, ok=(0, 3))
+        print(f"one-tenant change {change:.2f} s (x{change / baseline:.2f} baseline)")
+
+        added, _ = timed(
+            repo, "tenant", "add", "bench", "--id", "newco", "--name", "New Co", "--tier", "basic"
         )
-    base = rows[0]
-    for previous, row in itertools.pairwise(rows):
+        print(f"tenant add {added:.2f} s (x{added / baseline:.2f} baseline)")
+
+        region, peak = timed(repo, "plan", "bench", "--no-tree", "--output-dir", str(out), *jobs)
+        planned = len(list(out.glob("bench*.json")))
         print(
-            f"t{row['tenants']}/t{previous['tenants']} = {row['seconds'] / previous['seconds']:.2f}"
-            f" (x{row['tenants'] / previous['tenants']:.0f} tenants)"
+            f"region {args.tenants} tenants {region:.2f} s, peak RSS {peak:.0f} MiB "
+            f"(x{region / baseline:.1f} baseline; {planned} stacks, {os.cpu_count()} CPUs)"
         )
-    if len(rows) > 1:
-        ratio = rows[-1]["seconds"] / base["seconds"]
-        last, first = rows[-1]["tenants"], base["tenants"]
-        print(f"t{last}/t{first} = {ratio:.2f} against the {first}-tenant baseline")
 
 
 if __name__ == "__main__":

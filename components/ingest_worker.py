@@ -19,7 +19,6 @@ fight it).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, NotRequired, TypedDict
 
 import pulumi
@@ -72,9 +71,6 @@ class IngestWorkerArgs(TypedDict):
     """``svc.ingest``'s broker password (secret)."""
     ca_cert_pem: pulumi.Input[str]
     """The CA that signed the broker's certificate."""
-    store_urls: Mapping[str, str]
-    """InfluxDB instance name → in-cluster URL of the platform's own instances; a level-3 tenant's
-    instance is in its registry route."""
     registry_dsn: pulumi.Input[str]
     """DSN of the registry (secret): the worker reads tenants, their store routes and write tokens,
     and machines from it at runtime, and follows their changes."""
@@ -124,7 +120,7 @@ class IngestWorker(pulumi.ComponentResource):
             config,
             mqtt_host=args["mqtt_host"],
             mqtt_port=args["mqtt_port"],
-            store_urls=args["store_urls"],
+            from_registry=True,
             mqtt_client_id=f"{INGEST_SERVICE}-$(POD_NAME)",
             shutdown_grace_s=config.ingest.shutdown_grace_s,
             spool_dir=SPOOL_DIR,

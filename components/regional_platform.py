@@ -23,7 +23,7 @@ import pulumi_kubernetes as k8s
 from components.credentials import ServiceCredential, service_credential
 from components.dead_letters import DeadLetterSink, DeadLetterSinkArgs
 from components.grafana import Grafana, GrafanaArgs
-from components.influxdb import InfluxDB, InfluxDBArgs, influxdb_url
+from components.influxdb import InfluxDB, InfluxDBArgs
 from components.ingest_worker import IngestWorker, IngestWorkerArgs
 from components.mqtt_broker import DeviceTrust, MqttBroker, MqttBrokerArgs
 from components.pki import CertificateAuthority, CertificateAuthorityArgs
@@ -149,7 +149,6 @@ class RegionalPlatform(pulumi.ComponentResource):
                 mqtt_password=self.ingest_credential.password,
                 ca_cert_pem=self.ca.cert_pem,
                 client_certificate=client_certificate,
-                store_urls={SHARED_INFLUXDB: influxdb_url(self.namespace, SHARED_INFLUXDB)},
                 registry_dsn=self.postgres.dsn,
             ),
             inside,

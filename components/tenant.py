@@ -40,7 +40,7 @@ from pulumiverse_grafana.alerting import RuleGroupRuleNotificationSettingsArgsDi
 from components.influxdb import InfluxDB, InfluxDBArgs
 from components.kube import inherited_dependencies
 from components.providers.influxdb import InfluxBucket, InfluxConnection, InfluxOrganization, InfluxToken
-from components.providers.registry import RegistryTenant
+from components.providers.registry import RegistryTenant, route_input
 from dashboards.alerts import EVALUATION_INTERVAL_S, tenant_rules
 from dashboards.tenant import tenant_dashboards
 from dashboards.view import TenantView
@@ -98,12 +98,15 @@ class Tenant(pulumi.ComponentResource):
         after = inherited_dependencies(opts)
         connection = self._store(name, args, after)
         self._grafana(name, args, connection, after)
+        # The platform's worker learns the tenant from this row: its route and its write token.
         RegistryTenant(
             f"{name}-registry",
             dsn=args["registry_dsn"],
             tenant=tenant,
             isolation=self.level,
             actor=args.get("actor") or f"pulumi:{pulumi.get_stack()}",
+            route=route_input(config, tenant, connection.url),
+            write_token=self.write_token,
             opts=pulumi.ResourceOptions(parent=self, depends_on=after),
         )
         self.register_outputs(

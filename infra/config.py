@@ -59,7 +59,7 @@ class StackConfigError(ValueError):
     def __init__(self, problems: Iterable[Problem], stack: str | None = None) -> None:
         self.problems = sorted(set(problems), key=lambda p: (p.path, p.message))
         self.stack = stack
-        header = f"stack {stack!r} has" if stack else "stack config has"
+        header = f"stack {_show(stack)} has" if stack else "stack config has"  # a name may come from a flag
         count = len(self.problems)
         lines = "\n".join(f"  {problem}" for problem in self.problems)
         super().__init__(f"{header} {count} problem{'s' if count != 1 else ''}:\n{lines}")

@@ -28,8 +28,8 @@ import yaml
 from pulumi import Output
 from pulumi.runtime import mocks, rpc, settings
 from pulumi.runtime import resource as pulumi_resource
-from pulumi.runtime.proto import source_pb2
 from pulumi.runtime.config import set_all_config
+from pulumi.runtime.proto import source_pb2
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
@@ -185,6 +185,7 @@ class Plan:
             "resources": [resource.to_json() for resource in self.resources],
             "outputs": self.outputs,
         }
+
 
 # ------------------------------------------------------------------------------------ values
 def _is_secret(value: Any) -> bool:

@@ -2,7 +2,8 @@
 
 A tenant stack's plan needs its platform's planned exports (they answer its ``StackReference``),
 so each platform is planned once in this process; its tenants are then planned in chunks by worker
-processes (forked, so they start with every module loaded), each writing its stacks' plan files.
+processes, each writing its stacks' plan files. The workers are spawned, not forked: a process that
+has run the SDK holds threads (its event loop's executor), and a fork copies their locks held.
 A thousand tenants of one region are a thousand small plans: the SDK's fixed cost per resource
 (about 3 ms) is paid once per tenant instead of in one process holding the whole region.
 """
@@ -121,7 +122,7 @@ def plan_region(
         return planned + _plan_tenants(selected, output_dir)
     # The platform's program result holds live resources; the workers need only its exports.
     shareable = Plan(platform_plan.stack, [], reference_outputs=platform_plan.reference_outputs)
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         workers, context, initializer=_init_worker, initargs=(config, shareable)
     ) as pool:

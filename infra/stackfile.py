@@ -5,9 +5,10 @@ person would: ruamel.yaml's round-trip mode keeps every comment and the order of
 touches only the lines it changes. Nothing is written unless the whole result validates; writes
 are atomic (temporary file + rename).
 
-ruamel.yaml attaches the comment lines *between* two list items to the end of the first item: a
-moved item takes the lines above it along (:meth:`StackFile.take_tenants`), and lines below the
-last one stay where they were.
+ruamel.yaml attaches the comment lines *between* two list items to the end of the first item, or,
+when that item ends in a flow collection (``[a, b]``), to the list before the second: a moved item
+takes the lines above it along (:meth:`StackFile.take_tenants`), and lines below the last one stay
+where they were.
 """
 
 from __future__ import annotations
@@ -73,15 +74,17 @@ def plain(node: Any) -> Any:
 
 
 # ------------------------------------------------------------------------- comments between items
-def _last_leaf(node: Any) -> tuple[CommentedMap, Any] | None:
-    """The mapping and key whose line is the last one of ``node`` (where trailing comments hang)."""
-    if isinstance(node, CommentedSeq) and len(node):
-        return _last_leaf(node[-1])
-    if isinstance(node, CommentedMap) and len(node):
-        key = list(node)[-1]
-        deeper = _last_leaf(node[key]) if isinstance(node[key], CommentedMap | CommentedSeq) else None
-        return deeper or (node, key)
-    return None
+Leaf = tuple[CommentedMap | CommentedSeq, Any, int]
+
+
+def _last_leaf(node: Any) -> Leaf | None:
+    """Where the comment lines after ``node`` hang: the mapping key or sequence index of its last
+    line, and the slot of that comment entry (2 in a mapping, 0 in a block sequence). A flow
+    collection (``[a, b]``) holds none: the lines after it hang on its parent."""
+    if not isinstance(node, CommentedMap | CommentedSeq) or not len(node) or node.fa.flow_style():
+        return None
+    key = list(node)[-1] if isinstance(node, CommentedMap) else len(node) - 1
+    return _last_leaf(node[key]) or (node, key, 2 if isinstance(node, CommentedMap) else 0)
 
 
 def _take_trailing_lines(node: Any) -> str:
@@ -89,29 +92,37 @@ def _take_trailing_lines(node: Any) -> str:
     leaf = _last_leaf(node)
     if leaf is None:
         return ""
-    holder, key = leaf
+    holder, key, slot = leaf
     entry = holder.ca.items.get(key)
-    token = entry[2] if entry and len(entry) > 2 else None
+    token = entry[slot] if entry and len(entry) > slot else None
     if token is None:
         return ""
     end_of_line, _, lines = token.value.partition("\n")
     if end_of_line.strip():
         token.value = end_of_line + "\n"
     else:
-        entry[2] = None
+        entry[slot] = None
     return lines
+
+
+def _comment_lines(tokens: Sequence[CommentToken]) -> str:
+    """Full-line comment tokens as text, each at its own column (their values start at '#')."""
+    return "".join(" " * token.column + token.value for token in tokens)
+
+
+def _hang_lines(leaf: Leaf, lines: str) -> None:
+    holder, key, slot = leaf
+    entry = holder.ca.items.setdefault(key, [None, None, None, None])
+    if entry[slot] is None:
+        entry[slot] = CommentToken("\n" + lines, CommentMark(0), None)
+    else:
+        entry[slot].value = entry[slot].value + lines
 
 
 def _append_trailing_lines(node: Any, lines: str) -> None:
     leaf = _last_leaf(node)
-    if not lines or leaf is None:
-        return
-    holder, key = leaf
-    entry = holder.ca.items.setdefault(key, [None, None, None, None])
-    if entry[2] is None:
-        entry[2] = CommentToken("\n" + lines, CommentMark(0), None)
-    else:
-        entry[2].value = entry[2].value + lines
+    if lines and leaf is not None:
+        _hang_lines(leaf, lines)
 
 
 # ------------------------------------------------------------------------------------ stack file
@@ -182,20 +193,18 @@ class StackFile:
         header = (items.ca.comment or [None, None])[1] or []
         above = "".join(token.value for token in header)
         taken: list[tuple[CommentedMap, str]] = []
-        for item in items:
-            following = _take_trailing_lines(item)
-            taken.append((item, above))
-            above = following
+        for index, item in enumerate(items):
+            # Lines after an item ending in a flow collection hang on the list, before the next item.
+            before = (items.ca.items.get(index) or [None, None])[1] or []
+            taken.append((item, above + _comment_lines(before)))
+            above = _take_trailing_lines(item)
+        above += _comment_lines(items.ca.end or [])
         keys = list(self.config_map)
         position = keys.index(TENANTS_KEY)
         del self.config_map[TENANTS_KEY]
         if above and position > 0:
             previous = keys[position - 1]
-            value = self.config_map[previous]
-            if isinstance(value, CommentedMap | CommentedSeq) and len(value):
-                _append_trailing_lines(value, above)
-            else:
-                _append_trailing_lines(self.config_map, above)
+            _hang_lines(_last_leaf(self.config_map[previous]) or (self.config_map, previous, 2), above)
         return taken
 
     def tenant_stack_text(self, tenant: CommentedMap, comments: str) -> str:

@@ -1,8 +1,10 @@
-"""The worker's copy of the fleet, kept equal to the registry's while it runs.
+"""The worker's copy of the fleet and of its tenants, kept equal to the registry's while it runs.
 
-One thread: connect, ``LISTEN ironlink_fleet`` (``registry/fleet.py``), read every machine, hand
-the map to the pipeline; then on each notification re-read the tenants it names and hand over a
-new map. The pipeline reads its map on every message, so a map is never changed once handed
+One thread: connect, ``LISTEN ironlink_fleet`` (``registry/fleet.py``) and
+``ironlink_tenant_routes`` (``registry/tenant_routes.py``), read every machine and every tenant's
+store route, hand both maps over (routes to the store and the pipeline, machines to the
+pipeline); then on each notification re-read the tenants it names on its channel and hand over
+a new map. The pipeline reads its map on every message, so a map is never changed once handed
 over: each change builds a new dict and replaces the reference (one atomic store). Every
 ``poll_s`` everything is read again, for a notification lost on the way (a pooler that drops
 LISTEN) and as a check that the connection still answers.
@@ -25,7 +27,9 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from registry import fleet as registry_fleet
+from registry import tenant_routes
 from registry.fleet import MachineTypes
+from registry.tenant_routes import TenantStoreRoutes
 
 log = structlog.get_logger("ingest.fleet")
 NOTIFY_WAIT_S = 0.5
@@ -55,6 +59,17 @@ class FleetMetrics:
             ["scope"],
             registry=registry,
         )
+        self.tenants = Gauge(
+            "ironlink_ingest_tenants",
+            "Tenants with a store route in the worker's copy of the registry",
+            registry=registry,
+        )
+        self.tenant_reloads = Counter(
+            "ironlink_ingest_tenant_routes_reloads",
+            "Tenant directories replaced: scope all (start, reconnect, poll) or tenant (a notification)",
+            ["scope"],
+            registry=registry,
+        )
         self.failures = Counter(
             "ironlink_ingest_registry_failures",
             "Registry connections lost or refused (each followed by a reconnect with backoff)",
@@ -63,7 +78,8 @@ class FleetMetrics:
 
 
 class Fleet:
-    """Follows the registry's machines and calls ``apply`` with each new map (from its thread)."""
+    """Follows the registry's machines and tenants, and calls ``apply`` with each new machine map
+    and ``apply_tenants`` with each new tenant directory (from its thread)."""
 
     def __init__(
         self,
@@ -71,13 +87,17 @@ class Fleet:
         poll_s: float,
         apply: Callable[[MachineTypes], None],
         registry: CollectorRegistry,
+        apply_tenants: Callable[[TenantStoreRoutes], None] | None = None,
     ) -> None:
         self._dsn = dsn
         self._poll_s = poll_s
         self._apply = apply
+        self._apply_tenants = apply_tenants
         self._machines: MachineTypes = {}
+        self._tenants: TenantStoreRoutes = {}
         self.metrics = FleetMetrics(registry)
         self.metrics.machines.set_function(lambda: len(self._machines))
+        self.metrics.tenants.set_function(lambda: len(self._tenants))
         self.loaded = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
@@ -103,6 +123,7 @@ class Fleet:
         return {
             "loaded": self.loaded.is_set(),
             "machines": len(self._machines),
+            "tenants": sorted(self._tenants),
             "loaded_at": None if self._loaded_at is None else round(self._loaded_at, 3),
             "reachable": self._unreachable_since is None and self.loaded.is_set(),
             "unreachable_since": None
@@ -128,6 +149,9 @@ class Fleet:
                     keepalives_count=3,
                 ) as conn:
                     registry_fleet.listen(conn)  # before reading: no change can fall in between
+                    if self._apply_tenants is not None:
+                        tenant_routes.listen(conn)
+                        self._replace_tenants(tenant_routes.tenant_routes(conn), "all")
                     self._replace(registry_fleet.machine_types(conn), "all")
                     self._reached()
                     attempt = 0
@@ -141,8 +165,13 @@ class Fleet:
         """Re-read what each notification names until the connection fails or the worker stops."""
         whole_at = time.monotonic() + self._poll_s
         while not self._stop.is_set():
-            tenants = {note.payload for note in conn.notifies(timeout=NOTIFY_WAIT_S)}
-            if time.monotonic() >= whole_at or "" in tenants or len(tenants) > WHOLE_RELOAD_TENANTS:
+            notes = list(conn.notifies(timeout=NOTIFY_WAIT_S))
+            tenants = {note.payload for note in notes if note.channel == registry_fleet.FLEET_CHANNEL}
+            routed = {note.payload for note in notes if note.channel == tenant_routes.TENANT_ROUTES_CHANNEL}
+            whole = time.monotonic() >= whole_at
+            if self._apply_tenants is not None and (whole or routed):
+                self._follow_tenants(conn, routed, whole)
+            if whole or "" in tenants or len(tenants) > WHOLE_RELOAD_TENANTS:
                 self._replace(registry_fleet.machine_types(conn), "all")
                 whole_at = time.monotonic() + self._poll_s
             elif tenants:
@@ -150,6 +179,32 @@ class Fleet:
                 for tenant in tenants:
                     fresh.update(registry_fleet.machine_types(conn, tenant))
                 self._replace(fresh, "tenant", sorted(tenants))
+
+    def _follow_tenants(self, conn: psycopg.Connection, changed: set[str], whole: bool) -> None:
+        """Routes are a row per tenant: re-read the tenants named (or all of them)."""
+        if whole or "" in changed or len(changed) > WHOLE_RELOAD_TENANTS:
+            self._replace_tenants(tenant_routes.tenant_routes(conn), "all")
+            return
+        fresh = {tenant: route for tenant, route in self._tenants.items() if tenant not in changed}
+        for tenant in changed:
+            fresh.update(tenant_routes.tenant_routes(conn, tenant))
+        self._replace_tenants(fresh, "tenant")
+
+    def _replace_tenants(self, routes: TenantStoreRoutes, scope: str) -> None:
+        assert self._apply_tenants is not None
+        before = self._tenants
+        self._tenants = routes
+        self._apply_tenants(routes)
+        self.metrics.tenant_reloads.labels(scope).inc()
+        added, removed = sorted(routes.keys() - before.keys()), sorted(before.keys() - routes.keys())
+        changed = sorted(t for t in routes.keys() & before.keys() if routes[t] != before[t])
+        if added or removed or changed:
+            # Tenant ids only: a route holds a token.
+            log.info("tenants_changed", added=added, removed=removed, changed=changed, tenants=len(routes))
+        if not routes and (before or scope == "all"):
+            log.warning(
+                "no_tenants", note="the registry holds no store route: every message is unknown_tenant"
+            )
 
     def _replace(self, machines: MachineTypes, scope: str, tenants: list[str] | None = None) -> None:
         before = len(self._machines)
@@ -180,5 +235,6 @@ class Fleet:
             error=self._error,
             attempt=attempt,
             machines_kept=len(self._machines),
+            tenants_kept=len(self._tenants),
             note="working from the last good copy" if self.loaded.is_set() else "no copy yet: not ready",
         )

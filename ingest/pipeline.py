@@ -22,6 +22,7 @@ from ingest.contract import Accepted, MachineKey, Reason, Rejected, decode, pars
 from ingest.derive import DerivedMetrics
 from ingest.points import to_line
 from ingest.settings import WorkerSettings
+from registry.tenant_routes import TenantStoreRoute
 
 UNKNOWN_TENANT_LABEL = "_unknown"
 Sequence = tuple[str, int, int]  # a v3 message's (gateway, boot, n)
@@ -100,6 +101,14 @@ class TenantQuota:
         return True
 
 
+@dataclass(frozen=True, slots=True)
+class KnownTenant:
+    """What the pipeline checks a tenant's messages against: its route and its quota here."""
+
+    route: TenantStoreRoute
+    quota: TenantQuota | None
+
+
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
 
@@ -116,15 +125,10 @@ class Pipeline:
         # With a registry its fleet is the whole truth: a machine it lacks is unknown_machine in
         # every schema version (from settings, v2/v3 of a known tenant pass without a type check).
         self._registry_fleet = settings.registry_dsn is not None
-        # Each replica admits its share: the broker spreads a shared subscription's messages
-        # evenly over the group's members (ingest/README.md, "Quota", for the trade-off).
-        self._quotas = {
-            tenant: TenantQuota(
-                route.messages_per_second / settings.quota_share_replicas, settings.quota_burst_s, clock
-            )
-            for tenant, route in settings.tenants.items()
-            if route.messages_per_second is not None
-        }
+        self._clock = clock
+        self._tenants: Mapping[str, KnownTenant] = {}
+        if not self._registry_fleet:
+            self.use_tenants(settings.store_routes({}))
         self.derived = DerivedMetrics(settings.derived_window_s, settings.derived_max_gap_s)
 
     def use_machine_types(self, machine_types: Mapping[MachineKey, str]) -> None:
@@ -132,10 +136,33 @@ class Pipeline:
         never changed in place, so each message sees one fleet or the next."""
         self._machine_types = machine_types
 
+    def use_tenants(self, routes: Mapping[str, TenantStoreRoute]) -> None:
+        """The tenant directory (the settings', or the registry's from the fleet thread), replaced
+        whole like the fleet. A tenant whose quota is unchanged keeps its bucket: re-reading the
+        registry must not hand anyone a fresh burst."""
+        s, before = self.settings, self._tenants
+        known = {}
+        for tenant, route in routes.items():
+            quota = None
+            if route.messages_per_second is not None:
+                old = before.get(tenant)
+                if old is not None and old.route.messages_per_second == route.messages_per_second:
+                    quota = old.quota
+                else:
+                    share = route.messages_per_second / s.quota_share_replicas
+                    # Each replica admits its share: the broker spreads a shared subscription's
+                    # messages evenly over the group's members (ingest/README.md, "Quota").
+                    quota = TenantQuota(share, s.quota_burst_s, self._clock)
+            known[tenant] = KnownTenant(route, quota)
+        self._tenants = known
+
+    def tenant_ids(self) -> list[str]:
+        return sorted(self._tenants)
+
     def tenant_label(self, topic: str) -> str:
-        """The tenant a topic names, as a metric label (bounded: only configured tenants)."""
+        """The tenant a topic names, as a metric label (bounded: only known tenants)."""
         key = parse_topic(topic)
-        return key[0] if key is not None and key[0] in self.settings.tenants else UNKNOWN_TENANT_LABEL
+        return key[0] if key is not None and key[0] in self._tenants else UNKNOWN_TENANT_LABEL
 
     def process(self, topic: str, payload: bytes, received_at: float) -> Point | DeadLetter:
         try:
@@ -157,29 +184,32 @@ class Pipeline:
         if not isinstance(result, Accepted):
             return result
         sample = result.telemetry
-        machine = (sample.tenant_id, sample.site_id, sample.machine_id)
-        if self._registry_fleet and machine not in machine_types:
-            return Rejected(Reason.UNKNOWN_MACHINE, f"machine {'/'.join(machine)!r} is not registered")
-        if sample.tenant_id not in self.settings.tenants:
+        tenant = self._tenants.get(sample.tenant_id)  # one reading, like the fleet
+        if tenant is None:  # before the machine: a removed tenant's machines went with it
             return Rejected(
                 Reason.UNKNOWN_TENANT, f"tenant_id: {sample.tenant_id!r} is not a tenant of this platform"
             )
-        out_of_time = self._ts_problem(sample.ts, received_at, sample.tenant_id)
+        machine = (sample.tenant_id, sample.site_id, sample.machine_id)
+        if self._registry_fleet and machine not in machine_types:
+            return Rejected(Reason.UNKNOWN_MACHINE, f"machine {'/'.join(machine)!r} is not registered")
+        out_of_time = self._ts_problem(sample.ts, received_at, sample.tenant_id, tenant.route.max_age_s)
         if out_of_time is not None:
             return out_of_time
-        quota = self._quotas.get(sample.tenant_id)
+        quota = tenant.quota
         if quota is not None and not quota.admit():
             return Rejected(
                 Reason.QUOTA_EXCEEDED,
                 f"tenant {sample.tenant_id!r} is over its quota of "
-                f"{self.settings.tenants[sample.tenant_id].messages_per_second:g} messages/s: this replica "
+                f"{tenant.route.messages_per_second:g} messages/s: this replica "
                 f"admits {quota.rate:g}/s (one of {self.settings.quota_share_replicas} sharing it) "
                 f"with a burst of {quota.capacity:g} messages",
             )
         seq = (result.seq.gateway, result.seq.boot, result.seq.n) if result.seq else None
         return Point(sample.tenant_id, to_line(sample, self.derived.update(sample)), sample.ts, seq)
 
-    def _ts_problem(self, ts: float, received_at: float, tenant_id: str) -> Rejected | None:
+    def _ts_problem(
+        self, ts: float, received_at: float, tenant_id: str, max_age_s: int | None
+    ) -> Rejected | None:
         """Refused here rather than left to the store, which drops such a point: VictoriaMetrics
         after a 204 when it is > ~2 days ahead, InfluxDB with a 422 partial write when it is outside
         the bucket's retention."""
@@ -191,7 +221,6 @@ class Pipeline:
                 f"{_iso(received_at)}; at most {self.settings.max_clock_skew_s} s is allowed "
                 "(ingest.max_clock_skew_s)",
             )
-        max_age_s = self.settings.tenants[tenant_id].max_age_s
         if max_age_s is not None and -ahead > max_age_s:
             return Rejected(
                 Reason.TS_TOO_OLD,

@@ -5,10 +5,12 @@ Every field of :class:`WorkerSettings` is read from ``IRONLINK_<FIELD NAME IN CA
 names). Secrets never travel with the rest: the broker password comes from
 ``IRONLINK_MQTT_PASSWORD`` only, the registry's DSN from ``IRONLINK_REGISTRY_DSN`` only, and the
 store tokens from the JSON file named by ``IRONLINK_STORE_TOKENS_FILE`` (``{"<tenant>":
-"<token>"}``). :meth:`WorkerSettings.to_env` gives the non-secret environment of a deployment
-(the ``IngestWorker`` component, ``ironlink dev``), and :func:`worker_settings_for` derives it
-from the stack config, so tenants, buckets and subscription come from ``infra/tenancy.py`` and
-nowhere else.
+"<token>"}``); with ``IRONLINK_REGISTRY_DSN`` the tenants, their store URLs and tokens come from
+the registry instead (``ingest/fleet.py``). :meth:`WorkerSettings.to_env` gives the non-secret
+environment of a deployment (the ``IngestWorker`` component, ``ironlink dev``), and
+:func:`worker_settings_for` derives it from the stack config, so tenants, buckets and
+subscription come from ``infra/tenancy.py`` (through ``registry.tenant_routes.tenant_route_for``)
+and nowhere else.
 
 Bad settings raise :class:`SettingsError` naming each offending variable and value::
 
@@ -22,7 +24,7 @@ import os
 import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
@@ -32,16 +34,29 @@ from infra.tenancy import (
     INGEST_SERVICE,
     REPLAY_FILTER,
     TELEMETRY_FILTER,
+    influxdb_instance,
     ingest_subscription,
     replay_subscription,
-    store_routes,
 )
 from ingest.contract import DEFAULT_MAX_PAYLOAD_BYTES, MachineKey
+from registry.tenant_routes import (
+    STORE_URL_PATTERN,
+    TOKEN_MAX_CHARS,
+    InstanceName,
+    StoreName,
+    TenantStoreRoute,
+    TenantStoreRoutes,
+    tenant_route_for,
+)
 
 ENV_PREFIX = "IRONLINK_"
 SETTINGS_FILE_VAR = "IRONLINK_SETTINGS_FILE"
 _SECRETS = {"mqtt_password", "registry_dsn"}
 _JSON_FIELDS = {"store_urls", "tenants"}
+_RUNNING = "running"
+"""Validation context of settings read by the process itself (:func:`settings_from_env`)."""
+_STORE_ROUTE_FIELDS = {"instance", "org", "bucket", "messages_per_second", "max_age_s"}
+"""What a :class:`TenantRoute` and a :class:`~registry.tenant_routes.TenantStoreRoute` share."""
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -62,9 +77,9 @@ class TenantRoute(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    instance: str = Field(description="InfluxDB instance name; its URL is in store_urls.")
-    org: str
-    bucket: str
+    instance: InstanceName = Field(description="InfluxDB instance name; its URL is in store_urls.")
+    org: StoreName
+    bucket: StoreName
     messages_per_second: float | None = Field(
         default=None,
         gt=0,
@@ -114,14 +129,8 @@ class WorkerSettings(BaseModel):
         description="Unacknowledged deliveries in flight; default 4 x batch_size (pipelining).",
     )
 
-    # Store: InfluxDB 2.x API (VictoriaMetrics in local dev and tests).
-    store_urls: dict[str, str] = Field(description="InfluxDB instance name -> URL.")
-    store_tokens_file: Path | None = Field(default=None, description="JSON {tenant: write token}.")
-    store_timeout_ms: int = Field(default=10_000, ge=100)
-    tenants: dict[TenantId, TenantRoute]
-
-    # The fleet (ingest/fleet.py): with a registry, machines come from it and follow its changes;
-    # tenants[*].machines is then ignored (and best left empty: one variable holds at most 128 KiB).
+    # The registry (ingest/fleet.py): with it, tenants (routes, URLs, tokens, quotas) and machines
+    # come from it and follow its changes; store_urls, tenants and the tokens file are then ignored.
     registry_dsn: SecretStr | None = Field(
         default=None, description="From IRONLINK_REGISTRY_DSN only; read-only access suffices."
     )
@@ -129,7 +138,17 @@ class WorkerSettings(BaseModel):
         default=60.0,
         ge=1,
         le=3600,
-        description="Full re-read of the registry's machines, in case a change notification was lost.",
+        description="Full re-read of the registry's tenants and machines, in case a notification was lost.",
+    )
+
+    # Store: InfluxDB 2.x API (VictoriaMetrics in local dev and tests).
+    store_urls: dict[str, Annotated[str, Field(pattern=STORE_URL_PATTERN, max_length=2048)]] = Field(
+        default_factory=dict, description="InfluxDB instance name -> URL (without a registry)."
+    )
+    store_tokens_file: Path | None = Field(default=None, description="JSON {tenant: write token}.")
+    store_timeout_ms: int = Field(default=10_000, ge=100)
+    tenants: dict[TenantId, TenantRoute] = Field(
+        default=None, validate_default=True, description="Required without a registry."
     )
 
     # Batching and retries.
@@ -208,6 +227,16 @@ class WorkerSettings(BaseModel):
             )
         return value
 
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _tenants_unless_registry(cls, tenants: Any, info: ValidationInfo) -> Any:
+        if tenants is not None:
+            return tenants
+        # A deployment's settings (worker_settings_for) may leave them out; a worker may not.
+        if (info.context or {}).get(_RUNNING) and info.data.get("registry_dsn") is None:
+            raise ValueError("is required (unless IRONLINK_REGISTRY_DSN is set: tenants then come from it)")
+        return {}
+
     @field_validator("tenants")
     @classmethod
     def _routes_have_urls(
@@ -244,8 +273,9 @@ class WorkerSettings(BaseModel):
         return types
 
     def store_tokens(self) -> dict[str, str]:
-        """Tenant → write token from ``store_tokens_file``; no file means no tokens (VictoriaMetrics)."""
-        if self.store_tokens_file is None:
+        """Tenant → write token from ``store_tokens_file``; no file means no tokens (VictoriaMetrics).
+        With a registry, none: its routes carry the tokens."""
+        if self.store_tokens_file is None or self.registry_dsn is not None:
             return {}
         where = f"IRONLINK_STORE_TOKENS_FILE ({self.store_tokens_file})"
         try:
@@ -254,16 +284,37 @@ class WorkerSettings(BaseModel):
             raise SettingsError([f"{where}: cannot be read: {error.strerror}"]) from error
         except ValueError as error:
             raise SettingsError([f"{where}: is not valid JSON: {error}"]) from error
-        if not isinstance(tokens, dict) or not all(isinstance(v, str) and v for v in tokens.values()):
-            raise SettingsError([f"{where}: must be a JSON object of tenant id -> non-empty token"])
+        if not isinstance(tokens, dict) or not all(
+            isinstance(v, str) and 0 < len(v) <= TOKEN_MAX_CHARS for v in tokens.values()
+        ):
+            raise SettingsError(
+                [f"{where}: must be a JSON object of tenant id -> token (1 to {TOKEN_MAX_CHARS} characters)"]
+            )
         missing = [tenant for tenant in self.tenants if tenant not in tokens]
         if missing:
             raise SettingsError([f"{where}: no token for tenant {tenant!r}" for tenant in missing])
         return {tenant: tokens[tenant] for tenant in self.tenants}
 
+    def store_routes(self, tokens: Mapping[str, str]) -> TenantStoreRoutes:
+        """Without a registry, the tenant directory from these settings: what the registry's
+        ``tenant_store_routes`` rows say in registry mode."""
+        return {
+            tenant: TenantStoreRoute(
+                **route.model_dump(include=_STORE_ROUTE_FIELDS),
+                url=self.store_urls[route.instance],
+                token=SecretStr(tokens.get(tenant, "")),
+            )
+            for tenant, route in self.tenants.items()
+        }
+
     def to_env(self) -> dict[str, str]:
-        """The non-secret settings as ``IRONLINK_*`` variables (what a Deployment sets)."""
-        return settings_env(self, prefix=ENV_PREFIX, json_fields=_JSON_FIELDS, secrets=_SECRETS)
+        """The non-secret settings as ``IRONLINK_*`` variables (what a Deployment sets); no
+        ``IRONLINK_TENANTS`` nor ``IRONLINK_STORE_URLS`` for a worker that reads the registry."""
+        env = settings_env(self, prefix=ENV_PREFIX, json_fields=_JSON_FIELDS, secrets=_SECRETS)
+        for name in _JSON_FIELDS:
+            if not getattr(self, name):
+                env.pop(ENV_PREFIX + name.upper())
+        return env
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -331,7 +382,7 @@ def settings_from_env(
             values[name] = text
     if not problems:
         try:
-            return model.model_validate(values)
+            return model.model_validate(values, context={_RUNNING: True})
         except ValidationError as error:
             problems.extend(_describe(error, origin, prefix))
     raise SettingsError(problems, what)
@@ -381,36 +432,43 @@ def worker_settings_for(
     *,
     mqtt_host: str,
     mqtt_port: int,
-    store_urls: Mapping[str, str],
+    store_urls: Mapping[str, str] | None = None,
     machines: Mapping[str, Mapping[str, str]] | None = None,
+    from_registry: bool = False,
     **overrides: Any,
 ) -> WorkerSettings:
-    """The worker's settings for a stack: routes and quotas per tenant, the subscription for the
-    stack's broker engine, batching from ``ingest:``. ``overrides`` are further
-    :class:`WorkerSettings` fields (TLS file paths, ``http_port``, ...). The stack holds no
-    machines: ``machines`` (tenant id → ``'<site>/<machine>'`` → type, e.g.
-    :meth:`infra.fleet.Fleet.route_machines`) passes them explicitly; without it the routes carry
-    none, for a worker that reads them from the registry (``registry_dsn``)."""
-    routes = store_routes(config)
-    tenants = {
-        tenant.id: TenantRoute(
-            instance=routes[tenant.id].instance,
-            org=routes[tenant.id].org,
-            bucket=routes[tenant.id].bucket,
-            messages_per_second=config.quota_of(tenant).messages_per_second,
-            max_age_s=config.retention_of(tenant).max_age_seconds,
-            machines=dict((machines or {}).get(tenant.id, {})),
-        )
-        for tenant in config.tenants
-    }
+    """The worker's settings for a stack: the subscription for the stack's broker engine, batching
+    from ``ingest:``, and without a registry the routes and quotas per tenant (their instances'
+    URLs from ``store_urls``). ``overrides`` are further :class:`WorkerSettings` fields (TLS file
+    paths, ``http_port``, ...). ``from_registry``: the settings hold no tenant and no store URL,
+    for a worker given ``IRONLINK_REGISTRY_DSN``, which reads its tenants (``tenant_store_routes``,
+    written by :func:`registry.tenant_routes.upsert_tenant_route`) and machines from the
+    registry. The stack holds no machines:
+    ``machines`` (tenant id → ``'<site>/<machine>'`` → type, e.g.
+    :meth:`infra.fleet.Fleet.route_machines`) passes them explicitly."""
+    routing: dict[str, Any] = {}
+    if not from_registry:
+        urls = dict(store_urls or {})
+        unrouted = sorted({influxdb_instance(config, t) for t in config.tenants} - set(urls))
+        if unrouted:
+            raise SettingsError([f"store_urls: instance {name!r} has no URL" for name in unrouted])
+        routing["store_urls"] = urls
+        routing["tenants"] = {
+            tenant.id: TenantRoute(
+                **tenant_route_for(config, tenant, urls[influxdb_instance(config, tenant)], "").model_dump(
+                    include=_STORE_ROUTE_FIELDS
+                ),
+                machines=dict((machines or {}).get(tenant.id, {})),
+            )
+            for tenant in config.tenants
+        }
     return WorkerSettings.model_validate(
         {
             "mqtt_host": mqtt_host,
             "mqtt_port": mqtt_port,
             "mqtt_subscription": ingest_subscription(config),
             "mqtt_replay_subscription": replay_subscription(config),
-            "store_urls": dict(store_urls),
-            "tenants": tenants,
+            **routing,
             "batch_size": config.ingest.batch_size,
             "flush_interval_ms": config.ingest.flush_interval_ms,
             "max_clock_skew_s": config.ingest.max_clock_skew_s,

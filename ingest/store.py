@@ -9,14 +9,17 @@ acknowledging meanwhile.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import cast
 
 from influxdb_client import InfluxDBClient, WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS, WriteApi
 from influxdb_client.rest import ApiException
 
-from ingest.settings import WorkerSettings
+from registry.tenant_routes import TenantStoreRoute
 
 # Line protocol timestamps are milliseconds (the client types the constant as a plain str).
 _MS = cast(WritePrecision, WritePrecision.MS)
@@ -37,30 +40,75 @@ def store_answer(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error)[:400]}"
 
 
+@dataclass(frozen=True, slots=True)
+class TenantWriter:
+    """One tenant's way into its store: the route and the write API of its (URL, token) client."""
+
+    route: TenantStoreRoute
+    api: WriteApi
+
+
 class Store:
     """One client per (instance URL, token): level-3 tenants have their own instance, and each
-    tenant's token may only write its own bucket."""
+    tenant's token may only write its own bucket.
 
-    def __init__(self, settings: WorkerSettings, tokens: Mapping[str, str]) -> None:
-        self._routes = settings.tenants
+    The tenants change at runtime (:meth:`use_tenants`, from the registry): the map of writers is
+    replaced whole, and every request looks its tenant up again, so the first write after a
+    token rotation already carries the new token. A client no longer used is closed one request
+    timeout after it was retired, by the next change: a write in flight on it has ended by then.
+    """
+
+    def __init__(self, timeout_ms: int, routes: Mapping[str, TenantStoreRoute]) -> None:
+        self._timeout_ms = timeout_ms
         self._clients: dict[tuple[str, str], InfluxDBClient] = {}
-        self._apis: dict[str, WriteApi] = {}
-        for tenant, route in settings.tenants.items():
-            url, token = settings.store_urls[route.instance], tokens.get(tenant, "")
-            client = self._clients.get((url, token))
-            if client is None:
-                client = InfluxDBClient(
-                    url=url, token=token, org=route.org, timeout=settings.store_timeout_ms
-                )
-                self._clients[(url, token)] = client
-            self._apis[tenant] = client.write_api(write_options=SYNCHRONOUS)
+        self._writers: dict[str, TenantWriter] = {}
+        self._retired: list[tuple[float, InfluxDBClient]] = []
+        self._lock = threading.Lock()  # changes only: writes read the current map without it
+        self.use_tenants(routes)
+
+    def use_tenants(self, routes: Mapping[str, TenantStoreRoute]) -> None:
+        with self._lock:
+            clients: dict[tuple[str, str], InfluxDBClient] = {}
+            writers: dict[str, TenantWriter] = {}
+            for tenant, route in routes.items():
+                key = (route.url, route.token.get_secret_value())
+                client = clients.get(key) or self._clients.get(key)
+                if client is None:
+                    client = InfluxDBClient(url=key[0], token=key[1], org=route.org, timeout=self._timeout_ms)
+                clients[key] = client
+                old = self._writers.get(tenant)
+                if old is not None and (old.route.url, old.route.token) == (route.url, route.token):
+                    writers[tenant] = TenantWriter(route, old.api)
+                else:
+                    writers[tenant] = TenantWriter(route, client.write_api(write_options=SYNCHRONOUS))
+            now = time.monotonic()
+            self._retired += [(now, c) for key, c in self._clients.items() if key not in clients]
+            self._clients, self._writers = clients, writers
+            self._close_retired(now - self._timeout_ms / 1000 - 1)
+
+    def _close_retired(self, before: float) -> None:
+        keep = []
+        for retired_at, client in self._retired:
+            if retired_at <= before:
+                client.close()
+            else:
+                keep.append((retired_at, client))
+        self._retired = keep
+
+    def __contains__(self, tenant_id: object) -> bool:
+        return tenant_id in self._writers
+
+    def writer(self, tenant_id: str) -> TenantWriter:
+        """The tenant's current route and write API (KeyError for a tenant no longer known)."""
+        return self._writers[tenant_id]
 
     def write(self, tenant_id: str, lines: list[str]) -> None:
         """Write one tenant's lines; raises whatever the client raises when it did not succeed."""
-        route = self._routes[tenant_id]
+        writer = self._writers[tenant_id]
+        route = writer.route
         # One joined string: the client would serialize a list line by line, at twice the cost.
         body = "\n".join(lines)
-        self._apis[tenant_id].write(bucket=route.bucket, org=route.org, record=body, write_precision=_MS)
+        writer.api.write(bucket=route.bucket, org=route.org, record=body, write_precision=_MS)
 
     def write_each(self, tenant_id: str, lines: list[str]) -> dict[int, str]:
         """Write ``lines`` and say, point by point, which ones the store refused.
@@ -89,5 +137,7 @@ class Store:
         return refused
 
     def close(self) -> None:
-        for client in self._clients.values():
-            client.close()
+        with self._lock:
+            self._close_retired(float("inf"))
+            for client in self._clients.values():
+                client.close()

@@ -46,7 +46,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from infra.tenancy import REPLAY_ROOT, dead_letter_topic, drain_topic, original_topic, receipts_topic
 from ingest.contract import Reason, Rejected, parse_topic
@@ -59,6 +59,7 @@ from ingest.session import connect_persistent, persistent_client
 from ingest.settings import WorkerSettings
 from ingest.spool import Spool, SpooledPoint, SpoolEntry, SpoolError
 from ingest.store import Store, store_answer
+from registry.tenant_routes import TenantStoreRoutes
 
 log = structlog.get_logger("ingest")
 _NO_SEQ = (None, None, None)
@@ -118,17 +119,26 @@ class Worker:
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
         self.pipeline = Pipeline(settings)
-        self.fleet = (
-            Fleet(
+        self._received: dict[str, Counter] = {}
+        # Tenants: from the settings, or from the registry (none until its first copy).
+        self.store = Store(settings.store_timeout_ms, {})
+        if settings.registry_dsn is not None:
+            self.fleet: Fleet | None = Fleet(
                 settings.registry_dsn.get_secret_value(),
                 settings.fleet_poll_s,
                 self.pipeline.use_machine_types,
                 self.metrics.registry,
+                apply_tenants=self.use_tenants,
             )
-            if settings.registry_dsn is not None
-            else None
-        )
-        self.store = Store(settings, tokens)
+            if settings.tenants:
+                log.warning(
+                    "settings_tenants_ignored",
+                    tenants=sorted(settings.tenants),
+                    note="with IRONLINK_REGISTRY_DSN the tenants are the registry's (tenant_store_routes)",
+                )
+        else:
+            self.fleet = None
+            self.use_tenants(settings.store_routes(tokens))
         self.spool = Spool(settings.spool_dir, settings.spool_max_bytes_per_tenant, settings.spool_max_bytes)
         self.heartbeat = time.monotonic()
         self._inbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
@@ -144,7 +154,6 @@ class Worker:
         self._delivered = 0
         self._settled = 0
         self._batch_limit = min(settings.batch_size, settings.receive_maximum)
-        self._received = {tenant: self.metrics.received.labels(tenant) for tenant in settings.tenants}
         self._receipts_unconfirmed: list[int] = []
         self._holds: dict[str, Hold] = {}
         self._hold_lock = threading.Lock()
@@ -160,6 +169,14 @@ class Worker:
         self.metrics.unacked.set_function(lambda: self.unacked)
         self.metrics.store_ok.set_function(lambda: 0 if self._holds else 1)
         self.client = self._client()
+
+    def use_tenants(self, routes: TenantStoreRoutes) -> None:
+        """A new tenant directory: its store clients first, so that a point the pipeline accepts
+        for a new tenant finds its writer; metric labels for the tenants that appeared."""
+        self.store.use_tenants(routes)
+        self.pipeline.use_tenants(routes)
+        received = self.metrics.received
+        self._received = {tenant: self._received.get(tenant) or received.labels(tenant) for tenant in routes}
 
     # ---------------------------------------------------------------------------- broker side
     def _client(self) -> mqtt.Client:
@@ -292,7 +309,7 @@ class Worker:
             "worker_started",
             broker=f"{s.mqtt_host}:{s.mqtt_port}",
             client_id=s.client_id,
-            tenants=sorted(s.tenants),
+            tenants=self.pipeline.tenant_ids(),
             held=sorted(self._holds),
         )
         handed_over = False
@@ -454,7 +471,14 @@ class Worker:
         fails or does not answer in time, is diverted to the spool instead of holding the batch."""
         direct: dict[str, list[tuple[Point, Delivery]]] = {}
         for tenant, entries in batch.points.items():
-            if tenant in self._holds:
+            if tenant not in self.store:  # removed from the registry while its batch filled
+                why = f"tenant_id: {tenant!r} is no longer a tenant of this platform"
+                refused = dict.fromkeys(range(len(entries)), why)
+                sources = [delivery for _, delivery in entries]
+                batch.dead_letters += self._dead_letter_refused(
+                    tenant, refused, sources, Reason.UNKNOWN_TENANT
+                )
+            elif tenant in self._holds:
                 self._divert(tenant, entries, batch)
             else:
                 direct[tenant] = entries
@@ -605,7 +629,7 @@ class Worker:
         if not points:
             self._release_if_drained(tenant)
             return False
-        if tenant not in self.settings.tenants:  # spooled by a run that still had the tenant
+        if tenant not in self.store:  # spooled while the tenant was still known
             why = f"tenant_id: {tenant!r} is no longer a tenant of this platform"
             return self._dead_letter_spooled(tenant, points, why, Reason.UNKNOWN_TENANT)
         try:
@@ -645,9 +669,7 @@ class Worker:
                 f"{self.settings.client_id!r} stopped; replay once the store is back"
             )
             while points := self.spool.oldest(tenant, self._batch_limit):
-                reason = (
-                    Reason.STORE_UNAVAILABLE if tenant in self.settings.tenants else Reason.UNKNOWN_TENANT
-                )
+                reason = Reason.STORE_UNAVAILABLE if tenant in self.store else Reason.UNKNOWN_TENANT
                 if not self._dead_letter_spooled(tenant, points, why, reason):
                     return False
         return not self.spool.tenants()

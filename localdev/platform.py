@@ -63,7 +63,6 @@ from infra.tenancy import (
     DEAD_LETTER_SERVICE,
     INGEST_SERVICE,
     device_username,
-    store_routes,
     tenant_service_username,
 )
 from ingest.deadletters.settings import dead_letter_settings_for
@@ -88,13 +87,18 @@ from provisioning.settings import ProvisioningSettings
 from registry import store as registry
 from registry.access import service_usernames
 from registry.fleet_import import import_fleet
+from registry.tenant_routes import tenant_route_for, upsert_tenant_route
 
 LOOPBACK = "127.0.0.1"
+# The dynamic-security admin ``up`` creates the demo devices as: not the provisioning service's
+# ``admin.dynsec``, whose session a second login under that username (the client id) would take over.
+DEVICE_SYNC_ADMIN = "admin.devsync"
 # Start order: what the worker needs comes first; ``down`` goes the other way.
 PROCESSES = ("postgres", "victoria-metrics", "mosquitto", "provisioning", "ingest", "dead-letters")
 # What ``up`` does between starting processes, reported like them: the registry's sync after
-# PostgreSQL, the demo devices after Mosquitto, the issuing CAs after the provisioning service.
-STEPS = ("registry", "devices", "device-cas")
+# PostgreSQL, the tenants' store routes once the store's port is final, the demo devices after
+# Mosquitto, the issuing CAs after the provisioning service.
+STEPS = ("registry", "store-routes", "devices", "device-cas")
 # The accounts servers run as when ``ironlink dev`` runs as root (unused otherwise).
 ACCOUNTS = {
     "postgres": "postgres",
@@ -287,7 +291,12 @@ class DevPlatform:
             make_dir(folder)
         Ports.load_or_choose(self.layout)
         credentials = self.credentials
-        usernames = [*generated_devices(self.fleet), *service_usernames(self.config), DYNSEC_ADMIN]
+        usernames = [
+            *generated_devices(self.fleet),
+            *service_usernames(self.config),
+            DYNSEC_ADMIN,
+            DEVICE_SYNC_ADMIN,
+        ]
         if credentials.ensure(usernames):
             credentials.save(self.layout)
         self._prepare_pki()
@@ -388,7 +397,9 @@ class DevPlatform:
                 for name in credentials.accounts
             }
             services = [hashed[name] for name in service_usernames(self.config)]
-            seed = render_dynamic_security_config(self.config, hashed[DYNSEC_ADMIN], services)
+            seed = render_dynamic_security_config(
+                self.config, hashed[DYNSEC_ADMIN], services, other_admins=[hashed[DEVICE_SYNC_ADMIN]]
+            )
             write_secret(layout.dynamic_security_file, seed, owner)
 
     def _write_store_tokens(self) -> None:
@@ -445,18 +456,17 @@ class DevPlatform:
 
     def _ingest_spec(self) -> _Spec:
         ports = self.ports
-        store_url = f"http://{LOOPBACK}:{ports.victoria_metrics}"
         settings = worker_settings_for(
             self.config,
             mqtt_host=LOOPBACK,
             mqtt_port=ports.mqtt,
-            store_urls={route.instance: store_url for route in store_routes(self.config).values()},
+            from_registry=True,
             mqtt_ca_file=self.layout.ca_cert,
-            store_tokens_file=self.layout.store_tokens_file,
             http_host=LOOPBACK,
             http_port=ports.worker,
         )
-        # Registry mode (ingest/fleet.py): no machines in its environment, the registry's followed.
+        # Registry mode (ingest/fleet.py): no tenant (route, URL, token) and no machine in its
+        # environment: the registry's are followed (sync_store_routes writes the routes).
         secrets_env = {
             "IRONLINK_MQTT_PASSWORD": self._service_password(INGEST_SERVICE),
             "IRONLINK_REGISTRY_DSN": self.registry_dsn(),
@@ -470,7 +480,7 @@ class DevPlatform:
             env={**settings.to_env(), **secrets_env},
             cwd=self.layout.ingest,
         )
-        return _Spec(ports.worker, server, [self.layout.ca_cert, self.layout.store_tokens_file])
+        return _Spec(ports.worker, server, [self.layout.ca_cert])
 
     def _service_password(self, username: str) -> str:
         password = self.credentials.password(username)
@@ -524,6 +534,8 @@ class DevPlatform:
                 "mosquitto_port": ports.mqtt,
                 "mosquitto_username": DYNSEC_ADMIN,
                 "mosquitto_ca_file": layout.ca_cert,
+                # The broker's refused connections into the audit trail (provisioning.broker_log).
+                "broker_log_file": layout.log("mosquitto"),
             }
         )
         ca_file = layout.ca_cert
@@ -575,6 +587,8 @@ class DevPlatform:
             if name == "postgres":
                 notify("registry", "syncing")
                 notify("registry", self.sync_registry())
+            elif name == "victoria-metrics":
+                notify("store-routes", self.sync_store_routes())
             elif name == "mosquitto":
                 notify("devices", "syncing")
                 notify("devices", self.sync_broker_devices())
@@ -658,6 +672,26 @@ class DevPlatform:
                     changes.append(f"credential.issued {username}")
         return f"synced ({len(changes)} changes)" if changes else "in sync"
 
+    def sync_store_routes(self) -> str:
+        """Each tenant's store route (the dev store's URL, its token from the tokens file) into the
+        registry, where the worker and the dead-letter consumer read it at runtime; a tenant stack
+        writes its own the same way (``registry.tenant_routes.upsert_tenant_route``)."""
+        store_url = f"http://{LOOPBACK}:{self.ports.victoria_metrics}"
+        tokens = load_json_secret(self.layout.store_tokens_file)
+        actor = registry.default_actor()
+        with psycopg.connect(self.registry_dsn(), autocommit=True) as conn:
+            changed = [
+                tenant.id
+                for tenant in self.config.tenants
+                if upsert_tenant_route(
+                    conn,
+                    tenant.id,
+                    tenant_route_for(self.config, tenant, store_url, tokens[tenant.id]),
+                    actor=actor,
+                )
+            ]
+        return f"synced ({len(changed)} changes)" if changed else "in sync"
+
     # ------------------------------------------------------------------------ dynamic security
     def broker_clients(self) -> set[str]:
         """The identities the plugin holds, from its state file (it rewrites it after every change)."""
@@ -670,9 +704,9 @@ class DevPlatform:
     def sync_broker_devices(self) -> str:
         """Create each demo device the broker lacks, through the provisioning service's broker
         directory (a client and its own role per device, with the simulator's password). A device
-        the broker has is left alone (recreating it would drop its session). Connects as the
-        admin only when something is missing: one admin session at a time (the client id is the
-        username), and the provisioning service holds it while it runs."""
+        the broker has is left alone (recreating it would drop its session). Logs in as its own
+        admin (:data:`DEVICE_SYNC_ADMIN`), so the provisioning service's session stays up; a
+        plugin state older than that admin gets it first, once, through ``admin.dynsec``."""
         present = self.broker_clients()
         missing = [
             (tenant_id, site.id, machine.id)
@@ -682,12 +716,11 @@ class DevPlatform:
         ]
         if not missing:
             return "in sync"
-        admin = self._service_password(DYNSEC_ADMIN)
-        directory = MosquittoDynamicSecurity(
-            LOOPBACK, self.ports.mqtt, DYNSEC_ADMIN, admin, ca_file=str(self.layout.ca_cert)
-        )
         try:
-            with directory:  # connects, and closes after
+            if DEVICE_SYNC_ADMIN not in present:
+                with self._dynsec(DYNSEC_ADMIN) as admin:
+                    admin.add_admin(DEVICE_SYNC_ADMIN, self._service_password(DEVICE_SYNC_ADMIN))
+            with self._dynsec(DEVICE_SYNC_ADMIN) as directory:  # connects, and closes after
                 for tenant_id, site_id, machine_id in missing:
                     username = device_username(tenant_id, site_id, machine_id)
                     directory.add_device(
@@ -700,6 +733,11 @@ class DevPlatform:
         except BrokerError as error:
             raise PlatformError(f"mosquitto: cannot create the demo devices: {error}") from error
         return f"{len(missing)} created"
+
+    def _dynsec(self, username: str) -> MosquittoDynamicSecurity:
+        password = self._service_password(username)
+        ca_file = str(self.layout.ca_cert)
+        return MosquittoDynamicSecurity(LOOPBACK, self.ports.mqtt, username, password, ca_file=ca_file)
 
     def install_device_cas(self) -> str:
         """Copy the provisioning service's issuing CAs (``/v1/ca.pem``) into the certificate

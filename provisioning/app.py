@@ -7,12 +7,14 @@ Every refusal is ``{"code": ..., "detail": ...}``; a bad body is FastAPI's 422 n
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import psycopg
 import segno
+import structlog
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -20,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import ConnectionPool
 
 from infra.config import MachineId, SiteId, TenantId
-from provisioning import models
+from provisioning import broker_log, models
 from provisioning.brokers import BrokerDirectory
 from provisioning.ca import Authorities, CAConfig, IssuingCA
 from provisioning.service import AdminScope, Provisioner, TenantAccess
@@ -28,6 +30,7 @@ from provisioning.settings import ProvisioningSettings
 from registry.migrate import apply_migrations
 from registry.provisioning import Refused
 
+log = structlog.get_logger("provisioning")
 CLIENT_CERT_SCOPE_KEY = "tls"
 """The ASGI TLS extension (``scope["extensions"]["tls"]["client_cert_chain"]``): set by the
 server (``provisioning.tls``) from the certificate the TLS handshake verified, never from a header."""
@@ -139,13 +142,59 @@ def open_provisioner(
     return Provisioner(settings, pool, authorities, directory or settings.broker_directory())
 
 
+def _broker_threads(service: Provisioner) -> Callable[[], None]:
+    """The brokers' failures into the registry: EMQX's counted events flushed each second, and
+    where the broker's log is a local file (``ironlink dev``) a follower of it. Returns what stops
+    both (after recording what they still count)."""
+    settings, stop = service.settings, threading.Event()
+
+    def flush_events() -> None:
+        while True:
+            last = stop.wait(1.0)
+            try:
+                service.flush_broker_events(everything=last)
+            except (Refused, psycopg.Error) as error:
+                log.warning("broker_events_not_recorded", error=str(error))
+            if last:
+                return
+
+    def record(rows: list[broker_log.FailureRow]) -> None:
+        service.record_broker_rows("mosquitto", [row.as_json() for row in rows])
+
+    threads = [threading.Thread(target=flush_events, name="broker-events", daemon=True)]
+    if settings.broker_log_file is not None:
+        window = broker_log.FailureWindow(settings.broker_log_window_s)
+        follow_args = (settings.broker_log_file, record, stop)
+        follow_options = {"window": window, "poll_s": 0.5}
+        threads.append(
+            threading.Thread(
+                target=broker_log.follow,
+                args=follow_args,
+                kwargs=follow_options,
+                name="broker-log",
+                daemon=True,
+            )
+        )
+    for thread in threads:
+        thread.start()
+
+    def halt() -> None:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+
+    return halt
+
+
 def create_app(service: Provisioner) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         service.pool.open()
+        halt_broker_threads = _broker_threads(service)
         try:
             yield
         finally:
+            halt_broker_threads()
             service.pool.close()
             close = getattr(service.directory, "close", None)
             if close is not None:
@@ -313,3 +362,26 @@ def _routes(app: FastAPI) -> None:
     def renew(body: models.RenewRequest, request: Request, service: ProvisionerDep) -> models.Credential:
         """Over mutual TLS: the device's current certificate, verified by the TLS handshake."""
         return service.renew(client_certificate(request), body)
+
+    # ------------------------------------------------------------------------- broker sidecars
+    @app.post("/v1/broker/auth-failures", tags=["brokers"], status_code=201)
+    def broker_auth_failures(
+        body: models.BrokerAuthFailures,
+        service: ProvisionerDep,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> models.Recorded:
+        """A broker-pod sidecar (``python -m provisioning.broker_log``) reports the connections its
+        broker refused, counted per reason, address and minute; bearer: the broker-log token."""
+        token = credentials.credentials if credentials else None
+        return models.Recorded(recorded=service.record_broker_failures(token, body))
+
+    @app.post("/v1/broker/auth-events", tags=["brokers"], status_code=202)
+    def broker_auth_event(
+        body: models.BrokerAuthEvent,
+        service: ProvisionerDep,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Response:
+        """EMQX's rule on ``$events/client_connack`` (reason not ``success``) posts each refused
+        CONNECT here; counted per reason, address and window like the log follower's rows."""
+        service.count_broker_event(credentials.credentials if credentials else None, body)
+        return Response(status_code=202)

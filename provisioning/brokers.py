@@ -23,12 +23,14 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
+import structlog
 from paho.mqtt.reasoncodes import ReasonCode
 
-from components.render.mosquitto import DYNSEC_CONTROL, dynsec_role
+from components.render.mosquitto import DYNSEC_CONTROL, dynsec_admin_role, dynsec_role
 from infra.tenancy import device_username
 from registry.access import AccessRule, machine_rules
 
+log = structlog.get_logger("provisioning.brokers")
 RESPONSE_TOPIC = f"{DYNSEC_CONTROL}/response"
 DEFAULT_TIMEOUT = 5.0
 
@@ -126,7 +128,10 @@ class MosquittoDynamicSecurity(BrokerDirectory):
             client.tls_set(
                 ca_certs=ca_file, certfile=certfile, keyfile=keyfile, tls_version=ssl.PROTOCOL_TLS_CLIENT
             )
+        self.disconnects = 0
+        """Sessions lost since :meth:`connect` (another login with this username takes it over)."""
         client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         self._client = client
@@ -163,6 +168,11 @@ class MosquittoDynamicSecurity(BrokerDirectory):
             self._ready.set()
             return
         client.subscribe(RESPONSE_TOPIC, qos=1)  # again after every reconnect
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, code: ReasonCode, _p: object) -> None:
+        if code.is_failure:  # not our own disconnect(): paho reconnects by itself
+            self.disconnects += 1
+            log.warning("dynsec_admin_disconnected", address=self._address, reason=str(code))
 
     def _on_subscribe(
         self, _c: mqtt.Client, _u: object, _mid: int, codes: list[ReasonCode], _p: object
@@ -252,6 +262,15 @@ class MosquittoDynamicSecurity(BrokerDirectory):
         if disabled:
             batch.append({"command": "disableClient", "username": username})
         self._execute(*batch)
+
+    def add_admin(self, username: str, password: str) -> None:
+        """Create another admin (its own client and role: the control topic only), or reset its
+        password; for an older dev state that predates it (``localdev.platform``)."""
+        role = dynsec_admin_role(username)
+        self._execute({"command": "createRole", **role}, tolerated=frozenset({"Role already exists"}))
+        create = {"command": "createClient", "username": username, "password": password}
+        if self._run({**create, "roles": [{"rolename": username}]})[0].get("error"):
+            self._execute({"command": "setClientPassword", "username": username, "password": password})
 
     def set_password(self, username: str, password: str) -> None:
         if not password:

@@ -145,5 +145,43 @@ class RenewRequest(_Body):
     csr: Csr
 
 
+class BrokerAuthFailure(_Body):
+    """Refusals of one reason from one address in one window (``provisioning.broker_log``)."""
+
+    window_start: datetime
+    reason: str = Field(pattern=r"^[a-z_]{1,48}$", description="provisioning.broker_log.REASONS, or EMQX's")
+    address: str = Field(max_length=64, pattern=r"^[0-9A-Za-z.:%*<>_-]+$")
+    count: int = Field(ge=1, le=10_000_000)
+    first_at: datetime
+    last_at: datetime
+    listeners: list[int] = Field(default_factory=list, max_length=16)
+    client_ids: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=5)
+    usernames: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=5)
+
+
+class BrokerAuthFailures(_Body):
+    broker: str = Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z._-]+$")
+    rows: list[BrokerAuthFailure] = Field(max_length=500)
+
+
+class BrokerAuthEvent(BaseModel):
+    """One refused CONNECT as EMQX's rule on ``$events/client_connack`` posts it
+    (``components.render.emqx``); the service counts these per window, as the log follower does."""
+
+    model_config = ConfigDict(extra="ignore")  # EMQX adds fields; none of them is stored
+
+    reason_code: str = Field(pattern=r"^[a-z_]{1,48}$")
+    clientid: str | None = Field(default=None, max_length=1024)
+    username: str | None = Field(default=None, max_length=1024)
+    peername: str | None = Field(default=None, max_length=64)
+    sockname: str | None = Field(default=None, max_length=64)
+    timestamp: int | None = Field(default=None, ge=0, description="Milliseconds since the epoch.")
+    node: str | None = Field(default=None, max_length=255)
+
+
+class Recorded(BaseModel):
+    recorded: int
+
+
 class Health(BaseModel):
     status: str

@@ -9,7 +9,9 @@ call to the directory is idempotent, so the caller (or the device) simply tries 
 from __future__ import annotations
 
 import datetime
+import hmac
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter
 from psycopg_pool import ConnectionPool
 
 from infra.tenancy import device_username
-from provisioning import models
+from provisioning import broker_log, models
 from provisioning.brokers import BrokerDirectory, BrokerError
 from provisioning.ca import Authorities, IssuingCA, common_name, parse_csr, public_key_digest
 from provisioning.ratelimit import KeyedBuckets
@@ -74,6 +76,12 @@ class Metrics:
         self.renewals = Counter(
             "ironlink_provisioning_renewals", "Renewals by outcome.", ["outcome"], registry=self.registry
         )
+        self.broker_auth_failures = Counter(
+            "ironlink_provisioning_broker_auth_failures",
+            "Connections the brokers refused, by reason, as their logs report them.",
+            ["reason"],
+            registry=self.registry,
+        )
 
 
 def _now() -> datetime.datetime:
@@ -101,6 +109,10 @@ class Provisioner:
         self.per_token = KeyedBuckets(
             settings.claim_rate_per_token, settings.claim_burst_per_token, clock=clock
         )
+        budget = settings.broker_log_rows_per_minute
+        self.broker_rows = KeyedBuckets(budget / 60, budget, clock=clock)
+        self.broker_events = broker_log.FailureWindow(settings.broker_log_window_s)
+        self._broker_events_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------- admin
     def authenticate(self, text: str | None) -> AdminScope:
@@ -281,27 +293,34 @@ class Provisioner:
     def _store_certificate(
         self, conn: reg.psycopg.Connection, ca: IssuingCA, cert: x509.Certificate, username: str, tenant: str
     ) -> models.Credential:
+        record, credential = self._certificate(ca, cert, username, tenant)
+        reg.store_certificate(conn, record)
+        return credential
+
+    @staticmethod
+    def _certificate(
+        ca: IssuingCA, cert: x509.Certificate, username: str, tenant: str
+    ) -> tuple[reg.CertificateRecord, models.Credential]:
+        """A signed certificate as the registry stores it and as the device receives it."""
         pem = _pem(cert)
-        reg.store_certificate(
-            conn,
-            reg.CertificateRecord(
-                serial=format(cert.serial_number, "x"),
-                username=username,
-                tenant_id=tenant,
-                issuer=ca.name,
-                public_key_sha256=public_key_digest(cert),
-                not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc,
-                pem=pem,
-            ),
+        record = reg.CertificateRecord(
+            serial=format(cert.serial_number, "x"),
+            username=username,
+            tenant_id=tenant,
+            issuer=ca.name,
+            public_key_sha256=public_key_digest(cert),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            pem=pem,
         )
-        return models.Credential(
+        credential = models.Credential(
             username=username,
             method="certificate",
             certificate=pem,
             ca_certificate=ca.cert_pem,
             not_after=cert.not_valid_after_utc,
         )
+        return record, credential
 
     def _broker(self, call: Callable[..., None], *args: object, **kwargs: object) -> None:
         try:
@@ -427,23 +446,24 @@ class Provisioner:
         self, source: str, token_id: str, secret: str, body: models.ClaimRequest
     ) -> tuple[models.Credential, bool, dict[str, str]]:
         with self.pool.connection() as conn:
-            token = reg.claim_token(conn, token_id)
-            if token is None or not reg.secret_matches(secret, token.secret_sha256):
+            context = reg.claim_context(conn, token_id, body.machine_id)
+            if context is None or not reg.secret_matches(secret, context.token.secret_sha256):
                 raise Refused(
                     "claim_token_unknown", "this claim token is not known (altered, or never issued)"
                 )
             try:
-                return self._claim_with(conn, source, token, body)
+                return self._claim_with(conn, source, context, body)
             except Refused as refusal:
-                refusal.tenant_id = token.tenant_id
+                refusal.tenant_id = context.token.tenant_id
                 raise
 
     def _claim_with(
-        self, conn: reg.psycopg.Connection, source: str, token: reg.ClaimToken, body: models.ClaimRequest
+        self, conn: reg.psycopg.Connection, source: str, context: reg.ClaimContext, body: models.ClaimRequest
     ) -> tuple[models.Credential, bool, dict[str, str]]:
-        """Check, hash or sign, then one transaction that takes the token's use last: its row is
-        locked only from that ``UPDATE`` to the commit, not while a CSR is signed, so claims of one
-        token run side by side. A use taken by a parallel claim meanwhile rolls this one back."""
+        """Check, hash or sign, then one statement that registers everything and takes the token's
+        use (:func:`registry.provisioning.register_claim`): the token's row is locked only while
+        that statement runs, not while a CSR is signed, so claims of one token run side by side."""
+        token = context.token
         tenant, site, machine_id = token.tenant_id, token.site_id, body.machine_id
         if body.tenant_id is not None and body.tenant_id != tenant:
             raise Refused(
@@ -454,10 +474,9 @@ class Provisioner:
         digest = public_key_digest(csr) if csr is not None else None
         args = {"tenant_id": tenant, "site_id": site, "machine_id": machine_id}
         actor = f"device@{source}"
-        existing = reg.find_claim(conn, token.id, machine_id)
-        if existing is not None:
+        if context.existing is not None:
             with conn.transaction():
-                return self._resume(conn, existing, digest, username, actor, tenant), True, args
+                return self._resume(conn, context.existing, digest, username, actor, tenant), True, args
         _refuse_unusable(token)
         machine_type = token.machine_type or body.machine_type
         if token.machine_type and body.machine_type and token.machine_type != body.machine_type:
@@ -467,34 +486,31 @@ class Provisioner:
             )
         if machine_type is None:
             raise Refused("machine_type_required", "machine_type: this token names none, so the device must")
-        password = None if csr is not None else generate_password()
-        signed = None
+        credential: models.Credential
+        record = None
         if csr is not None:  # a certificate no transaction stores is never handed out
-            ca = self.authorities.for_tenant(tenant, reg.require_tenant(conn, tenant))
-            signed = (ca, ca.sign(csr, username, tenant, self.settings.cert_validity_days))
-        password_hash = None if password is None else hash_password(password)
-        with conn.transaction():
-            reg.add_machine(conn, tenant, site, machine_id, machine_type, actor=actor)
-            reg.store_device(conn, tenant, site, machine_id, credential=password_hash, replace=False)
-            if signed is not None:
-                credential = self._store_certificate(conn, *signed, username, tenant)
-                serial: str | None = format(signed[1].serial_number, "x")
-            else:
-                credential = models.Credential(username=username, method="password", password=password)
-                serial = None
-            reg.record_claim(conn, reg.Claim(token.id, machine_id, username, digest, serial))
-            reg.audit(
-                conn,
-                actor,
-                "device.claimed",
-                username,
-                tenant,
-                token_id=token.id,
-                method=credential.method,
-                code="ok",
-            )
-            if not reg.use_claim_token(conn, token.id):
-                _refuse_unusable(reg.claim_token(conn, token.id) or token, used_meanwhile=True)
+            ca = self.authorities.for_tenant(tenant, context.isolation)
+            cert = ca.sign(csr, username, tenant, self.settings.cert_validity_days)
+            record, credential = self._certificate(ca, cert, username, tenant)
+            password_hash = None
+        else:
+            password = generate_password()
+            password_hash = hash_password(password)
+            credential = models.Credential(username=username, method="password", password=password)
+        claim = reg.NewClaim(
+            token_id=token.id,
+            tenant_id=tenant,
+            site_id=site,
+            machine_id=machine_id,
+            machine_type=machine_type,
+            credential=password_hash,
+            certificate=record,
+            public_key_sha256=digest,
+            actor=actor,
+            method=credential.method,
+        )
+        if not reg.register_claim(conn, claim):
+            _refuse_unusable(reg.claim_token(conn, token.id) or token, used_meanwhile=True)
         return credential, False, args
 
     def _resume(
@@ -577,6 +593,66 @@ class Provisioner:
             )
         return credential
 
+    # ----------------------------------------------------------- brokers' authentication failures
+    def _broker_token(self, token: str | None) -> None:
+        expected = self.settings.broker_log_token
+        if expected is None or not hmac.compare_digest(
+            (token or "").encode(), expected.get_secret_value().encode()
+        ):
+            raise Refused("unauthorized", "the broker-log token is required (Authorization: Bearer ...)")
+
+    def record_broker_failures(self, token: str | None, body: models.BrokerAuthFailures) -> int:
+        """``POST /v1/broker/auth-failures``: a broker-pod sidecar's rows, with the broker-log token."""
+        self._broker_token(token)
+        return self.record_broker_rows(body.broker, [row.model_dump(mode="json") for row in body.rows])
+
+    def count_broker_event(self, token: str | None, event: models.BrokerAuthEvent) -> None:
+        """``POST /v1/broker/auth-events``: one refused CONNECT from EMQX's rule, counted in this
+        replica's window (:meth:`flush_broker_events` writes the rows)."""
+        self._broker_token(token)
+        address, _, _ = (event.peername or "").rpartition(":")
+        listener = (event.sockname or "").rpartition(":")[2]
+        at = (
+            _now()
+            if event.timestamp is None
+            else datetime.datetime.fromtimestamp(event.timestamp / 1000, datetime.UTC)
+        )
+        failure = broker_log.AuthFailure(
+            at=at,
+            reason=event.reason_code,
+            address=address.strip("[]") or None,
+            listener=int(listener) if listener.isdigit() else None,
+            client_id=event.clientid,
+            username=event.username,
+        )
+        with self._broker_events_lock:
+            self.broker_events.add(failure)
+
+    def flush_broker_events(self, *, everything: bool = False) -> int:
+        with self._broker_events_lock:
+            rows = self.broker_events.closed(None if everything else _now())
+        return self.record_broker_rows("emqx", [row.as_json() for row in rows]) if rows else 0
+
+    def record_broker_rows(self, broker: str, rows: list[dict[str, object]]) -> int:
+        """Audit rows within the brokers' budget (``broker_log_rows_per_minute``, all brokers
+        together): rows beyond it are folded into one ``*`` row per reason, so their counts stay
+        whole; with no budget left at all, ``rate_limited`` (the sidecar keeps them and retries)."""
+        allowed = 0
+        while allowed < len(rows) and self.broker_rows.take("brokers").allowed:
+            allowed += 1
+        if rows and allowed == 0:
+            raise Refused(
+                "rate_limited", "the brokers' audit budget is spent; retry in a minute", retry_after_s=60
+            )
+        if allowed < len(rows):
+            keep = max(0, allowed - len(broker_log.REASONS))
+            rows = rows[:keep] + _folded(rows[keep:])
+        with self.pool.connection() as conn:
+            recorded = reg.record_auth_failures(conn, broker, rows)
+        for row in rows:
+            self.metrics.broker_auth_failures.labels(str(row["reason"])).inc(int(str(row["count"])))
+        return recorded
+
     def crl(self) -> str:
         """One CRL per issuing CA, concatenated (Mosquitto's ``crlfile`` reads them all)."""
         with self.pool.connection() as conn:
@@ -608,6 +684,17 @@ def _refuse_unusable(token: reg.ClaimToken, *, used_meanwhile: bool = False) -> 
         )
     if token.uses_left <= 0 or used_meanwhile:
         raise Refused("claim_token_used", f"claim token {token.id} has registered its {token.uses} device(s)")
+
+
+def _folded(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Rows over budget as one row per reason: address ``*``, counts summed, the widest span."""
+    folded: dict[str, dict[str, object]] = {}
+    for row in rows:
+        into = folded.setdefault(str(row["reason"]), {**row, "address": "*", "count": 0, "client_ids": []})
+        into["count"] = int(str(into["count"])) + int(str(row["count"]))
+        for end, pick in (("first_at", min), ("last_at", max), ("window_start", min)):
+            into[end] = pick(str(into[end]), str(row[end]))
+    return list(folded.values())
 
 
 def _machine_out(machine: reg.Machine) -> models.MachineOut:

@@ -2,8 +2,9 @@
 
 Read like the worker's (:func:`ingest.settings.settings_from_env`): every problem at once, each
 naming its variable and value, and ``python -m provisioning`` exits 2 on any. Secrets never travel
-with the rest: the registry DSN comes from ``IRONLINK_PROV_REGISTRY_DSN`` and the broker's admin
-password from ``IRONLINK_PROV_MOSQUITTO_PASSWORD`` only. The CA signing keys live in ``ca_dir``
+with the rest: the registry DSN comes from ``IRONLINK_PROV_REGISTRY_DSN``, the broker's admin
+password from ``IRONLINK_PROV_MOSQUITTO_PASSWORD`` and the broker-log token from
+``IRONLINK_PROV_BROKER_LOG_TOKEN`` only. The CA signing keys live in ``ca_dir``
 (the service's own volume), never in the settings, the stack or Pulumi state.
 """
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "IRONLINK_PROV_"
 SETTINGS_FILE_VAR = "IRONLINK_PROV_SETTINGS_FILE"
-_SECRETS = {"registry_dsn", "mosquitto_password"}
+_SECRETS = {"registry_dsn", "mosquitto_password", "broker_log_token"}
 HTTP_PORT = 8443
 WHAT = "provisioning service"
 
@@ -87,6 +88,22 @@ class ProvisioningSettings(BaseModel):
     claim_burst_per_token: int = Field(default=50, ge=1)
     admin_token_max_days: int = Field(default=366, ge=1)
     claim_token_max_days: int = Field(default=90, ge=1)
+
+    # The brokers' authentication failures (provisioning.broker_log) into the audit trail.
+    broker_log_token: SecretStr | None = Field(
+        default=None,
+        description="From IRONLINK_PROV_BROKER_LOG_TOKEN: what a broker-pod sidecar presents to"
+        " POST /v1/broker/auth-failures (refused while unset).",
+    )
+    broker_log_file: Path | None = Field(
+        default=None, description="A Mosquitto log this service follows itself (one machine: ironlink dev)."
+    )
+    broker_log_window_s: int = Field(
+        default=60, ge=1, le=3600, description="Failures are counted per window of this many seconds."
+    )
+    broker_log_rows_per_minute: int = Field(
+        default=600, ge=1, le=100_000, description="Audit rows the brokers may add a minute, all together."
+    )
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
 
 from infra.tenancy import device_username
 from registry.access import machine_rules
@@ -586,33 +587,132 @@ class Claim:
     certificate_serial: str | None
 
 
-def find_claim(conn: psycopg.Connection, token_id: str, machine_id: str) -> Claim | None:
-    with conn.cursor(row_factory=class_row(Claim)) as cursor:
-        return cursor.execute(
-            "SELECT token_id, machine_id, username, public_key_sha256, certificate_serial FROM claims"
-            " WHERE token_id = %s AND machine_id = %s",
-            (token_id, machine_id),
-        ).fetchone()
+@dataclass(frozen=True)
+class ClaimContext:
+    """What a claim needs to know before it writes: the token, its tenant's isolation level and the
+    earlier claim of this token and machine (a device resuming), read in one round trip."""
+
+    token: ClaimToken
+    isolation: int
+    existing: Claim | None
 
 
-def record_claim(conn: psycopg.Connection, claim: Claim) -> None:
-    """Store a claim (its token's use is taken by :func:`use_claim_token`, in the same transaction)."""
-    conn.execute(
-        "INSERT INTO claims (token_id, machine_id, username, public_key_sha256, certificate_serial)"
-        " VALUES (%s, %s, %s, %s, %s)",
-        (claim.token_id, claim.machine_id, claim.username, claim.public_key_sha256, claim.certificate_serial),
-    )
-
-
-def use_claim_token(conn: psycopg.Connection, token_id: str) -> bool:
-    """Take one use of a token still valid, atomically; False when none is left (or it was revoked or
-    expired meanwhile). The row stays locked until the caller's transaction ends, so call it last."""
-    used = conn.execute(
-        "UPDATE claim_tokens SET uses_left = uses_left - 1"
-        " WHERE id = %s AND uses_left > 0 AND revoked_at IS NULL AND expires_at > now() RETURNING id",
-        (token_id,),
+def claim_context(conn: psycopg.Connection, token_id: str, machine_id: str) -> ClaimContext | None:
+    """None when no such token exists."""
+    row = conn.execute(
+        "SELECT t.id, t.tenant_id, t.site_id, t.machine_type, t.secret_sha256, t.uses, t.uses_left,"
+        " t.created_at, t.expires_at, t.revoked_at, n.isolation,"
+        " c.username, c.public_key_sha256, c.certificate_serial"
+        " FROM claim_tokens t JOIN tenants n ON n.id = t.tenant_id"
+        " LEFT JOIN claims c ON c.token_id = t.id AND c.machine_id = %s WHERE t.id = %s",
+        (machine_id, token_id),
     ).fetchone()
-    return used is not None
+    if row is None:
+        return None
+    existing = None if row[11] is None else Claim(token_id, machine_id, row[11], row[12], row[13])
+    return ClaimContext(ClaimToken(*row[:10]), int(row[10]), existing)
+
+
+@dataclass(frozen=True)
+class NewClaim:
+    """A device registering itself with a claim token: its machine, device, rules, certificate
+    (None: a password device, ``credential`` its hash) and audit details."""
+
+    token_id: str
+    tenant_id: str
+    site_id: str
+    machine_id: str
+    machine_type: str
+    credential: str | None
+    certificate: CertificateRecord | None
+    public_key_sha256: bytes | None
+    actor: str
+    method: str
+
+
+# One statement, so one round trip and atomic by itself: every row hangs on the token's use
+# (``used``), so a token with no use left (or revoked or expired meanwhile) writes nothing, and a
+# conflict (the machine exists, the claim was taken by a parallel request) rolls the whole statement
+# back, the use included. The UPDATE locks the token's row only until this statement commits, so
+# parallel claims of one token queue there for microseconds and each sees the count left.
+# Foreign keys are checked at the end of the statement, when the machine row is there.
+_REGISTER_CLAIM = """
+WITH used AS (
+    UPDATE claim_tokens SET uses_left = uses_left - 1
+    WHERE id = %(token_id)s AND uses_left > 0 AND revoked_at IS NULL AND expires_at > now()
+    RETURNING id
+), machine AS (
+    INSERT INTO machines (tenant_id, site_id, id, type)
+    SELECT %(tenant_id)s, %(site_id)s, %(machine_id)s, %(machine_type)s FROM used
+), device AS (
+    INSERT INTO devices (username, tenant_id, site_id, machine_id, credential, auth)
+    SELECT %(username)s, %(tenant_id)s, %(site_id)s, %(machine_id)s, %(credential)s, %(auth)s FROM used
+), rules AS (
+    INSERT INTO acl_rules (username, tenant_id, permission, action, topic)
+    SELECT %(username)s, %(tenant_id)s, 'allow', r.action, r.topic
+    FROM used, unnest(%(actions)s::text[], %(topics)s::text[]) AS r (action, topic)
+    ON CONFLICT DO NOTHING
+), certificate AS (
+    INSERT INTO device_certificates
+        (serial, username, tenant_id, issuer, public_key_sha256, not_before, not_after, pem)
+    SELECT %(serial)s, %(username)s, %(tenant_id)s, %(issuer)s, %(cert_key_sha256)s, %(not_before)s,
+        %(not_after)s, %(pem)s
+    FROM used WHERE %(serial)s::text IS NOT NULL
+), claim AS (
+    INSERT INTO claims (token_id, machine_id, username, public_key_sha256, certificate_serial)
+    SELECT id, %(machine_id)s, %(username)s, %(public_key_sha256)s, %(serial)s FROM used
+), audit AS (
+    INSERT INTO audit_events (actor, action, tenant_id, subject, details)
+    SELECT %(actor)s, e.action, %(tenant_id)s, e.subject, e.details
+    FROM used, (VALUES (1, 'machine.added', %(machine_subject)s, %(machine_details)s::jsonb),
+                       (2, 'device.claimed', %(username)s, %(claim_details)s::jsonb))
+        AS e (n, action, subject, details)
+    ORDER BY e.n
+)
+SELECT count(*) FROM used
+"""
+# What a claim can collide with: all mean its machine is registered already (a device names its
+# machine, and a device row needs its machine row), whichever of them PostgreSQL meets first.
+_CLAIM_CONFLICTS = frozenset({"machines_pkey", "claims_pkey", "devices_pkey", "devices_one_per_machine"})
+
+
+def register_claim(conn: psycopg.Connection, claim: NewClaim) -> bool:
+    """Register the machine, its device, rules, certificate, the claim and their audit events, and
+    take one use of the token, atomically; False (nothing written) when the token has no use left."""
+    username = device_username(claim.tenant_id, claim.site_id, claim.machine_id)
+    rules = machine_rules(claim.tenant_id, claim.site_id, claim.machine_id)
+    cert = claim.certificate
+    params = {
+        "token_id": claim.token_id,
+        "tenant_id": claim.tenant_id,
+        "site_id": claim.site_id,
+        "machine_id": claim.machine_id,
+        "machine_type": claim.machine_type,
+        "username": username,
+        "credential": claim.credential,
+        "auth": "password" if cert is None else "certificate",
+        "actions": [rule.action for rule in rules],
+        "topics": [rule.topic for rule in rules],
+        "serial": cert and cert.serial,
+        "issuer": cert and cert.issuer,
+        "not_before": cert and cert.not_before,
+        "not_after": cert and cert.not_after,
+        "pem": cert and cert.pem,
+        "cert_key_sha256": cert and cert.public_key_sha256,
+        "public_key_sha256": claim.public_key_sha256,
+        "actor": claim.actor,
+        "machine_subject": f"{claim.site_id}/{claim.machine_id}",
+        "machine_details": Jsonb({"type": claim.machine_type}),
+        "claim_details": Jsonb({"token_id": claim.token_id, "method": claim.method, "code": "ok"}),
+    }
+    try:
+        row = conn.execute(_REGISTER_CLAIM, params).fetchone()
+    except psycopg.errors.UniqueViolation as error:
+        if error.diag.constraint_name not in _CLAIM_CONFLICTS:
+            raise
+        where, tenant = f"{claim.site_id}/{claim.machine_id}", claim.tenant_id
+        raise Refused("machine_exists", f"machine {where} already exists in tenant {tenant!r}") from error
+    return row is not None and row[0] == 1
 
 
 def audit(
@@ -620,3 +720,18 @@ def audit(
 ) -> None:
     """One audit event (a shorthand for the service's many steps)."""
     record_event(conn, actor=actor, action=action, subject=subject, tenant_id=tenant_id, details=details)
+
+
+# ----------------------------------------------------------------- brokers' authentication failures
+def record_auth_failures(conn: psycopg.Connection, broker: str, rows: list[dict[str, Any]]) -> int:
+    """One ``broker.auth_failed`` audit event per row (a count of refusals of one reason from one
+    address in one window, ``provisioning.broker_log``), in one statement; returns how many."""
+    if not rows:
+        return 0
+    inserted = conn.execute(
+        "INSERT INTO audit_events (actor, action, tenant_id, subject, details)"
+        " SELECT %s, 'broker.auth_failed', NULL, r ->> 'address', r - 'address'"
+        " FROM jsonb_array_elements(%s) AS r",
+        (f"broker:{broker}", Jsonb(rows)),
+    ).rowcount
+    return int(inserted)

@@ -107,8 +107,9 @@ def record_event(
     tenant_id: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> int:
-    """Append one event (``action`` is ``<noun>.<verb>``, e.g. ``credential.issued``)."""
-    with conn.transaction(), _refusals("audit_event", {"actor": actor, "action": action}):
+    """Append one event (``action`` is ``<noun>.<verb>``, e.g. ``credential.issued``). One INSERT is
+    atomic by itself: no transaction or savepoint of its own (two round trips less per event)."""
+    with _refusals("audit_event", {"actor": actor, "action": action}):
         row = conn.execute(
             "INSERT INTO audit_events (actor, action, tenant_id, subject, details)"
             " VALUES (%s, %s, %s, %s, %s) RETURNING id",

@@ -3,9 +3,10 @@ provisioning API (uvicorn over HTTP), Mosquitto with its dynamic-security plugin
 ingest`` reading its fleet from the registry, and VictoriaMetrics as the store.
 
 The broker's password listener trusts the platform CA (its server certificate, the services);
-its certificate listener trusts only the provisioning service's issuing CA
-(``DynamicSecurity.device_cafile``), so a certificate the service did not issue to a certificate
-device never gets past TLS. Nothing here is restarted once started: devices appear, publish and
+its certificate listener trusts only the provisioning service's issuing CAs and checks their CRLs
+(a ``capath`` kept by ``provisioning.trust_sync`` polling the API, and its ``crlfile``), so a
+certificate the service did not issue to a certificate device, or revoked, never gets past TLS.
+Nothing here is restarted once started: devices appear, publish and
 are revoked at runtime. Used by ``tests/test_provisioning_e2e.py`` and ``bench/fleet.py``.
 """
 
@@ -45,12 +46,14 @@ from infra.tenancy import telemetry_topic
 from ingest.catalog import MACHINE_TYPES
 from localdev import pki, servers
 from localdev.victoria import VictoriaMetrics
+from provisioning import trust_sync
 from provisioning.app import create_app, open_provisioner
 from provisioning.brokers import MosquittoDynamicSecurity
 from provisioning.settings import ProvisioningSettings
 from registry import provisioning as reg
 from registry.access import service_usernames
 from registry.credentials import generate_password, hash_password
+from registry.tenant_routes import tenant_route_for, upsert_tenant_route
 from tests.fixtures.ingest import WorkerProcess, start_store
 from tests.test_broker_isolation import dynamic_security_plugin
 from tests.test_provisioning import key_and_csr
@@ -58,6 +61,7 @@ from tests.test_provisioning import key_and_csr
 TENANTS = ("acme", "globex")
 SITE = "plant-1"
 MQTT_WAIT = 5.0
+TRUST_SYNC_INTERVAL_S = 0.5
 Machine = tuple[str, str, str]
 
 
@@ -169,7 +173,7 @@ class ProvisioningPlatform:
         broker_dir = folder / "broker"
         (broker_dir / "data").mkdir(parents=True)
         self.ca_file = broker_dir / "platform-ca.pem"
-        self.device_ca_file = broker_dir / "device-ca.pem"
+        self.trust_dir = broker_dir / "device-ca"
         self.platform_ca = pki.make_ca("Ironlink e2e platform CA")
         self.ca_file.write_bytes(self.platform_ca.cert_pem)
         self.tls_port, self.mtls_port, http_port = (
@@ -224,6 +228,10 @@ class ProvisioningPlatform:
         store, self.store_url = start_store(self.folder)
         self._stack.callback(store.stop)
         self.store = VictoriaMetrics(self.store_url)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:  # the worker's tenants: the registry's
+            for spec in self.config.tenants:
+                route = tenant_route_for(self.config, spec, self.store_url, "")
+                upsert_tenant_route(conn, spec.id, route, actor="e2e")
         self.worker = WorkerProcess.for_platform(
             self.config,
             self.tls_port,
@@ -239,14 +247,33 @@ class ProvisioningPlatform:
         self._stack.callback(self._stop_worker)
         self._serve(http_port)
         self.http = self._stack.enter_context(httpx.Client(base_url=self.url, timeout=30))
+        self._sync_trust()
+
+    def _sync_trust(self) -> None:
+        """The broker pod's sidecar: ``trust_sync`` polling the API over HTTP into the capath."""
+        options = trust_sync.parse_options(
+            ["--url", self.url, "--dir", str(self.trust_dir), "--interval", str(TRUST_SYNC_INTERVAL_S)]
+        )
+        stop = threading.Event()
+        thread = threading.Thread(target=trust_sync.run, args=(options, stop), daemon=True)
+        thread.start()
+
+        def halt() -> None:
+            stop.set()
+            thread.join(15)
+
+        self._stack.callback(halt)
 
     def _start_broker(self, broker_dir: Path, passwords: dict[str, str]) -> None:
         server = pki.issue_server_cert(self.platform_ca)
         (broker_dir / "server.pem").write_bytes(server.cert_pem)
         (broker_dir / "server.key").write_bytes(server.key_pem)
-        # The region CA only: the tenants here are level 1 (a level-3 tenant's CA, made on its first
-        # device, would be added to this bundle, which Mosquitto reads at start).
-        self.device_ca_file.write_text(self.service.authorities.bundle_pem())
+        # The first sync before the broker starts (its crlfile must hold a CRL), as the broker pod's
+        # initContainer does with ``trust_sync --once``; nothing is revoked yet, and the service's
+        # pool opens only once it serves.
+        authorities = self.service.authorities
+        crls = "".join(ca.crl([], self.service.settings.crl_validity_hours) for ca in authorities.all())
+        trust_sync.install(self.trust_dir, authorities.bundle_pem().encode(), crls.encode())
         accounts = {
             name: BrokerAccount(name, hash_password(password)) for name, password in passwords.items()
         }
@@ -263,7 +290,11 @@ class ProvisioningPlatform:
             persistence_dir=str(broker_dir / "data"),
         )
         dynamic = DynamicSecurity(
-            dynamic_security_plugin(), str(state), self.mtls_port, device_cafile=str(self.device_ca_file)
+            dynamic_security_plugin(),
+            str(state),
+            self.mtls_port,
+            device_capath=str(self.trust_dir),
+            device_crlfile=str(self.trust_dir / trust_sync.CRL_FILE),
         )
         conf = self.folder / "mosquitto.conf"
         conf.write_text(

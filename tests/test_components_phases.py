@@ -512,12 +512,17 @@ def test_the_worker_reads_its_deployment_environment_and_reaches_every_store(sta
     assert settings.mqtt_host == f"{broker(plan).name}.{config.cluster.namespace}.svc.cluster.local"
     # The platform knows no tenant: their routes (a level-3 tenant's own instance too) and write
     # tokens are the registry's, written by each tenant's stack.
-    assert settings.tenants == {}, f"{stack}: the platform stack lists tenants"
-    assert settings.store_urls == {"influxdb": influxdb_url(config.cluster.namespace, "influxdb")}
+    assert settings.tenants == {} and settings.store_urls == {}, f"{stack}: the platform lists tenants"
     shared = plan.one("Service", "influxdb").get("spec.ports.0.port")
-    assert settings.store_urls["influxdb"].endswith(
+    assert influxdb_url(config.cluster.namespace, "influxdb").endswith(
         f"influxdb.{config.cluster.namespace}.svc.cluster.local:{shared}"
     )
+    for tenant in config.tenants:  # what the worker will read: each tenant stack's registry row
+        (row,) = tenant_owned(plan, tenant.id, "pulumi-python:dynamic/registry:Tenant")
+        route, instance = row.inputs["route"], influxdb_instance(config, tenant)
+        assert route["url"] == influxdb_url(config.cluster.namespace, instance), f"{stack}: {tenant.id}"
+        assert (route["instance"], route["bucket"]) == (instance, store_route(config, tenant).bucket)
+        assert row.inputs["write_token"] == SECRET and "token" not in route
     files = set(plan.one("Secret", "ingest-credentials").get("stringData"))
     assert env["IRONLINK_REGISTRY_DSN"] == {
         "secretKeyRef": {"key": "registry-dsn", "name": "ingest-credentials"}

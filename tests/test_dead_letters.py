@@ -27,7 +27,8 @@ from ingest.deadletters.consumer import DeadLetterConsumer
 from ingest.deadletters.document import read_dead_letter
 from ingest.deadletters.settings import DeadLetterSettings, dead_letter_settings_for
 from ingest.pipeline import dead_letter_document
-from registry import store
+from registry import store, tenant_routes
+from registry.tenant_routes import tenant_route_for
 from tests import test_broker_isolation as isolation
 from tests.conftest import PostgresCluster
 from tests.fixtures.ingest import ACME_PRESS_2, WorkerProcess, series, start_store, v1, wait_stored
@@ -435,6 +436,37 @@ def test_purge_removes_dead_letters_past_their_tenants_retention(
     assert kept == {(topic, len(str(days))) for (topic, days), keep in ages.items() if keep}
     assert service.metrics.purged.labels("acme")._value.get() == 1
     assert service.metrics.purged.labels("_unknown")._value.get() == 1
+
+
+def test_purge_takes_each_tenants_retention_from_its_registry_route(
+    registry: tuple[psycopg.Connection, Broker], consumer: Callable[..., DeadLetterConsumer]
+) -> None:
+    """No retention in the consumer's settings (a platform stack lists no tenant): acme's route
+    keeps its dead letters 1 day, globex's route names none, so the default (30 d) applies."""
+    conn, broker = registry
+    config, now = broker.fixture.config, datetime.now(UTC)
+    for tenant in config.tenants:
+        route = tenant_route_for(config, tenant, "http://store", "")
+        kept_s = 86_400 if tenant.id == "acme" else None
+        route = route.model_copy(update={"dead_letter_retention_s": kept_s})
+        tenant_routes.upsert_tenant_route(conn, tenant.id, route, actor="test")
+    ages = {
+        ("ironlink/acme/plant-1/press-01/telemetry", 2.0): False,
+        ("ironlink/acme/plant-1/press-01/telemetry", 0.5): True,
+        ("ironlink/globex/line-a/molder-01/telemetry", 8.0): True,
+    }
+    for topic, days in ages:
+        at = (now - timedelta(days=days)).timestamp()
+        letter = read_dead_letter(
+            dead_letter_topic(topic), document(topic, f"{days}".encode(), at=at), now=now,
+            max_document_bytes=1 << 20, max_sample_bytes=64,
+        )  # fmt: skip
+        store.store_dead_letter(conn, letter)
+    service = consumer(retention_s={}, default_retention_s=30 * 86_400)
+    eventually(lambda: len(store.list_dead_letters(conn)) == 2, "acme's 2-day-old dead letter purged")
+    kept = {(letter.topic, letter.payload_bytes) for letter in store.list_dead_letters(conn)}
+    assert kept == {(topic, len(str(days))) for (topic, days), keep in ages.items() if keep}
+    assert service.metrics.purged.labels("acme")._value.get() == 1, "a routed tenant is a known label"
 
 
 def test_settings_name_every_bad_variable() -> None:

@@ -238,8 +238,10 @@ def test_devices_enrolled_through_the_provisioning_api_connect_and_are_stored_wi
     platform = dev.platform
     environment = _environment(before["ingest"])
     assert "IRONLINK_REGISTRY_DSN" in environment
-    routes = json.loads(environment["IRONLINK_TENANTS"])
-    assert set(routes) == {"acme", "globex"} and all(not r["machines"] for r in routes.values()), routes
+    # Tenants (routes, URLs, tokens) and machines are the registry's alone: none in its environment.
+    assert not {"IRONLINK_TENANTS", "IRONLINK_STORE_URLS", "IRONLINK_STORE_TOKENS_FILE"} & set(environment)
+    readiness = httpx.get(f"http://127.0.0.1:{platform.ports.worker}/readyz", timeout=5).json()
+    assert readiness["fleet"]["tenants"] == ["acme", "globex"], readiness
     headers = {"Authorization": f"Bearer {_admin_token(dev)}"}
     verify = ssl.create_default_context(cafile=str(platform.ca_file))
     by_password, by_certificate = ("acme", "plant-1", "mill-07"), ("acme", "plant-1", "mill-08")

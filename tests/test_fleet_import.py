@@ -1,6 +1,7 @@
 """``ironlink fleet import``: an old-style stack's fleet moves into the real registry (PostgreSQL)
 without loss, the stack file keeps its comments and loses every machine, and a second run
-changes nothing. The fleet model refuses bad fleets naming the field."""
+changes nothing; ``ironlink stack split`` then gives its tenants stacks of their own. The fleet
+model refuses bad fleets naming the field."""
 
 from __future__ import annotations
 
@@ -36,15 +37,22 @@ def _registry_rows(dsn: str) -> tuple[set[tuple[str, ...]], set[tuple[str, ...]]
     with psycopg.connect(dsn) as conn:
         sites = {tuple(r) for r in conn.execute("SELECT tenant_id, id, coalesce(name, '') FROM sites")}
         machines = {tuple(r) for r in conn.execute("SELECT tenant_id, site_id, id, type FROM machines")}
-        devices = dict(conn.execute("SELECT username, credential FROM devices").fetchall())
+        devices: dict[str, str] = dict(conn.execute("SELECT username, credential FROM devices").fetchall())
     return sites, machines, devices
 
 
 def test_an_old_style_stack_is_refused_naming_the_field_and_the_command(project: Path) -> None:
     result = runner.invoke(app, ["plan", "old"])
     assert result.exit_code == 2
-    assert "ironlink:tenants[0].sites" in result.output
+    assert "ironlink:tenants: tenants have stacks of their own now" in result.output
+    assert "ironlink stack split old" in result.output
+    # Splitting first is refused too: the fleet has to leave before the tenants can.
+    result = runner.invoke(app, ["stack", "split", "old"])
+    assert result.exit_code == 2
+    assert "ironlink:tenants[0].sites" in result.output and "ironlink:tenants[1].sites" in result.output
     assert "ironlink fleet import old" in result.output
+    assert sorted(path.name for path in (project / "stacks").iterdir()) == ["Pulumi.old.yaml"]
+    assert (project / "stacks" / "Pulumi.old.yaml").read_text() == OLD_STACK.read_text()
 
 
 def test_fleet_import_moves_everything_into_the_registry_and_keeps_the_comments(
@@ -78,14 +86,10 @@ def test_fleet_import_moves_everything_into_the_registry_and_keeps_the_comments(
 
     text = stack.read_text()
     assert "sites:" not in text and "machines:" not in text and "password_hash" not in text
+    fleet_comments = {"# bought in 2019", "# a machine whose device already has a credential"}
     for comment in comments:
-        if comment not in {"# bought in 2019", "# a machine whose device already has a credential"}:
+        if comment not in fleet_comments:
             assert comment in text, comment  # the fleet's own comments left with the fleet
-    config = load_stack("old", project)
-    assert {t.id: t.machine_types for t in config.tenants} == {
-        "acme": ["cnc_mill", "conveyor", "hydraulic_press"],
-        "globex": ["air_compressor", "injection_molder"],
-    }
 
     with psycopg.connect(postgres_dsn) as conn:
         trail = [(e.action, e.subject) for e in audit_events(conn, tenant_id="acme")]
@@ -96,6 +100,19 @@ def test_fleet_import_moves_everything_into_the_registry_and_keeps_the_comments(
     assert again.exit_code == 0 and "nothing to move" in again.output
     assert stack.read_text() == text
     assert _registry_rows(postgres_dsn) == (sites, machines, devices)
+
+    # Without its fleet the old file splits into a platform and a stack per tenant, comments kept.
+    split = runner.invoke(app, ["stack", "split", "old"])
+    assert split.exit_code == 0, split.output
+    config = load_stack("old", project)
+    assert {t.id: t.machine_types for t in config.tenants} == {
+        "acme": ["cnc_mill", "conveyor", "hydraulic_press"],
+        "globex": ["air_compressor", "injection_molder"],
+    }
+    split_text = "".join(path.read_text() for path in (project / "stacks").iterdir())
+    for comment in comments:
+        if comment not in fleet_comments:
+            assert comment in split_text, comment
 
 
 def test_importing_the_same_fleet_twice_into_the_registry_changes_nothing(postgres_dsn: str) -> None:

@@ -14,6 +14,7 @@ from ingest.pipeline import DeadLetter, Pipeline, Point
 from ingest.settings import worker_settings_for
 from registry import fleet, provisioning, store
 from registry.migrate import apply_migrations
+from registry.tenant_routes import tenant_route_for
 from tests.fixtures.ingest import ACME_MILL, ACME_PRESS, platform, topic, v1, v2, v3
 
 ACTOR = "test@fleet"
@@ -26,12 +27,23 @@ def pipeline(**overrides: Any) -> Pipeline:
     return Pipeline(settings)
 
 
+def registry_pipeline(**overrides: Any) -> Pipeline:
+    """A pipeline in registry mode, handed acme's and globex's routes as the fleet thread would."""
+    config = platform(**overrides)
+    settings = worker_settings_for(
+        config, mqtt_host="broker", mqtt_port=1883, from_registry=True, registry_dsn="host=registry"
+    )
+    subject = Pipeline(settings, clock=lambda: 0.0)  # a stopped clock: no bucket refills meanwhile
+    subject.use_tenants({t.id: tenant_route_for(config, t, "http://store", "") for t in config.tenants})
+    return subject
+
+
 def reason(outcome: Point | DeadLetter) -> Reason | None:
     return outcome.reason if isinstance(outcome, DeadLetter) else None
 
 
 def test_with_a_registry_a_machine_it_lacks_is_unknown_machine_in_every_version() -> None:
-    subject = pipeline(registry_dsn="host=registry")
+    subject = registry_pipeline()
     subject.use_machine_types({ACME_PRESS: "hydraulic_press"})
     now = time.time()
     assert reason(subject.process(topic(ACME_PRESS), v2(ACME_PRESS, now - 5), now)) is None
@@ -47,6 +59,41 @@ def test_with_a_registry_a_machine_it_lacks_is_unknown_machine_in_every_version(
     subject.use_machine_types({ACME_MILL: "cnc_mill"})  # the next fleet: press-01 removed
     assert reason(subject.process(topic(ACME_MILL), v2(ACME_MILL, now - 4), now)) is None
     assert reason(subject.process(topic(ACME_PRESS), v2(ACME_PRESS, now - 4), now)) is Reason.UNKNOWN_MACHINE
+
+
+def test_with_a_registry_the_tenants_are_the_directory_it_was_handed_and_follow_it() -> None:
+    """No tenant before the registry's copy; a removed tenant is unknown_tenant; a re-read that
+    leaves a quota as it was keeps its bucket (no fresh burst), a changed quota applies at once."""
+    config = platform(broker={"tenant_quota": {"messages_per_second": 1}})
+    empty = Pipeline(
+        worker_settings_for(config, mqtt_host="b", mqtt_port=1, from_registry=True, registry_dsn="host=r")
+    )
+    now = time.time()
+    empty.use_machine_types({ACME_PRESS: "hydraulic_press"})
+    assert reason(empty.process(topic(ACME_PRESS), v2(ACME_PRESS, now - 5), now)) is Reason.UNKNOWN_TENANT
+
+    subject = registry_pipeline(broker={"tenant_quota": {"messages_per_second": 1}})
+    subject.use_machine_types({ACME_PRESS: "hydraulic_press"})
+    routes = {t.id: tenant_route_for(config, t, "http://store", "") for t in config.tenants}
+    burst = subject._tenants["acme"].quota
+    assert burst is not None
+    admitted = 0
+    while reason(subject.process(topic(ACME_PRESS), v2(ACME_PRESS, now - 5 + admitted / 1e3), now)) is None:
+        admitted += 1
+    assert admitted == int(burst.capacity), "the bucket's burst, then quota_exceeded"
+
+    subject.use_tenants(dict(routes))  # the poll's re-read: same quota
+    assert subject._tenants["acme"].quota is burst
+    assert reason(subject.process(topic(ACME_PRESS), v2(ACME_PRESS, now - 1), now)) is Reason.QUOTA_EXCEEDED
+
+    raised = routes["acme"].model_copy(update={"messages_per_second": 1000.0})
+    subject.use_tenants({**routes, "acme": raised})
+    assert reason(subject.process(topic(ACME_PRESS), v2(ACME_PRESS, now - 1), now)) is None
+
+    subject.use_tenants({"globex": routes["globex"]})
+    outcome = subject.process(topic(ACME_PRESS), v2(ACME_PRESS, now - 0.5), now)
+    assert isinstance(outcome, DeadLetter) and outcome.reason is Reason.UNKNOWN_TENANT
+    assert outcome.tenant_label == "_unknown", "a tenant no longer known is no metric label either"
 
 
 def test_without_a_registry_the_settings_machines_keep_todays_rules() -> None:

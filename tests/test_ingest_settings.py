@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from infra.tenancy import TELEMETRY_FILTER, shared_subscription, store_routes
 from ingest.settings import SettingsError, WorkerSettings, worker_settings_for
+from registry.tenant_routes import tenant_route_for
 from tests.fixtures.ingest import fleet_machines, platform
 
 URLS = {"influxdb": "http://influxdb.ironlink.svc:8086"}
 
 
-def settings(**overrides: object) -> WorkerSettings:
+def settings(**overrides: Any) -> WorkerSettings:
     return worker_settings_for(
         platform(),
         mqtt_host="broker",
@@ -143,3 +145,28 @@ def test_bad_bounds_and_shares_are_named() -> None:
     assert "IRONLINK_QUOTA_SHARE_REPLICAS: '0' is invalid" in text
     assert "IRONLINK_MAX_CLOCK_SKEW_S: '-1' is invalid" in text
     assert "IRONLINK_QUOTA_BURST_S: 'x' is invalid" in text
+
+
+def test_a_worker_that_reads_the_registry_needs_no_tenant_and_one_without_it_needs_them() -> None:
+    deployed = worker_settings_for(platform(), mqtt_host="broker", mqtt_port=8883, from_registry=True)
+    env = deployed.to_env()
+    assert not {"IRONLINK_TENANTS", "IRONLINK_STORE_URLS"} & set(env), "a platform stack lists no tenant"
+    running = WorkerSettings.from_env({**env, "IRONLINK_REGISTRY_DSN": "host=registry"})
+    assert running.tenants == {} and running.store_tokens() == {}
+    with pytest.raises(SettingsError) as refused:
+        WorkerSettings.from_env(env)
+    assert refused.value.problems == [
+        "IRONLINK_TENANTS: is required (unless IRONLINK_REGISTRY_DSN is set: tenants then come from it)"
+    ]
+    with pytest.raises(SettingsError, match=r"store_urls: instance 'influxdb' has no URL"):
+        worker_settings_for(platform(), mqtt_host="broker", mqtt_port=8883, store_urls={})
+
+
+def test_the_static_tenant_directory_is_what_a_registry_route_would_say() -> None:
+    """One derivation: the environment's routes and the registry's rows agree field by field."""
+    config = platform()
+    tokens = {"acme": "token-a", "globex": "token-g"}
+    directory = settings().store_routes(tokens)
+    for tenant in config.tenants:
+        written = tenant_route_for(config, tenant, URLS["influxdb"], tokens[tenant.id])
+        assert directory[tenant.id] == written.model_copy(update={"dead_letter_retention_s": None})

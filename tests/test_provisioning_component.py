@@ -114,8 +114,13 @@ def test_devices_reach_the_service_only_where_the_phase_exposes_it(stack: str) -
     plan = stack_plan(stack)
     policy = plan.one("NetworkPolicy", "provisioning")
     assert policy.get("spec.podSelector.matchLabels") == deployment(plan).get("spec.selector.matchLabels")
-    (ingress,) = policy.get("spec.ingress")
+    ingress, *named = policy.get("spec.ingress")
     assert [p["port"] for p in ingress["ports"]] == [HTTP_PORT]
+    # Mosquitto's trust sidecar reads the CAs and CRLs (tests/test_trust_sync.py); EMQX has none.
+    brokers = [{"podSelector": {"matchLabels": role_selector(ROLE_BROKER)}}]
+    mosquitto = stack_config(stack).broker.engine == "mosquitto"
+    trust_rule = {"ports": [{"port": HTTP_PORT, "protocol": "TCP"}], "from": brokers}
+    assert named == ([trust_rule] if mosquitto else [])
     exposed = plan.find("Service", "provisioning-devices")
     if stack_config(stack).phase == "A":
         # Manual enrollment only: operators and the CLI from the platform namespace, nobody else.

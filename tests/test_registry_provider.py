@@ -13,13 +13,14 @@ import pytest
 from pulumi.dynamic.dynamic import serialize_provider
 
 from components.providers.registry import RegistryServiceAccountProvider, RegistryTenantProvider
-from infra.config import Tenant
+from infra.config import Tenant, parse_platform
 from infra.fleet import Fleet, Machine, Site, TenantFleet
 from infra.tenancy import INGEST_SERVICE, RECEIPTS_FILTER, TELEMETRY_FILTER
 from registry import store
 from registry.credentials import hash_password
 from registry.fleet_import import import_fleet
 from registry.queries import EMQX_AUTHN_QUERY, EMQX_AUTHZ_QUERY
+from registry.tenant_routes import tenant_route_for, tenant_routes
 from tests.test_registry import emqx, emqx_accepts
 
 pytestmark = pytest.mark.integration
@@ -33,7 +34,11 @@ def acme(*machine_types: str, name: str = "Acme Manufacturing") -> Tenant:
     return Tenant(id="acme", name=name, tier="basic", machine_types=list(machine_types))
 
 
-def props(dsn: str, tenant: Tenant, isolation: int = 2) -> dict[str, Any]:
+STORE_URL = "http://influxdb.ironlink.svc.cluster.local:8086"
+PLATFORM = parse_platform({"phase": "B", "region": "test"})
+
+
+def props(dsn: str, tenant: Tenant, isolation: int = 2, token: str = "write-token-1") -> dict[str, Any]:
     """The inputs as the engine hands them over: JSON values, numbers as floats."""
     return {
         "dsn": dsn,
@@ -41,6 +46,8 @@ def props(dsn: str, tenant: Tenant, isolation: int = 2) -> dict[str, Any]:
         "tenant": tenant.model_dump(mode="json"),
         "isolation": float(isolation),
         "actor": ACTOR,
+        "route": tenant_route_for(PLATFORM, tenant, STORE_URL, "").model_dump(mode="json", exclude={"token"}),
+        "write_token": token,
     }
 
 
@@ -67,6 +74,12 @@ def test_create_migrates_an_empty_database_and_writes_the_tenant(
     assert created.id == "acme"
     assert rows(conn, "SELECT id, name, isolation FROM tenants") == [("acme", "Acme Manufacturing", 2)]
     assert rows(conn, "SELECT count(*) FROM machines") == [(0,)], "the stack declares no fleet"
+    (route,) = tenant_routes(conn).values()  # what the platform's worker follows
+    assert (route.url, route.bucket, route.token.get_secret_value()) == (
+        STORE_URL,
+        "acme-telemetry",
+        "write-token-1",
+    )
     actions = [(e.actor, e.action, e.subject) for e in store.audit_events(conn, tenant_id="acme")]
     assert (ACTOR, "tenant.created", "acme") in actions
 

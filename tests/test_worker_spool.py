@@ -95,12 +95,12 @@ def store() -> Store:
         store_urls={"influxdb": "http://127.0.0.1:9"},
         machines=fleet_machines(),
     )
-    return Store(settings, {})
+    return Store(settings.store_timeout_ms, settings.store_routes({}))
 
 
 def test_a_partial_write_is_answered_point_by_point(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     answers = PartialWriteAnswers()
-    monkeypatch.setattr(store._apis["acme"], "write", answers)
+    monkeypatch.setattr(store.writer("acme").api, "write", answers)
     lines = [f"telemetry,n={i} {'expired' if i in (3, 11) else 'ok'}=1 {i}" for i in range(16)]
 
     refused = store.write_each("acme", lines)
@@ -118,7 +118,7 @@ def test_a_store_that_is_down_is_not_mistaken_for_a_refusal(
     def unavailable(**_: object) -> None:
         raise ApiException(status=503, reason="Service Unavailable")
 
-    monkeypatch.setattr(store._apis["acme"], "write", unavailable)
+    monkeypatch.setattr(store.writer("acme").api, "write", unavailable)
     with pytest.raises(ApiException) as raised:
         store.write_each("acme", ["telemetry a=1 1", "telemetry a=2 2"])
     assert raised.value.status == 503, "retryable errors go back to the worker, which holds the tenant"

@@ -1,11 +1,19 @@
-"""A tenant's registry rows (tenant, sites, machines, device credentials, topic rules) as a Pulumi
-resource, written through :mod:`registry.store`: the same SQL and audit trail as ``ironlink tenant``
-and ``ironlink dev``::
+"""A tenant's registry rows (the tenant, its service identity's rules, its store route) as a Pulumi
+resource, written through :mod:`registry.store` and :mod:`registry.tenant_routes`: the same SQL and
+audit trail as ``ironlink tenant`` and ``ironlink dev``::
 
-    RegistryTenant("acme-registry", dsn=postgres.dsn, tenant=tenant, isolation=2, actor="pulumi:prod")
+    RegistryTenant("acme-registry", dsn=dsn, tenant=tenant, isolation=2, actor="pulumi:prod",
+                   route=route_without_token, write_token=token)
 
-Create and update are :func:`registry.store.sync_tenant` (idempotent: it adopts rows a local tool
-already wrote and records one audit event per change); delete is :func:`registry.store.remove_tenant`.
+The route is where the platform's worker sends the tenant's points (URL, org, bucket, quota, age
+bound, dead-letter retention; ``registry.tenant_routes.tenant_route_for``) with its write token, a
+secret input kept apart so that the route itself stays readable in a plan's diff. The worker
+follows the table at runtime: a tenant stack's ``pulumi up`` is all it takes.
+
+Create and update are :func:`registry.store.sync_tenant` then
+:func:`registry.tenant_routes.upsert_tenant_route` (both idempotent: they adopt rows a local tool
+already wrote and record one audit event per change); delete is :func:`registry.store.remove_tenant`
+(its route goes with it).
 Only the tenant id forces a replacement. Migrations are applied before each write, as every other
 writer does. The provider holds nothing but its class: each operation connects with the ``dsn``
 input (a secret).
@@ -36,9 +44,10 @@ from pulumi.dynamic import (
 from pydantic import ValidationError
 
 from components.providers import plan_diff
-from infra.config import Tenant
+from infra.config import PlatformConfig, Tenant
 from registry import store
 from registry.migrate import apply_migrations
+from registry.tenant_routes import TenantStoreRoute, tenant_route_for, upsert_tenant_route
 
 CONNECT_TIMEOUT_S = 15
 
@@ -68,11 +77,16 @@ class RegistryTenantProvider(ResourceProvider):
                 failures.append(CheckFailure("tenant_id", f"{news.get('tenant_id')!r} is not {tenant.id!r}"))
         if news.get("isolation") not in (1, 2, 3):
             failures.append(CheckFailure("isolation", f"{news.get('isolation')!r} is not 1, 2 or 3"))
+        try:
+            _route(news)
+        except (ValidationError, TypeError) as error:
+            failures.append(CheckFailure("route", str(error).splitlines()[0]))
         return CheckResult(news, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         # A new dsn (a rotated password, another database) is an update: the sync is idempotent.
-        return plan_diff(olds, news, replace=("tenant_id",), update=("tenant", "isolation", "dsn"))
+        changing = ("tenant", "isolation", "dsn", "route", "write_token")
+        return plan_diff(olds, news, replace=("tenant_id",), update=changing)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         self._sync(props)
@@ -93,9 +107,23 @@ class RegistryTenantProvider(ResourceProvider):
 
     @staticmethod
     def _sync(props: Mapping[str, Any]) -> None:
-        tenant = Tenant.model_validate(props["tenant"])
+        tenant, route = Tenant.model_validate(props["tenant"]), _route(props)
         with _registry(props) as conn:
             store.sync_tenant(conn, tenant, isolation=int(props["isolation"]), actor=props["actor"])
+            upsert_tenant_route(conn, tenant.id, route, actor=props["actor"])
+
+
+def _route(props: Mapping[str, Any]) -> TenantStoreRoute:
+    return TenantStoreRoute.model_validate({**props["route"], "token": props.get("write_token") or ""})
+
+
+def route_input(
+    config: PlatformConfig, tenant: Tenant, store_url: pulumi.Input[str]
+) -> pulumi.Output[dict[str, Any]]:
+    """The tenant's route as a plain input, without its token (:class:`RegistryTenant` ``route``)."""
+    return pulumi.Output.from_input(store_url).apply(
+        lambda url: tenant_route_for(config, tenant, url, "").model_dump(mode="json", exclude={"token"})
+    )
 
 
 class RegistryTenant(Resource, module="registry", name="Tenant"):
@@ -109,6 +137,8 @@ class RegistryTenant(Resource, module="registry", name="Tenant"):
         tenant: Tenant,
         isolation: int,
         actor: str,
+        route: pulumi.Input[dict[str, Any]],
+        write_token: pulumi.Input[str],
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         props = {
@@ -117,6 +147,8 @@ class RegistryTenant(Resource, module="registry", name="Tenant"):
             "tenant": tenant.model_dump(mode="json"),
             "isolation": isolation,
             "actor": actor,
+            "route": route,
+            "write_token": pulumi.Output.secret(write_token),
         }
         super().__init__(RegistryTenantProvider(), resource_name, props, opts)
 

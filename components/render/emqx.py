@@ -78,10 +78,85 @@ def _rate_limits(config: PlatformConfig) -> dict[str, str]:
     return {key: value for key, value in values.items() if value is not None}
 
 
+# The brokers' authentication failures into the registry's audit trail: a rule on EMQX's CONNACK
+# event posts each refused CONNECT to the provisioning service, which counts them per reason,
+# address and minute (``provisioning.broker_log``), as the Mosquitto log follower does.
+AUTH_FAILURES = "ironlink_auth_failures"
+AUTH_FAILURES_CONNECTOR = "ironlink_provisioning"
+AUTH_FAILURES_PATH = "/v1/broker/auth-events"
+AUTH_FAILURES_SQL = (
+    "SELECT clientid, username, peername, sockname, reason_code, timestamp, node"
+    " FROM \"$events/client_connack\" WHERE reason_code != 'success'"
+)
+AUTH_FAILURES_TOKEN_ENV = f"EMQX_ACTIONS__HTTP__{AUTH_FAILURES.upper()}__PARAMETERS__HEADERS__AUTHORIZATION"
+"""The broker-log token (``IRONLINK_PROV_BROKER_LOG_TOKEN``) as ``"Bearer <token>"``, from a Secret:
+never in the file."""
+
+
+@dataclass(frozen=True)
+class AuthFailureReporting:
+    """Where EMQX reports refused connections: the provisioning service's base URL, and the CA of
+    its HTTPS certificate (None: plain HTTP inside the cluster)."""
+
+    url: str
+    cacertfile: str | None = None
+
+
+def auth_failure_settings(reporting: AuthFailureReporting) -> dict[str, Any]:
+    """The connector, HTTP action and rule (EMQX 5.8 ``connectors``/``actions``/``rule_engine``);
+    with no ``body`` the action posts the rule's selected fields as one JSON object."""
+    ssl: dict[str, Any] = {"enable": reporting.cacertfile is not None}
+    if reporting.cacertfile is not None:
+        ssl |= {"cacertfile": reporting.cacertfile, "verify": "verify_peer"}
+    return {
+        "connectors": {
+            "http": {
+                AUTH_FAILURES_CONNECTOR: {
+                    "enable": True,
+                    "url": reporting.url,
+                    "connect_timeout": "5s",
+                    "pool_size": 4,
+                    "headers": {"content-type": "application/json"},
+                    "ssl": ssl,
+                }
+            }
+        },
+        "actions": {
+            "http": {
+                AUTH_FAILURES: {
+                    "enable": True,
+                    "connector": AUTH_FAILURES_CONNECTOR,
+                    "parameters": {
+                        "method": "post",
+                        "path": AUTH_FAILURES_PATH,
+                        "headers": {"content-type": "application/json"},
+                    },
+                    # A flood queues at most this much in the node, then EMQX drops and counts it.
+                    "resource_opts": {"max_buffer_bytes": "16MB", "request_ttl": "30s"},
+                }
+            }
+        },
+        "rule_engine": {
+            "rules": {
+                AUTH_FAILURES: {
+                    "enable": True,
+                    "sql": AUTH_FAILURES_SQL,
+                    "actions": [f"http:{AUTH_FAILURES}"],
+                    "description": "Refused CONNECTs to the Ironlink audit trail",
+                }
+            }
+        },
+    }
+
+
 def emqx_settings(
-    config: PlatformConfig, registry: RegistryConnection, certs_dir: str = CERTS_DIR
+    config: PlatformConfig,
+    registry: RegistryConnection,
+    certs_dir: str = CERTS_DIR,
+    auth_failures: AuthFailureReporting | None = None,
 ) -> dict[str, Any]:
-    """The configuration tree written to ``emqx.conf``."""
+    """The configuration tree written to ``emqx.conf``; ``auth_failures``: report refused CONNECTs
+    to the provisioning service (:func:`auth_failure_settings`)."""
     mtls = config.broker.tls == "mtls"
     limits = _rate_limits(config)
     listeners: dict[str, Any] = {
@@ -123,7 +198,9 @@ def emqx_settings(
         "pool_size": 8,
         "ssl": {"enable": False},
     }
+    reporting = auth_failure_settings(auth_failures) if auth_failures is not None else {}
     return {
+        **reporting,
         "cluster": {"name": "ironlink"},
         "rpc": {"port_discovery": "manual", "tcp_server_port": RPC_PORT},
         "log": {"console": {"enable": True, "level": "warning"}, "file": {"enable": False}},
@@ -184,11 +261,16 @@ def render_hocon(tree: Mapping[str, Any]) -> str:
     return _hocon_fields(tree, 0)
 
 
-def render_emqx_conf(config: PlatformConfig, registry: RegistryConnection, certs_dir: str = CERTS_DIR) -> str:
+def render_emqx_conf(
+    config: PlatformConfig,
+    registry: RegistryConnection,
+    certs_dir: str = CERTS_DIR,
+    auth_failures: AuthFailureReporting | None = None,
+) -> str:
     header = (
         f"# Rendered by Ironlink for a phase {config.phase} stack in region {config.region}: do not edit.\n"
     )
-    return header + render_hocon(emqx_settings(config, registry, certs_dir))
+    return header + render_hocon(emqx_settings(config, registry, certs_dir, auth_failures))
 
 
 def node_host(namespace: str, headless_service: str, pod: str = "$(POD_NAME)") -> str:

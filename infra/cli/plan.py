@@ -25,7 +25,14 @@ from typer.core import TyperGroup
 
 from infra.cli import app
 from infra.cli.common import EXIT_BAD_INPUT, console, errors, fail, guarded
-from infra.config import StackConfigError, UnknownStackError, list_stacks, load_stack, project_root
+from infra.config import (
+    StackConfigError,
+    UnknownStackError,
+    existing_stack_file,
+    list_stacks,
+    load_stack,
+    project_root,
+)
 from infra.plan import Plan, PlannedResource, build_plan, build_tenant_plan, write_plan
 from infra.planner import PlannedStack, plan_region, select
 
@@ -74,6 +81,7 @@ def render_summary(plan: Plan) -> Table:
 def _plan_one(stack: str, output_dir: Path, show_tree: bool, jobs: int | None) -> None:
     """One stack in detail (its tree and per-component summary); a platform's tenants after it,
     a line each."""
+    existing_stack_file(stack)  # a typo or a path is refused by its own name, before it is split
     platform_name, _, tenant_id = stack.partition(".")
     config = load_stack(platform_name)
     platform = plan = build_plan(config, platform_name)

@@ -26,6 +26,7 @@ from infra.config import (
     Problem,
     StackConfigError,
     Tenant,
+    _show,
     load_platform,
     load_tenant_stack,
     parse_tenant_stack,
@@ -129,10 +130,17 @@ def tenant_add(
         body["alert_emails"] = alert_emails
 
     def validate() -> Tenant:
-        path = stack_file(stack, root)
-        parsed = parse_tenant_stack({"platform": platform_stack, "tenant": body}, stack, platform)
-        if path.exists():
-            raise StackConfigError([Problem(str(path), f"tenant {tenant_id!r} has a stack already")], stack)
+        # Listed, not stat()ed: an id too long for a file name is a problem to report, not an OSError.
+        taken: list[Problem] = []
+        if stack in tenant_stacks(platform_stack, root):
+            path = stack_file(stack, root)
+            taken.append(Problem("ironlink:tenant.id", f"{tenant_id!r} has a stack already: {path}"))
+        try:
+            parsed = parse_tenant_stack({"platform": platform_stack, "tenant": body}, stack, platform)
+        except StackConfigError as error:
+            raise StackConfigError([*error.problems, *taken], stack) from None
+        if taken:
+            raise StackConfigError(taken, stack)
         return parsed.tenant
 
     tenant = guarded(validate)
@@ -195,7 +203,7 @@ def tenant_remove(
         if stack not in tenant_stacks(platform_stack, root):
             known = ", ".join(name.split(".", 1)[1] for name in tenant_stacks(platform_stack, root)) or "none"
             problem = Problem(
-                "TENANT", f"{tenant_id!r} is not a tenant of {platform_stack!r} (tenants: {known})"
+                "TENANT", f"{_show(tenant_id)} is not a tenant of {platform_stack!r} (tenants: {known})"
             )
             raise StackConfigError([problem], platform_stack)
         return load_tenant_stack(stack, platform, root).tenant

@@ -34,7 +34,7 @@ from ingest.deadletters.document import read_dead_letter
 from ingest.deadletters.settings import DeadLetterSettings
 from ingest.health import HealthServer
 from ingest.session import connect_persistent, persistent_client
-from registry import store
+from registry import store, tenant_routes
 from registry.migrate import apply_migrations
 
 log = structlog.get_logger("deadletters")
@@ -95,6 +95,8 @@ class DeadLetterConsumer:
         self.metrics = metrics or DeadLetterMetrics()
         self.heartbeat = time.monotonic()
         self.registry_ok = False
+        self._routed: dict[str, int | None] = {}
+        """The registry's tenants with a store route and their dead-letter retention."""
         self._conn: psycopg.Connection | None = None
         self._inbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -247,7 +249,18 @@ class DeadLetterConsumer:
         log.warning("registry_unavailable", operation=operation, error=str(error)[:300])
 
     def _tenant_label(self, tenant: str | None) -> str:
-        return tenant if tenant in self.settings.retention_s else UNKNOWN_TENANT_LABEL
+        known = tenant in self.settings.retention_s or tenant in self._routed
+        return tenant if tenant is not None and known else UNKNOWN_TENANT_LABEL
+
+    def _learn_tenants(self, conn: psycopg.Connection) -> None:
+        """The tenants' retention from their registry routes (``tenant_store_routes``), read at each
+        replay poll and before each purge, so a tenant added at runtime needs no restart."""
+        self._routed = tenant_routes.dead_letter_retention(conn)
+
+    def _retention(self) -> dict[str, int]:
+        """Per tenant: its route's retention, else the settings' (a stack that writes no routes)."""
+        routed = {tenant: seconds for tenant, seconds in self._routed.items() if seconds is not None}
+        return {**self.settings.retention_s, **routed}
 
     # ---------------------------------------------------------------------------- dead letters
     def _handle(self, delivery: Delivery) -> None:
@@ -305,9 +318,7 @@ class DeadLetterConsumer:
         refused or unconfirmed one stays requested and is tried again at the next poll."""
         if not self.connected:
             return
-        pending = self._with_registry(
-            "replay", lambda conn: store.pending_replays(conn, self.settings.replay_batch), retry=False
-        )
+        pending = self._with_registry("replay", self._pending_replays, retry=False)
         for letter in pending or []:
             self.heartbeat = time.monotonic()
             if self._stop.is_set() or not self._publish(letter):
@@ -317,6 +328,10 @@ class DeadLetterConsumer:
             ):
                 self.metrics.replayed.inc()
                 log.info("dead_letter_replayed", id=letter.id, topic=replay_topic(letter.topic))
+
+    def _pending_replays(self, conn: psycopg.Connection) -> list[store.DeadLetter]:
+        self._learn_tenants(conn)
+        return store.pending_replays(conn, self.settings.replay_batch)
 
     def _publish(self, letter: store.DeadLetter) -> bool:
         info = self.client.publish(replay_topic(letter.topic), letter.payload or b"", qos=1)
@@ -336,16 +351,15 @@ class DeadLetterConsumer:
 
     # --------------------------------------------------------------------------------- purge
     def _purge(self) -> None:
-        s = self.settings
-        purged = self._with_registry(
-            "purge",
-            lambda conn: store.purge_dead_letters(conn, s.retention_s, s.default_retention_s),
-            retry=False,
-        )
+        purged = self._with_registry("purge", self._purge_expired, retry=False)
         for tenant, count in (purged or {}).items():
             self.metrics.purged.labels(self._tenant_label(tenant)).inc(count)
         if purged:
             log.info("dead_letters_purged", counts={str(t): n for t, n in purged.items()})
+
+    def _purge_expired(self, conn: psycopg.Connection) -> dict[str | None, int]:
+        self._learn_tenants(conn)
+        return store.purge_dead_letters(conn, self._retention(), self.settings.default_retention_s)
 
 
 class GaveUp(Exception):

@@ -56,7 +56,9 @@ class DeadLetterSettings(BaseModel):
         default=None, description="From IRONLINK_DLQ_REGISTRY_DSN only; required to run."
     )
     retention_s: dict[TenantId, int] = Field(
-        default_factory=dict, description="Tenant -> seconds its dead letters are kept (0: forever)."
+        default_factory=dict,
+        description="Tenant -> seconds its dead letters are kept (0: forever), where the registry's"
+        " route of the tenant (tenant_store_routes.dead_letter_retention_s) says nothing.",
     )
     default_retention_s: int = Field(
         default=WEEK_S, ge=0, description="For tenants not in retention_s, and dead letters of no tenant."
