@@ -14,6 +14,7 @@ The engine returns inputs as outputs, plus plausible values for the few outputs 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextvars
 import hashlib
 import json
@@ -31,7 +32,7 @@ from pulumi.runtime import resource as pulumi_resource
 from pulumi.runtime.config import set_all_config
 from pulumi.runtime.proto import source_pb2
 from pulumi.runtime.stack import run_pulumi_func
-from pulumi.runtime.sync_await import _sync_await
+from pulumi.runtime.sync_await import _ensure_event_loop, _sync_await
 
 from infra.config import (
     NAMESPACE,
@@ -303,6 +304,20 @@ class PlanMocks(mocks.Mocks):
         return {}, None
 
 
+class InlineExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Runs each call at once in the calling thread. The SDK sends every engine call to a thread
+    (a real engine is a gRPC server); the mock engine is a Python method, and the hop to a thread
+    and back costs more than the call."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # handed to the awaiting task, as a thread would
+            future.set_exception(error)
+        return future
+
+
 def _no_stack_trace() -> Any:
     return source_pb2.StackTrace()
 
@@ -432,6 +447,7 @@ def _run(
         logger=logging.getLogger("ironlink.plan"),
     )
     set_all_config(values)
+    _ensure_event_loop().set_default_executor(InlineExecutor())
     result: dict[str, Any] = {}
 
     async def run() -> None:
