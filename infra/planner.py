@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 from infra.config import (
@@ -69,23 +70,19 @@ def _summary(plan: Plan, path: Path) -> PlannedStack:
     return PlannedStack(plan.stack, len(plan.resources), sum(r.protect for r in plan.resources), path)
 
 
-# A worker process's view of its platform, set once per process by the pool's initializer.
-_platform: tuple[PlatformConfig, Plan] | None = None
-
-
-def _init_worker(config: PlatformConfig, platform_plan: Plan) -> None:
-    global _platform
-    _platform = (config, platform_plan)
-
-
-def _plan_tenants(tenants: Sequence[Tenant], output_dir: Path) -> list[PlannedStack]:
-    assert _platform is not None, "worker started without its platform"
-    config, platform_plan = _platform
+def _plan_tenants(
+    config: PlatformConfig, platform_plan: Plan, tenants: Sequence[Tenant], output_dir: Path
+) -> list[PlannedStack]:
     out = []
     for tenant in tenants:
         plan = build_tenant_plan(config, platform_plan, tenant)
         out.append(_summary(plan, write_plan(plan, output_dir)))
     return out
+
+
+def _ready() -> None:
+    """A worker's first task: load the program and the SDK while the platform is being planned."""
+    import infra.program  # noqa: F401
 
 
 def _chunks(items: Sequence[Tenant], count: int) -> list[Sequence[Tenant]]:
@@ -105,8 +102,6 @@ def plan_region(
 ) -> list[PlannedStack]:
     """Plan platform ``stack`` (``config`` with its tenants; ``platform_plan`` if planned already)
     and the chosen tenants; write each plan."""
-    platform_plan = platform_plan or build_plan(config, stack)
-    planned = [_summary(platform_plan, write_plan(platform_plan, output_dir))] if include_platform else []
     chosen = set(tenants) if tenants is not None else None
     unknown = sorted(chosen - {t.id for t in config.tenants}) if chosen is not None else []
     if unknown:
@@ -118,14 +113,23 @@ def plan_region(
     selected = [t for t in config.tenants if chosen is None or t.id in chosen]
     workers = min(jobs or os.cpu_count() or 1, max(1, len(selected) // 50))
     if workers <= 1:
-        _init_worker(config, platform_plan)
-        return planned + _plan_tenants(selected, output_dir)
-    # The platform's program result holds live resources; the workers need only its exports.
-    shareable = Plan(platform_plan.stack, [], reference_outputs=platform_plan.reference_outputs)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, context, initializer=_init_worker, initargs=(config, shareable)
-    ) as pool:
-        for result in pool.map(_plan_tenants, _chunks(selected, workers * 4), [output_dir] * (workers * 4)):
+        platform_plan = platform_plan or build_plan(config, stack)
+        return _platform_summary(platform_plan, output_dir, include_platform) + _plan_tenants(
+            config, platform_plan, selected, output_dir
+        )
+    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
+        warming = [pool.submit(_ready) for _ in range(workers)]  # they start while the platform plans
+        platform_plan = platform_plan or build_plan(config, stack)
+        planned = _platform_summary(platform_plan, output_dir, include_platform)
+        # The platform's program result holds live resources; the workers need only its exports.
+        shareable = Plan(platform_plan.stack, [], reference_outputs=platform_plan.reference_outputs)
+        for future in warming:
+            future.result()
+        chunks = _chunks(selected, workers * 4)
+        for result in pool.map(_plan_tenants, repeat(config), repeat(shareable), chunks, repeat(output_dir)):
             planned.extend(result)
     return planned
+
+
+def _platform_summary(plan: Plan, output_dir: Path, include: bool) -> list[PlannedStack]:
+    return [_summary(plan, write_plan(plan, output_dir))] if include else []
