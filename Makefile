@@ -11,6 +11,8 @@ STACK ?= dev
 DEBIAN_PACKAGES := mosquitto mosquitto-clients postgresql victoria-metrics prometheus openssl python3-venv
 # ps and ss, which pytest-testinfra's process and socket checks run (tests/infra/).
 DEBIAN_PACKAGES += procps iproute2
+# graphviz's dot: `ironlink plan --graph` and the pictures of docs/architecture.md (infra/graph.py).
+DEBIAN_PACKAGES += graphviz
 
 .PHONY: deps system-deps plan plan-all test lint bench clean
 
@@ -54,6 +56,11 @@ DEMO_SECONDS ?= 20
 STATE_DIR ?= .ironlink/dev
 demo: deps
 	$(BIN)/python -m localdev.demo --stack $(STACK) --state-dir $(STATE_DIR) --duration $(DEMO_SECONDS) $(if $(KEEP),--keep)
+
+.PHONY: docs-graphs
+# Regenerate the pictures docs/architecture.md shows (tests/test_graph.py checks they are current).
+docs-graphs: deps
+	$(BIN)/python -m infra.graph --output-dir docs/graphs
 
 .PHONY: ingest-schemas ingest-image
 # Regenerate ingest/schemas/*.json from the payload models (tests/test_contract_schemas.py checks them).

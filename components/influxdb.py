@@ -85,6 +85,9 @@ class InfluxDB(pulumi.ComponentResource):
         if args.get("tenant_id"):
             object_labels["ironlink.io/tenant"] = str(args.get("tenant_id"))
         pods = selector(object_labels)
+        # Its backup job's pods share name and instance: the Service and the policy select the
+        # database's own pods by role too (the StatefulSet's selector is immutable and stays).
+        serving = {**pods, **role_selector(ROLE_INFLUXDB)}
 
         protect = config.protect_stateful
         self.admin_password = generated_password(f"{instance}-admin-password", parent=self, protect=protect)
@@ -139,14 +142,14 @@ class InfluxDB(pulumi.ComponentResource):
         }
         kube.stateful_set(instance, object_labels, spec)
         ports = [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}]
-        kube.service(instance, object_labels, {"type": "ClusterIP", "selector": pods, "ports": ports})
+        kube.service(instance, object_labels, {"type": "ClusterIP", "selector": serving, "ports": ports})
         clients = [
             pod_peer(role_selector(ROLE_INGEST)),
             pod_peer(role_selector(ROLE_GRAFANA)),
             backup_peer(instance),
         ]
         kube.network_policy(
-            instance, object_labels, ingress_policy_spec(pods, [ingress_rule([(PORT, "TCP")], clients)])
+            instance, object_labels, ingress_policy_spec(serving, [ingress_rule([(PORT, "TCP")], clients)])
         )
 
         url = influxdb_url(namespace, instance)

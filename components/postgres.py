@@ -79,6 +79,9 @@ class Postgres(pulumi.ComponentResource):
         kube = Kube(self, args["provider"], namespace, config.protect_stateful, inherited_dependencies(opts))
         object_labels = labels("postgres", name, ROLE_POSTGRES)
         pods = selector(object_labels)
+        # Its backup job's pods share name and instance: the Service and the policy select the
+        # database's own pods by role too (the StatefulSet's selector is immutable and stays).
+        serving = {**pods, **role_selector(ROLE_POSTGRES)}
 
         # Passwords are baked into the data directory at first start: protected with the data.
         self.owner_password = generated_password(
@@ -142,7 +145,7 @@ class Postgres(pulumi.ComponentResource):
         }
         kube.stateful_set(name, object_labels, spec)
         ports = [{"name": "postgres", "port": PORT, "targetPort": "postgres", "protocol": "TCP"}]
-        kube.service(name, object_labels, {"type": "ClusterIP", "selector": pods, "ports": ports})
+        kube.service(name, object_labels, {"type": "ClusterIP", "selector": serving, "ports": ports})
 
         clients = [
             pod_peer(role_selector(ROLE_GRAFANA)),
@@ -154,7 +157,7 @@ class Postgres(pulumi.ComponentResource):
         if config.broker.engine == "emqx":
             clients.append(pod_peer(role_selector(ROLE_BROKER)))
         kube.network_policy(
-            name, object_labels, ingress_policy_spec(pods, [ingress_rule([(PORT, "TCP")], clients)])
+            name, object_labels, ingress_policy_spec(serving, [ingress_rule([(PORT, "TCP")], clients)])
         )
 
         self.host, self.port, self.database, self.owner = (

@@ -948,6 +948,14 @@ def tenant_stack_name(platform: str, tenant_id: str) -> str:
     return f"{platform}.{tenant_id}"
 
 
+def source_stack(name: str) -> str:
+    """The stack a pull request's preview copy was made from (``pr-12-mvp-eu.acme`` →
+    ``mvp-eu.acme``, ``infra.preview``); any other name is its own source. A copy runs with its
+    source's stack file, so every check of a name is made on the source's."""
+    match = re.fullmatch(r"pr-[1-9][0-9]{0,8}-(.+)", name)
+    return match.group(1) if match else name
+
+
 def is_tenant_stack(stack: str) -> bool:
     """Platform stack names have no dot; a tenant stack is ``<platform>.<tenant>``."""
     return "." in stack
@@ -974,8 +982,8 @@ def parse_tenant_stack(raw: Mapping[str, Any], stack: str, platform: PlatformCon
     if parsed is not None:
         tiers, tenant = platform.influxdb.retention_tiers, parsed.tenant
         problems.extend(_tenant_problems(tenant, ("tenant",), tiers, platform.phase))
-        expected = tenant_stack_name(parsed.platform, tenant.id)
-        if stack != expected:
+        expected = tenant_stack_name(source_stack(parsed.platform), tenant.id)
+        if source_stack(stack) != expected:
             problems.append(
                 Problem(
                     _path(["tenant", "id"]),

@@ -37,6 +37,7 @@ from infra.config import (
     parse_platform_stack,
     parse_tenant_stack,
     settings_from_pulumi_config,
+    source_stack,
 )
 from infra.tenancy import REGION_COMPONENT_TYPE, SHARED_INFLUXDB, legacy_tenant_urn
 
@@ -60,7 +61,7 @@ def load_config() -> PlatformConfig:
 
 def platform_config(name: str) -> PlatformConfig:
     known = PLATFORM_CONFIGS.get() or {}
-    return known[name] if name in known else load_platform(name)
+    return known[name] if name in known else load_platform(source_stack(name))
 
 
 def load_tenant_config() -> tuple[PlatformConfig, TenantStackConfig]:

@@ -630,3 +630,19 @@ def test_phase_a_tenants_share_grafanas_org(stack: str) -> None:
     assert {f.name for f in plan.find("grafana:oss/folder:Folder")} == {
         f"{t.id}-folder" for t in stack_config(stack).tenants
     }
+
+
+@pytest.mark.parametrize("stack", PHASE_B + PHASE_C)  # the phases that back up
+def test_a_databases_service_and_policy_never_select_its_backup_jobs_pods(stack: str) -> None:
+    plan = stack_plan(stack)
+    jobs = [job for job in plan.find("CronJob") if job.name.endswith("-backup")]
+    assert jobs, f"{stack}: no backup jobs"
+    for job in jobs:
+        pod_labels = job.get("spec.jobTemplate.spec.template.metadata.labels")
+        database = job.name.removesuffix("-backup")
+        service = plan.one("Service", database).get("spec.selector")
+        policy = plan.one("NetworkPolicy", database).get("spec.podSelector.matchLabels")
+        for selecting in (service, policy):
+            assert not selecting.items() <= pod_labels.items(), (
+                f"{stack}: {database} selects {job.name}'s pods"
+            )

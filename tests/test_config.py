@@ -27,6 +27,7 @@ from infra.config import (
     platform_stacks,
     read_stack_settings,
     settings_from_pulumi_config,
+    source_stack,
     stack_file,
     tenant_stacks,
 )
@@ -397,3 +398,13 @@ def test_the_quota_is_shared_by_the_replicas_that_always_run() -> None:
         }
     )
     assert scaled.ingest.min_replicas == 3, "the autoscaler's floor, not today's count"
+
+
+@pytest.mark.parametrize("platform", ["mvp-eu", "pr-12-mvp-eu"])
+def test_a_pull_requests_preview_copy_of_a_tenant_stack_passes_the_name_check(platform: str) -> None:
+    """``pr-12-mvp-eu.acme`` (infra.preview) runs the file of ``mvp-eu.acme`` on either platform."""
+    settings = {"platform": platform, "tenant": tenant("acme")}
+    parsed = parse_tenant_stack(settings, "pr-12-mvp-eu.acme", load_platform("mvp-eu"))
+    assert parsed.platform == platform and source_stack("pr-12-mvp-eu.acme") == "mvp-eu.acme"
+    with pytest.raises(StackConfigError, match=r"belongs in stack 'mvp-eu\.acme'"):
+        parse_tenant_stack(settings, "pr-12-mvp-eu.globex", load_platform("mvp-eu"))

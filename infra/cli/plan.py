@@ -78,9 +78,9 @@ def render_summary(plan: Plan) -> Table:
     return table
 
 
-def _plan_one(stack: str, output_dir: Path, show_tree: bool, jobs: int | None) -> None:
-    """One stack in detail (its tree and per-component summary); a platform's tenants after it,
-    a line each."""
+def _plan_one(stack: str, output_dir: Path, show_tree: bool, jobs: int | None, graph: bool) -> None:
+    """One stack in detail (its tree and per-component summary, ``graph``: its picture); a
+    platform's tenants after it, a line each."""
     existing_stack_file(stack)  # a typo or a path is refused by its own name, before it is split
     platform_name, _, tenant_id = stack.partition(".")
     config = load_stack(platform_name)
@@ -94,6 +94,13 @@ def _plan_one(stack: str, output_dir: Path, show_tree: bool, jobs: int | None) -
     console.print(render_summary(plan))
     path = write_plan(plan, output_dir)
     console.print(f"wrote {path} and {len(plan.manifests())} manifests in {output_dir / stack}/")
+    if graph:
+        from infra.graph import GraphError, graph_command_hook
+
+        try:
+            console.print(f"wrote {graph_command_hook(plan, output_dir)}")
+        except GraphError as error:
+            fail(f"--graph: {error}")
     if not tenant_id and config.tenants:
         tenants = plan_region(
             config, platform_name, output_dir, include_platform=False, jobs=jobs, platform_plan=plan
@@ -157,6 +164,9 @@ def plan_command(
     jobs: Annotated[
         int | None, typer.Option("--jobs", min=1, max=64, help="Processes planning tenants [CPU count].")
     ] = None,
+    graph: Annotated[
+        bool, typer.Option("--graph", help="Also draw the stack's components and links: <stack>.svg.")
+    ] = False,
 ) -> None:
     """Run the Pulumi program offline under the mock engine and show what stacks declare (the
     default: ``ironlink plan dev`` is ``ironlink plan stacks dev``)."""
@@ -165,8 +175,10 @@ def plan_command(
         fail("give either a STACK or --all (stacks: " + ", ".join(list_stacks()) + ")")
     target = output_dir or project_root() / "build" / "plan"
     if len(names) == 1:
-        guarded(lambda: _plan_one(names[0], target, tree, jobs))
+        guarded(lambda: _plan_one(names[0], target, tree, jobs, graph))
         return
+    if graph:
+        fail("--graph draws one stack: give exactly one STACK")
     failed: list[str] = []
     planned: list[PlannedStack] = []
     for selection in select(names, all_stacks):
