@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.plan import PlannedResource
+
 MAX_NODES = 2_000
 """A plan drawing more nodes than this is refused: ``dot`` would take minutes and the picture
 would say nothing (a whole merged region; draw its stacks one by one)."""
@@ -41,21 +43,9 @@ class GraphError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------- reading a plan
-@dataclass
-class _Resource:
-    urn: str
-    type: str
-    name: str
-    parent: str | None
-    inputs: dict[str, Any]
-
-    @property
-    def kind(self) -> str:
-        return "Provider" if self.type.startswith("pulumi:providers:") else self.type.rsplit(":", 1)[-1]
-
-    @property
-    def is_component(self) -> bool:
-        return self.type.startswith("ironlink:")
+@dataclass(frozen=True)
+class _Resource(PlannedResource):
+    """A planned resource with what the drawing asks of it."""
 
     @property
     def is_kubernetes(self) -> bool:
@@ -63,19 +53,12 @@ class _Resource:
 
     @property
     def namespace(self) -> str | None:
-        metadata = self.inputs.get("metadata")
-        return metadata.get("namespace") if isinstance(metadata, dict) else None
-
-    def get(self, *path: str) -> Any:
-        value: Any = self.inputs
-        for part in path:
-            value = value.get(part) if isinstance(value, dict) else None
-        return value
+        return self.get("metadata.namespace")
 
     @property
     def pod_labels(self) -> dict[str, str]:
-        spec = ("spec", "jobTemplate", "spec") if self.kind == "CronJob" else ("spec",)
-        labels = self.get(*spec, "template", "metadata", "labels")
+        spec = "spec.jobTemplate.spec" if self.kind == "CronJob" else "spec"
+        labels = self.get(f"{spec}.template.metadata.labels")
         return labels if isinstance(labels, dict) else {}
 
 
@@ -93,7 +76,15 @@ def _resources(plan_json: Mapping[str, Any]) -> list[_Resource]:
     if not isinstance(resources, list):
         raise GraphError("plan JSON has no 'resources' list (write it with `ironlink plan`)")
     return [
-        _Resource(r["urn"], r["type"], r["name"], r.get("parent"), r.get("inputs") or {})
+        _Resource(
+            r["urn"],
+            r["type"],
+            r["name"],
+            r.get("parent"),
+            r.get("inputs") or {},
+            bool(r.get("protect")),
+            True,
+        )
         for r in resources
         if isinstance(r, dict)
     ]
@@ -224,7 +215,7 @@ class _Graph:
         for service in services:
             for workload in workloads:
                 if self._same_namespace(service, workload) and _matches(
-                    service.get("spec", "selector"), workload.pod_labels
+                    service.get("spec.selector"), workload.pod_labels
                 ):
                     self.edge(self.node_id(service.urn), self.node_id(workload.urn), "selects")
 
@@ -268,15 +259,15 @@ class _Graph:
         return found
 
     def _link_dns(self, services: list[_Resource], workloads: list[_Resource]) -> None:
-        by_name = {(s.get("metadata", "name") or s.name, s.namespace): s for s in services}
+        by_name = {(s.get("metadata.name") or s.name, s.namespace): s for s in services}
         for workload in workloads:
-            containers = workload.get("spec", "template", "spec", "containers") or workload.get(
-                "spec", "jobTemplate", "spec", "template", "spec", "containers"
+            containers = workload.get("spec.template.spec.containers") or workload.get(
+                "spec.jobTemplate.spec.template.spec.containers"
             )
             for text in _strings([c.get("env") for c in containers or [] if isinstance(c, dict)]):
                 for name, namespace in _SERVICE_DNS.findall(text):
                     service = by_name.get((name, namespace))
-                    if service is None or _matches(service.get("spec", "selector"), workload.pod_labels):
+                    if service is None or _matches(service.get("spec.selector"), workload.pod_labels):
                         continue  # not in this stack, or the workload's own Service
                     self.edge(self.node_id(workload.urn), self.node_id(service.urn), "connects", "DNS")
 

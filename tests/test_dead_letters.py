@@ -410,6 +410,17 @@ def test_cli_reports_every_filter_problem_at_once() -> None:
     assert all(flag in result.output for flag in ("--tenant: 'X'", "--limit: 0", "--since: 'soon'"))
 
 
+def store_aged(conn: psycopg.Connection, ages: dict[tuple[str, float], bool], now: datetime) -> None:
+    """One dead letter per (topic, age in days), its payload the age as text."""
+    for topic, days in ages:
+        at = (now - timedelta(days=days)).timestamp()
+        letter = read_dead_letter(
+            dead_letter_topic(topic), document(topic, f"{days}".encode(), at=at), now=now,
+            max_document_bytes=1 << 20, max_sample_bytes=64,
+        )  # fmt: skip
+        store.store_dead_letter(conn, letter)
+
+
 def test_purge_removes_dead_letters_past_their_tenants_retention(
     registry: tuple[psycopg.Connection, Broker], consumer: Callable[..., DeadLetterConsumer]
 ) -> None:
@@ -423,13 +434,7 @@ def test_purge_removes_dead_letters_past_their_tenants_retention(
         ("ironlink/globex/line-a/molder-01/telemetry", 31): False,
         ("ironlink/initech/hq/robot-01/telemetry", 2): False,
     }
-    for topic, days in ages:
-        at = (now - timedelta(days=days)).timestamp()
-        letter = read_dead_letter(
-            dead_letter_topic(topic), document(topic, f"{days}".encode(), at=at), now=now,
-            max_document_bytes=1 << 20, max_sample_bytes=64,
-        )  # fmt: skip
-        store.store_dead_letter(conn, letter)
+    store_aged(conn, ages, now)
     service = consumer(default_retention_s=86_400)  # purges on start, then every purge_interval_s
     eventually(lambda: len(store.list_dead_letters(conn)) == 2, "three dead letters purged")
     kept = {(letter.topic, letter.payload_bytes) for letter in store.list_dead_letters(conn)}
@@ -455,13 +460,7 @@ def test_purge_takes_each_tenants_retention_from_its_registry_route(
         ("ironlink/acme/plant-1/press-01/telemetry", 0.5): True,
         ("ironlink/globex/line-a/molder-01/telemetry", 8.0): True,
     }
-    for topic, days in ages:
-        at = (now - timedelta(days=days)).timestamp()
-        letter = read_dead_letter(
-            dead_letter_topic(topic), document(topic, f"{days}".encode(), at=at), now=now,
-            max_document_bytes=1 << 20, max_sample_bytes=64,
-        )  # fmt: skip
-        store.store_dead_letter(conn, letter)
+    store_aged(conn, ages, now)
     service = consumer(retention_s={}, default_retention_s=30 * 86_400)
     eventually(lambda: len(store.list_dead_letters(conn)) == 2, "acme's 2-day-old dead letter purged")
     kept = {(letter.topic, letter.payload_bytes) for letter in store.list_dead_letters(conn)}

@@ -57,6 +57,18 @@ def change(repo: Path, edit: Callable[[Path], None]) -> None:
     git(repo, "-c", "user.email=ci@ironlink.example", "-c", "user.name=ci", "commit", "-qm", "change")
 
 
+def edit(relative: str, old: str, new: str) -> Callable[[Path], None]:
+    """A change replacing ``old`` (which must be there) with ``new`` in one file of the copy."""
+
+    def apply(root: Path) -> None:
+        path = root / relative
+        text = path.read_text()
+        assert old in text, f"{relative} no longer holds {old!r}"
+        path.write_text(text.replace(old, new))
+
+    return apply
+
+
 def diff(repo: Path, *flags: str) -> tuple[int, dict[str, Any], list[str], list[str]]:
     """Exit code, the JSON diff per stack, and the stacks planned at base and at head."""
     plans = repo.parent / "plans"
@@ -135,13 +147,7 @@ def test_changing_the_platform_plans_its_tenants_and_shows_only_what_changed(rep
 
 
 def test_renaming_a_stateful_resource_is_a_delete_and_create_refused_unless_allowed(repo: Path) -> None:
-    def rename(root: Path) -> None:
-        path = root / "components" / "backup.py"
-        text = path.read_text()
-        assert 'name = f"{instance}-backup"' in text
-        path.write_text(text.replace('name = f"{instance}-backup"', 'name = f"{instance}-backups"'))
-
-    change(repo, rename)
+    change(repo, edit("components/backup.py", 'name = f"{instance}-backup"', 'name = f"{instance}-backups"'))
     code, document, base, head = diff(repo)
     assert base == head and "mvp-eu" in head and len(head) > 5, "a program change plans every stack"
     deleted = [
@@ -163,13 +169,9 @@ def test_renaming_a_stateful_resource_is_a_delete_and_create_refused_unless_allo
 
 
 def test_a_force_new_change_to_a_database_is_a_replacement_with_its_reason(repo: Path) -> None:
-    def rename(root: Path) -> None:
-        path = root / "components" / "postgres.py"
-        text = path.read_text()
-        assert 'volume_claim_template("data"' in text
-        path.write_text(text.replace('volume_claim_template("data"', 'volume_claim_template("pgdata"'))
-
-    change(repo, rename)
+    change(
+        repo, edit("components/postgres.py", 'volume_claim_template("data"', 'volume_claim_template("pgdata"')
+    )
     code, document, _, _ = diff(repo)
     (replaced,) = [
         s for s in steps(document, "mvp-eu", "replace") if s["urn"].endswith("StatefulSet::postgres")
