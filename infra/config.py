@@ -456,6 +456,83 @@ class Provisioning(Section):
     ca: ProvisioningCA = ProvisioningCA()
 
 
+_AWS_REGION = re.compile(r"[a-z]{2}(-gov)?-[a-z]+-\d")
+AwsRegion = Annotated[str, AfterValidator(_pattern("AWS region", _AWS_REGION, "eu-west-1"))]
+_CIDR = re.compile(r"(\d{1,3}\.){3}\d{1,3}/\d{1,2}")
+Cidr = Annotated[str, AfterValidator(_pattern("IPv4 CIDR block", _CIDR, "10.10.0.0/16"))]
+_INSTANCE_TYPE = re.compile(r"[a-z0-9]+(\.[a-z0-9-]+){1,2}")
+InstanceType = Annotated[str, AfterValidator(_pattern("instance type", _INSTANCE_TYPE, "m6i.large"))]
+
+
+class AwsNodeGroup(Section):
+    """An EKS managed node group; auto-named, so a new instance type creates before it deletes."""
+
+    instance_types: list[InstanceType] = Field(min_length=1, max_length=10)
+    min_size: int = Field(ge=1, le=100)
+    max_size: int = Field(ge=1, le=100)
+    desired_size: int = Field(ge=1, le=100)
+    disk_gib: int = Field(default=50, ge=20, le=2000)
+
+
+class AwsDatabase(Section):
+    """RDS PostgreSQL for the registry (Phase C): Multi-AZ, encrypted, protected."""
+
+    instance_class: InstanceType = "db.m6g.large"
+    engine_version: Annotated[str, Field(pattern=r"^\d{2}$")] = "16"
+    """A major version: RDS applies the minor ones."""
+    allocated_storage_gib: int = Field(default=100, ge=20, le=65536)
+    backup_retention_days: int = Field(default=14, ge=1, le=35)
+    multi_az: bool = True
+
+
+class AwsTelemetryStore(Section):
+    """Amazon Timestream for InfluxDB (managed InfluxDB 2.x) with a Multi-AZ standby."""
+
+    instance_type: InstanceType = "db.influx.large"
+    allocated_storage_gib: int = Field(default=400, ge=20, le=16384)
+    multi_az: bool = True
+
+
+class AwsDns(Section):
+    """Route 53: ``mqtt.<region>.<zone>`` per region, and one latency-routed global name."""
+
+    zone_name: DnsName
+    global_name: DnsName | None = None
+
+
+class AwsVm(Section):
+    """Phase A on one EC2 instance instead of a cluster."""
+
+    instance_type: InstanceType = "t3.small"
+    ssh_cidr: Cidr | None = None
+    """Who may reach SSH (22); None: nobody (Session Manager only)."""
+
+
+class Aws(Section):
+    """What the stack declares on AWS. Phase C: the regional substrate; any phase: a backup bucket;
+    Phase A: optionally one VM instead of a cluster."""
+
+    region: AwsRegion
+    substrate: bool = False
+    """A VPC over ``zones`` availability zones and an EKS cluster (``cluster: eks``), or an
+    existing cluster by reference (``cluster: existing``, reached through ``cluster.context``)."""
+    vpc_cidr: Cidr = "10.0.0.0/16"
+    zones: int = Field(default=3, ge=2, le=6)
+    cluster: Literal["eks", "existing"] = "eks"
+    node_groups: dict[DnsLabel, AwsNodeGroup] = {}
+    registry: Literal["in-cluster", "rds"] = "in-cluster"
+    """Where the registry's PostgreSQL runs: one value decides."""
+    database: AwsDatabase = AwsDatabase()
+    telemetry_store: Literal["in-cluster", "timestream"] = "in-cluster"
+    """Where InfluxDB 2.x runs: the in-cluster StatefulSet or Timestream for InfluxDB."""
+    timestream: AwsTelemetryStore = AwsTelemetryStore()
+    backup_bucket: bool = False
+    """An S3 bucket for the database backups (``ironlink backup``)."""
+    backup_retention_days: int = Field(default=35, ge=1, le=3650)
+    dns: AwsDns | None = None
+    vm: AwsVm | None = None
+
+
 class Tenant(Section):
     """A tenant and what it needs. Its sites, machines and devices are runtime state in the
     registry (``infra/fleet.py``), never in a stack file."""
@@ -483,6 +560,8 @@ class PlatformConfig(Section):
     grafana: Grafana
     ingest: Ingest
     provisioning: Provisioning
+    aws: Aws | None = None
+    """AWS resources of the stack (None: none; the cluster exists already)."""
     default_isolation: IsolationLevel
     protect_stateful: bool
     high_availability: bool
@@ -851,6 +930,35 @@ def _rule_provisioning(s: Sections) -> Iterator[Problem]:
         yield Problem(_path(["provisioning", "ca", "arn"]), f"{ca.arn!r} is only read with mode 'aws-pca'")
 
 
+def _rule_aws(s: Sections) -> Iterator[Problem]:
+    """The Phase C substrate (VPC, EKS, RDS, Timestream) only in phase C; one VM only in phase A."""
+    aws: Aws | None = s["aws"]
+    if aws is None:
+        return
+    phase = s["phase"]
+    if phase != "C":
+        for key, used in (
+            ("substrate", aws.substrate),
+            ("registry", aws.registry == "rds"),
+            ("telemetry_store", aws.telemetry_store == "timestream"),
+        ):
+            if used:
+                yield Problem(_path(["aws", key]), f"is Phase C's regional substrate, not phase {phase}'s")
+    if aws.vm is not None and phase != "A":
+        yield Problem(_path(["aws", "vm"]), f"one VM is a Phase A deployment, not phase {phase}'s")
+    if aws.vm is not None and aws.substrate:
+        yield Problem(_path(["aws", "vm"]), "a VM stack has no cluster: drop substrate")
+    if aws.substrate and aws.cluster == "eks" and not aws.node_groups:
+        yield Problem(_path(["aws", "node_groups"]), "an EKS cluster needs at least one node group")
+    for name, group in aws.node_groups.items():
+        if not group.min_size <= group.desired_size <= group.max_size:
+            yield Problem(
+                _path(["aws", "node_groups", name]),
+                f"desired_size {group.desired_size} is not between min_size {group.min_size} "
+                f"and max_size {group.max_size}",
+            )
+
+
 # Each rule runs only when the sections it reads are valid, so that one bad section does not hide
 # the problems of the others.
 _RULES: list[tuple[tuple[str, ...], Callable[[Sections], Iterator[Problem]]]] = [
@@ -863,6 +971,7 @@ _RULES: list[tuple[tuple[str, ...], Callable[[Sections], Iterator[Problem]]]] = 
     (("broker", "ingest"), _rule_ingest_colours),
     (("tenants",), _rule_tenants),
     (("phase", "default_isolation"), _rule_default_isolation),
+    (("phase", "aws"), _rule_aws),
 ]
 
 
