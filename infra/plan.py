@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,6 +239,27 @@ def mock_grafana_id(name: str) -> int:
     return 2 + int.from_bytes(_digest(name, 2)) % 1000
 
 
+ENGINE_OUTPUTS: dict[str, Callable[[str, Mapping[str, Any]], dict[str, Any]]] = {}
+"""Type token → what the engine would add to a resource's inputs as outputs (an endpoint, an ARN),
+for the cloud resources the program reads outputs of. Register with :func:`engine_outputs`."""
+
+
+def engine_outputs(
+    typ: str,
+) -> Callable[
+    [Callable[[str, Mapping[str, Any]], dict[str, Any]]], Callable[[str, Mapping[str, Any]], dict[str, Any]]
+]:
+    """Decorator: ``@engine_outputs("aws:rds/instance:Instance") def rds(name, inputs) -> {...}``."""
+
+    def register(
+        make: Callable[[str, Mapping[str, Any]], dict[str, Any]],
+    ) -> Callable[[str, Mapping[str, Any]], dict[str, Any]]:
+        ENGINE_OUTPUTS[typ] = make
+        return make
+
+    return register
+
+
 @dataclass(frozen=True)
 class StackOutputs:
     """A stack's exports as the engine keeps them: plain values, and which of them are secret."""
@@ -286,6 +307,8 @@ class PlanMocks(mocks.Mocks):
             outputs["token"] = {_SIG_KEY: _SECRET_SIG, "value": f"token-of-{name}"}
         elif typ in (GRAFANA_ORG_TYPE, GRAFANA_TEAM_TYPE):
             outputs["orgId" if typ == GRAFANA_ORG_TYPE else "teamId"] = mock_grafana_id(name)
+        elif typ in ENGINE_OUTPUTS:
+            outputs.update(ENGINE_OUTPUTS[typ](name, args.inputs))
         return f"{name}-id", outputs
 
     def _reference(self, qualified: str) -> tuple[str, dict[str, Any]]:
@@ -520,3 +543,7 @@ def write_plan(plan: Plan, output_dir: Path) -> Path:
     for manifest in plan.manifests():
         (manifests_dir / manifest_filename(manifest)).write_text(yaml.safe_dump(manifest, sort_keys=False))
     return path
+
+
+# The AWS resources' engine outputs register themselves on import (after engine_outputs exists).
+from infra import plan_aws as _plan_aws  # noqa: E402,F401
