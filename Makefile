@@ -29,7 +29,7 @@ system-deps:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,edge]'
 	touch $@
 
 plan: $(VENV)/.installed
@@ -45,7 +45,7 @@ test: deps lint
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy infra components ingest dashboards registry localdev provisioning
+	$(BIN)/mypy infra components ingest dashboards registry localdev provisioning edge backup
 
 .PHONY: demo
 # Phase A end to end on this machine (localdev/demo.py): `ironlink dev up`, ~20 s of simulated

@@ -28,6 +28,22 @@ def generated_password(
     return pulumi.Output.secret(password.result)
 
 
+def first_start_password(
+    name: str, *, parent: pulumi.Resource, length: int = PASSWORD_LENGTH
+) -> pulumi.Output[str]:
+    """A password a server takes only at its first start (Grafana's admin, EMQX's dashboard admin,
+    InfluxDB's setup user and operator token, PostgreSQL's roles), protected in every phase.
+
+    The server keeps the first value in its data and ignores a new one, so a replaced password
+    (a new length, a renamed component, a lost state) locks the providers and operators out for
+    good while the data lives on. That holds in phase A too: ``protect_stateful: false`` lets
+    ``pulumi destroy`` drop the data, but an update replacing only the password leaves the volume
+    in place. Protecting a random value costs nothing at ``pulumi up``; tearing a phase A stack down
+    takes ``pulumi state unprotect --all`` first, a deliberate step rather than a silent lockout.
+    """
+    return generated_password(name, parent=parent, protect=True, length=length)
+
+
 @dataclass(frozen=True)
 class ServiceCredential:
     """A service's broker password and its ``$7$`` hash (what a password file or the registry holds)."""

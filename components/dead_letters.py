@@ -28,9 +28,9 @@ from components.render.kubernetes import (
     egress_rule,
     env_list,
     http_probe,
-    ingress_rule,
     isolated_policy_spec,
     labels,
+    metrics_rule,
     pod_peer,
     pod_template,
     role_selector,
@@ -38,7 +38,8 @@ from components.render.kubernetes import (
     secret_env,
     selector,
 )
-from infra.config import PlatformConfig
+from components.render.monitoring import MetricsEndpoint
+from infra.config import PlatformConfig, Prometheus
 from ingest.deadletters.settings import dead_letter_settings_for
 
 USER = 10001
@@ -65,11 +66,14 @@ class DeadLetterSinkArgs(TypedDict):
     """Under mutual TLS: the consumer's client certificate (CN ``svc.deadletters``)."""
 
 
-def network_policy_spec(pod_selector: Mapping[str, str], metrics_port: int, mqtt_port: int) -> Manifest:
-    """In: metrics scrapes and probes from inside the cluster. Out: the broker, PostgreSQL, DNS."""
+def network_policy_spec(
+    pod_selector: Mapping[str, str], metrics_port: int, mqtt_port: int, prometheus: Prometheus
+) -> Manifest:
+    """In: the cluster's Prometheus on the metrics port (the kubelet's probes come from the node,
+    which network policies do not restrict). Out: the broker, PostgreSQL, DNS."""
     return isolated_policy_spec(
         pod_selector,
-        [ingress_rule([(metrics_port, "TCP")], [{"namespaceSelector": {}}])],
+        [metrics_rule(metrics_port, prometheus)],
         [
             egress_rule([(mqtt_port, "TCP")], [pod_peer(role_selector(ROLE_BROKER))]),
             egress_rule([(POSTGRES_PORT, "TCP")], [pod_peer(role_selector(ROLE_POSTGRES))]),
@@ -82,6 +86,8 @@ class DeadLetterSink(pulumi.ComponentResource):
     credentials: k8s.core.v1.Secret
     """The consumer's secret files and variables: MQTT password, registry DSN, CA (and client cert)."""
     network_policy: k8s.networking.v1.NetworkPolicy
+    metrics: MetricsEndpoint
+    """Its ``/metrics``: no Service fronts the consumer, so a PodMonitor scrapes it."""
 
     def __init__(
         self, name: str, args: DeadLetterSinkArgs, opts: pulumi.ResourceOptions | None = None
@@ -154,6 +160,7 @@ class DeadLetterSink(pulumi.ComponentResource):
         }
         kube.deployment(name, object_labels, spec)
         self.network_policy = kube.network_policy(
-            name, object_labels, network_policy_spec(pods, port, args["mqtt_port"])
+            name, object_labels, network_policy_spec(pods, port, args["mqtt_port"], config.cluster.prometheus)
         )
+        self.metrics = MetricsEndpoint(name, pods, port, "http")
         self.register_outputs({"deployment_name": name})

@@ -11,9 +11,9 @@ from typing import NotRequired, TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.credentials import generated_password
+from components.credentials import first_start_password
 from components.kube import Kube, inherited_dependencies
-from components.postgres import Postgres
+from components.postgres import RegistryEndpoint
 from components.render.grafana import (
     ADMIN_USER,
     DATA_DIR,
@@ -56,7 +56,7 @@ class GrafanaArgs(TypedDict):
     """The region's config: ``grafana`` section (image, replicas, resources) and ``cluster.domain``."""
     provider: k8s.Provider
     """The region's Kubernetes provider."""
-    database: NotRequired[Postgres | None]
+    database: NotRequired[RegistryEndpoint | None]
     """Required with more than one replica: the PostgreSQL the replicas share."""
 
 
@@ -77,7 +77,7 @@ class Grafana(pulumi.ComponentResource):
         ha = section.replicas > 1
         self.admin_user, self.public_url = ADMIN_USER, f"https://grafana.{config.cluster.domain}/"
         self.url = f"http://{service_host(name, namespace)}:{HTTP_PORT}"
-        self.admin_password = generated_password(f"{name}-admin", parent=self, protect=False)
+        self.admin_password = first_start_password(f"{name}-admin", parent=self)
 
         credentials = f"{name}-credentials"
         secret_data: dict[str, pulumi.Input[str]] = {"admin-password": self.admin_password}
@@ -89,7 +89,8 @@ class Grafana(pulumi.ComponentResource):
                 raise ValueError(
                     f"GrafanaArgs.database: {section.replicas} replicas need a shared PostgreSQL"
                 )
-            database = GrafanaDatabase(postgres.host, postgres.port, GRAFANA_DATABASE, GRAFANA_ROLE)
+            ssl_mode = "require" if postgres.tls else "disable"
+            database = GrafanaDatabase(postgres.host, postgres.port, GRAFANA_DATABASE, GRAFANA_ROLE, ssl_mode)
             secret_data["database-password"] = postgres.grafana_password
             env.append(secret_env("GF_DATABASE_PASSWORD", credentials, "database-password"))
             gossip = f"{name}-gossip"

@@ -15,8 +15,8 @@ from typing import NotRequired, TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.backup import declare_backup
-from components.credentials import generated_password
+from components.backup import BackupTarget, declare_backup
+from components.credentials import first_start_password
 from components.kube import Kube, inherited_dependencies
 from components.render.kubernetes import (
     ROLE_GRAFANA,
@@ -34,6 +34,7 @@ from components.render.kubernetes import (
     pod_peer,
     pod_template,
     role_selector,
+    runner_peer,
     scratch_volumes,
     secret_env,
     selector,
@@ -65,6 +66,8 @@ class InfluxDBArgs(TypedDict):
     """The region's Kubernetes provider."""
     tenant_id: NotRequired[str | None]
     """The level-3 tenant owning a dedicated instance (labelled ``ironlink.io/tenant``); None if shared."""
+    backup: NotRequired[BackupTarget | None]
+    """The region's backup bucket; None: scheduled backups go to a volume of their own."""
 
 
 class InfluxDB(pulumi.ComponentResource):
@@ -89,11 +92,9 @@ class InfluxDB(pulumi.ComponentResource):
         # database's own pods by role too (the StatefulSet's selector is immutable and stays).
         serving = {**pods, **role_selector(ROLE_INFLUXDB)}
 
-        protect = config.protect_stateful
-        self.admin_password = generated_password(f"{instance}-admin-password", parent=self, protect=protect)
-        self.admin_token = generated_password(
-            f"{instance}-admin-token", parent=self, protect=protect, length=TOKEN_LENGTH
-        )
+        # DOCKER_INFLUXDB_INIT_* set them at setup only: protected in every phase.
+        self.admin_password = first_start_password(f"{instance}-admin-password", parent=self)
+        self.admin_token = first_start_password(f"{instance}-admin-token", parent=self, length=TOKEN_LENGTH)
         credentials = f"{instance}-auth"
         kube.secret(
             credentials,
@@ -147,6 +148,7 @@ class InfluxDB(pulumi.ComponentResource):
             pod_peer(role_selector(ROLE_INGEST)),
             pod_peer(role_selector(ROLE_GRAFANA)),
             backup_peer(instance),
+            runner_peer(config.cluster.runner_namespace),  # pulumi up: orgs, buckets, tokens
         ]
         kube.network_policy(
             instance, object_labels, ingress_policy_spec(serving, [ingress_rule([(PORT, "TCP")], clients)])
@@ -161,9 +163,9 @@ class InfluxDB(pulumi.ComponentResource):
                 engine="influxdb",
                 schedule=section.backup_schedule,
                 image=section.image,
-                dump_command=f'influx backup "$target" --host {url} --token "$INFLUX_TOKEN"',
+                dump_command='influx backup "$target"',
                 env=[
-                    *env_list({"INFLUX_CONFIGS_PATH": "/tmp/influx-configs"}),
+                    *env_list({"INFLUX_HOST": url, "INFLUX_CONFIGS_PATH": "/tmp/influx-configs"}),
                     secret_env("INFLUX_TOKEN", credentials, "admin-token"),
                 ],
                 user=USER,
@@ -171,5 +173,6 @@ class InfluxDB(pulumi.ComponentResource):
                 storage_class=config.cluster.storage_class,
                 resources=section.resources,
                 service_account=instance,
+                target=args.get("backup"),
             )
         self.register_outputs({"url": self.url, "admin_token": self.admin_token})

@@ -36,7 +36,9 @@ from components.render.kubernetes import (
     env_list,
     field_env,
     http_probe,
+    ingress_policy_spec,
     labels,
+    metrics_rule,
     pod_disruption_budget_spec,
     pod_template,
     role_selector,
@@ -46,6 +48,7 @@ from components.render.kubernetes import (
     spreads,
     volume_claim_template,
 )
+from components.render.monitoring import MetricsEndpoint
 from infra.config import Ingest, IngestColour, PlatformConfig
 from infra.tenancy import INGEST_SERVICE
 from ingest.settings import worker_settings_for
@@ -91,6 +94,8 @@ class IngestWorker(pulumi.ComponentResource):
     """The worker's StatefulSets: ``ingest``, or one per colour (``ingest-blue``, ``ingest-green``)."""
     credentials: k8s.core.v1.Secret
     """The worker's secrets: MQTT password, registry DSN, CA (and client cert)."""
+    metrics: MetricsEndpoint
+    """Its ``/metrics`` (every colour's pods), through the headless Service."""
 
     def __init__(self, name: str, args: IngestWorkerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("ironlink:ingest_worker:IngestWorker", name, None, opts)
@@ -160,6 +165,15 @@ class IngestWorker(pulumi.ComponentResource):
                 "selector": role_selector(ROLE_INGEST),
                 "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
             },
+        )
+        # Nothing connects to a worker but the cluster's Prometheus (the namespace denies the rest).
+        kube.network_policy(
+            name,
+            object_labels,
+            ingress_policy_spec(role_selector(ROLE_INGEST), [metrics_rule(port, config.cluster.prometheus)]),
+        )
+        self.metrics = MetricsEndpoint(
+            name, role_selector(ROLE_INGEST), port, "http", service_labels=selector(object_labels)
         )
         self.workload_names = []
         for workload, (colour, spec) in colour_workloads(name, config.ingest).items():

@@ -25,6 +25,32 @@ def inherited_dependencies(opts: pulumi.ResourceOptions | None) -> list[pulumi.R
     return list(depends_on) if isinstance(depends_on, Sequence) else [depends_on]
 
 
+def kubernetes_provider(
+    name: str,
+    *,
+    context: str | None,
+    kubeconfig: pulumi.Input[str] | None,
+    namespace: str,
+    opts: pulumi.ResourceOptions | None = None,
+) -> k8s.Provider:
+    """A stack's Kubernetes provider (platform and tenant stacks alike).
+
+    Secrets and ConfigMaps keep their names (pods mount them by name): without
+    ``enableSecretMutable``/``enableConfigMapMutable`` the provider replaces one on every change of
+    its data, a delete and a create under the same name, during which a restarting pod finds nothing
+    to mount. With them, new data is an update in place (``components/replacements.py``).
+    """
+    return k8s.Provider(
+        name,
+        context=context,
+        kubeconfig=kubeconfig,
+        namespace=namespace,
+        enable_secret_mutable=True,
+        enable_config_map_mutable=True,
+        opts=opts,
+    )
+
+
 class Kube:
     def __init__(
         self,

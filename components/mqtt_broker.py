@@ -7,8 +7,10 @@ Both engines:
   ``broker.tls: mtls``) and on 1883 only where ``broker.allow_plaintext``;
 - are exposed by a ``LoadBalancer`` Service in every phase — devices connect from factories outside
   the cluster — carrying only those ports; with ``high_availability`` it keeps the devices' source
-  addresses (``externalTrafficPolicy: Local``) so per-source limits see real clients. The
-  dashboard/API port (18083) is never on that Service;
+  addresses (``externalTrafficPolicy: Local``) so per-source limits see real clients. Phase C on
+  its own EKS cluster is reached through the region's NLB instead (``components.aws.ingress``,
+  proxy protocol v2), and that Service is ``ClusterIP``. The dashboard/API port (18083) is never
+  on that Service;
 - deny everything not granted: Mosquitto through its dynamic-security plugin (default access denied;
   devices added at runtime by the provisioning service over ``$CONTROL``), EMQX through the
   registry's ACL rows with ``no_match = deny``;
@@ -27,7 +29,10 @@ sidecar, ``python -m provisioning.trust_sync`` in the service's image, keeps in 
 ``/v1/ca.pem`` and ``/v1/crl.pem``: new CAs and revocations reach the running broker within seconds
 (a revoked certificate is refused at the TLS handshake). Pulumi never holds those CAs: the service
 makes them in the cluster. An initContainer syncs once first (``--once``): Mosquitto does not start
-without a CRL in ``crlfile``. The broker's pods may reach the service's port and nothing else.
+without a CRL in ``crlfile``. A second sidecar, ``python -m provisioning.broker_log``, follows the
+log file Mosquitto also writes (beside stdout) on an emptyDir they share, and posts its refused
+connections, counted per minute, to the service's audit trail with the broker-log token. The broker's
+pods may reach the service's port and nothing else.
 """
 
 from __future__ import annotations
@@ -39,10 +44,10 @@ from typing import Any, NotRequired, TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.credentials import generated_password
+from components.credentials import first_start_password, generated_password
 from components.kube import Kube, inherited_dependencies
 from components.pki import CertificateAuthority, IssuedCertificate
-from components.postgres import Postgres
+from components.postgres import RegistryEndpoint
 from components.render import emqx
 from components.render.kubernetes import (
     ROLE_BROKER,
@@ -60,6 +65,7 @@ from components.render.kubernetes import (
     isolated_policy_spec,
     labels,
     majority,
+    metrics_rule,
     pod_disruption_budget_spec,
     pod_peer,
     pod_template,
@@ -72,6 +78,7 @@ from components.render.kubernetes import (
     tcp_probe,
     volume_claim_template,
 )
+from components.render.monitoring import MetricsEndpoint
 from components.render.mosquitto import (
     DYNSEC_ADMIN,
     BrokerAccount,
@@ -82,7 +89,8 @@ from components.render.mosquitto import (
     seed_if_absent_command,
 )
 from components.render.postgres import EMQX_ROLE
-from infra.config import Amounts, ComputeResources, PlatformConfig
+from infra.config import Amounts, ComputeResources, PlatformConfig, secret_text
+from provisioning import broker_log
 from provisioning.settings import HTTP_PORT as PROVISIONING_PORT
 from provisioning.trust_sync import CRL_FILE
 
@@ -104,14 +112,24 @@ DYNSEC_SEED_DIR = "/mosquitto/seed"
 DYNSEC_SEED_FILE = "dynamic-security.json"
 DEVICE_CA_DIR = "/mosquitto/device-ca"
 TRUST_SYNC_INTERVAL_S = 5
-# The sidecar parses two small PEM bundles every few seconds: a sliver of CPU, a little memory.
-TRUST_SYNC_RESOURCES = ComputeResources(
+# The sidecars parse two small PEM bundles every few seconds, or follow the broker's log (at most
+# 20,000 rows kept while the service is away): a sliver of CPU, a little memory.
+SIDECAR_RESOURCES = ComputeResources(
     requests=Amounts(cpu="10m", memory="48Mi"), limits=Amounts(cpu="100m", memory="96Mi")
 )
+BROKER_LOG_DIR = "/mosquitto/log"
+BROKER_LOG_FILE = f"{BROKER_LOG_DIR}/mosquitto.log"
+BROKER_LOG_TRUNCATE_BYTES = 64 * 1024 * 1024
+"""The follower empties the log file past this size: nothing else rotates it, and it lives on the
+node's disk (an emptyDir)."""
+BROKER_LOG_TOKEN_KEY = "broker-log-token"
+AUTH_FAILURES_KEY = "auth-failures-authorization"
+"""EMQX's Secret key holding its auth-failure rule's ``Authorization`` header."""
 
 
 class DeviceTrust(TypedDict):
-    """Where the certificate listener's CAs and CRLs come from (Mosquitto only)."""
+    """The provisioning service the broker relies on: where Mosquitto's certificate listener's CAs
+    and CRLs come from, and where either engine reports refused connections."""
 
     image: str
     """The provisioning service's image: it holds ``provisioning.trust_sync``."""
@@ -126,7 +144,7 @@ class MqttBrokerArgs(TypedDict):
     """The region's Kubernetes provider."""
     ca: CertificateAuthority
     """Signs the broker's server certificate; devices and services trust it."""
-    registry: NotRequired[Postgres | None]
+    registry: NotRequired[RegistryEndpoint | None]
     """EMQX only: the PostgreSQL holding the device registry it authenticates and authorizes against."""
     service_accounts: NotRequired[Mapping[str, pulumi.Input[str]]]
     """Mosquitto only: service username → ``$7$`` hash, every service of
@@ -136,6 +154,17 @@ class MqttBrokerArgs(TypedDict):
     """Mosquitto only: the ``$7$`` hash of ``admin.dynsec``, whom the provisioning service logs in as."""
     device_trust: NotRequired[DeviceTrust | None]
     """Mosquitto only: the provisioning service the certificate listener's trust comes from."""
+    broker_log_token: NotRequired[pulumi.Input[str] | None]
+    """The provisioning service's broker-log token (secret, ``IRONLINK_PROV_BROKER_LOG_TOKEN``);
+    with it the broker reports refused connections to ``device_trust``'s service: Mosquitto through
+    a sidecar following its log (``/v1/broker/auth-failures``), EMQX through a rule on its CONNACK
+    event (``/v1/broker/auth-events``)."""
+    public_names: NotRequired[list[str]]
+    """More names devices dial (the region's Route 53 names): TLS ends at the broker, so its
+    certificate must carry them."""
+    external_load_balancer: NotRequired[bool]
+    """The region's own NLB reaches the pods (``components.aws.ingress``): the device Service is
+    then ``ClusterIP``, so the cluster makes no second load balancer beside it."""
 
 
 def config_hash(*documents: str) -> str:
@@ -153,6 +182,9 @@ class MqttBroker(pulumi.ComponentResource):
     ca_cert_pem: pulumi.Output[str]
     dynamic_security_seed: pulumi.Output[str] | None
     """Mosquitto only: the plugin's first state as seeded (secret); None for EMQX."""
+    metrics: MetricsEndpoint | None
+    """EMQX only: its Prometheus stats on the API port, through the headless Service (the device
+    Service never carries that port); Mosquitto serves no metrics."""
 
     def __init__(self, name: str, args: MqttBrokerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("ironlink:mqtt_broker:MqttBroker", name, None, opts)
@@ -162,6 +194,7 @@ class MqttBroker(pulumi.ComponentResource):
             self, args["provider"], namespace, config.protect_stateful, inherited_dependencies(opts)
         )
         self._config, self._name = config, name
+        self._external_load_balancer = args.get("external_load_balancer", False)
         self._labels = labels(broker.engine, name, ROLE_BROKER)
         self._pods = selector(self._labels)
         self.engine, self.tls_port = broker.engine, TLS_PORT
@@ -169,6 +202,18 @@ class MqttBroker(pulumi.ComponentResource):
         self.public_host = f"mqtt.{config.cluster.domain}"
         self.ca_cert_pem = args["ca"].cert_pem
         self.dynamic_security_seed = None
+        self.metrics = (
+            MetricsEndpoint(
+                name,
+                self._pods,
+                emqx.DASHBOARD_PORT,
+                "dashboard",
+                path=emqx.METRICS_PATH,
+                service_labels=self._pods,
+            )
+            if broker.engine == "emqx"
+            else None
+        )
 
         headless = f"{name}-headless"
         server = args["ca"].issue(
@@ -177,6 +222,7 @@ class MqttBroker(pulumi.ComponentResource):
             parent=self,
             dns_names=[
                 self.public_host,
+                *(extra for extra in args.get("public_names", []) if extra != self.public_host),
                 name,
                 f"{name}.{namespace}",
                 f"{name}.{namespace}.svc",
@@ -191,7 +237,7 @@ class MqttBroker(pulumi.ComponentResource):
                 raise ValueError(
                     "MqttBrokerArgs.registry: EMQX needs the registry's Postgres to authenticate devices"
                 )
-            self._emqx(registry, headless)
+            self._emqx(registry, headless, args.get("device_trust"), args.get("broker_log_token"))
         else:
             admin_hash = args.get("dynamic_security_admin_hash")
             if admin_hash is None:
@@ -203,7 +249,9 @@ class MqttBroker(pulumi.ComponentResource):
                 raise ValueError(
                     "MqttBrokerArgs.device_trust: Mosquitto's certificate listener needs the provisioning API"
                 )
-            self._mosquitto(args.get("service_accounts") or {}, admin_hash, trust)
+            self._mosquitto(
+                args.get("service_accounts") or {}, admin_hash, trust, args.get("broker_log_token")
+            )
         self._service()
         self._network_policy()
         if spreads(config, broker.nodes):
@@ -235,6 +283,11 @@ class MqttBroker(pulumi.ComponentResource):
             {"name": name, "port": port, "targetPort": port, "protocol": "TCP"}
             for name, port in self._device_ports()
         ]
+        if self._external_load_balancer:
+            self._kube.service(
+                self._name, self._labels, {"type": "ClusterIP", "selector": self._pods, "ports": ports}
+            )
+            return
         spec: Manifest = {"type": "LoadBalancer", "selector": self._pods, "ports": ports}
         if self._config.high_availability:
             spec["externalTrafficPolicy"] = "Local"
@@ -245,10 +298,12 @@ class MqttBroker(pulumi.ComponentResource):
         if self.engine == "emqx":
             peers = [pod_peer(self._pods)]
             rules.append(ingress_rule([(emqx.EKKA_PORT, "TCP"), (emqx.RPC_PORT, "TCP")], peers))
+            rules.append(metrics_rule(emqx.DASHBOARD_PORT, self._config.cluster.prometheus))
             spec = ingress_policy_spec(self._pods, rules)
         else:
             # The provisioning service's $CONTROL connection: named, so that it survives a narrower
-            # device rule. Out: only the service's API, where the trust sidecar reads CAs and CRLs.
+            # device rule. Out: only the service's API, where the trust sidecar reads CAs and CRLs
+            # and the broker-log sidecar posts refused connections.
             provisioning = [pod_peer(role_selector(ROLE_PROVISIONING))]
             rules.append(ingress_rule([(TLS_PORT, "TCP")], provisioning))
             spec = isolated_policy_spec(
@@ -265,11 +320,26 @@ class MqttBroker(pulumi.ComponentResource):
         return {"name": "certs", "secret": {"secretName": f"{self._name}-tls", "defaultMode": 0o440}}
 
     # ------------------------------------------------------------------------------- EMQX
-    def _emqx(self, registry: Postgres, headless: str) -> None:
+    def _emqx(
+        self,
+        registry: RegistryEndpoint,
+        headless: str,
+        trust: DeviceTrust | None,
+        broker_log_token: pulumi.Input[str] | None,
+    ) -> None:
         config, kube, name = self._config, self._kube, self._name
         broker, namespace = config.broker, config.cluster.namespace
-        connection = emqx.RegistryConnection(registry.host, registry.port, registry.database, EMQX_ROLE)
-        conf = emqx.render_emqx_conf(config, connection)
+        connection = emqx.RegistryConnection(
+            registry.host, registry.port, registry.database, EMQX_ROLE, tls=registry.tls
+        )
+        # Refused CONNECTs to the service's audit trail; the header comes from the Secret, not the file.
+        reporting: emqx.AuthFailureReporting | None = None
+        reporting_secret: dict[str, pulumi.Input[str]] = {}
+        if trust is not None and broker_log_token is not None:
+            reporting = emqx.AuthFailureReporting(trust["url"], f"{emqx.CERTS_DIR}/ca.crt")
+            header = pulumi.Output.from_input(broker_log_token).apply(emqx.auth_failures_authorization)
+            reporting_secret = {AUTH_FAILURES_KEY: pulumi.Output.secret(header)}
+        conf = emqx.render_emqx_conf(config, connection, auth_failures=reporting)
         kube.config_map(f"{name}-config", self._labels, {"emqx.conf": conf})
         secrets = f"{name}-secrets"
         # The cookie only has to be shared by the nodes: a new one is harmless after a full restart.
@@ -278,8 +348,11 @@ class MqttBroker(pulumi.ComponentResource):
             self._labels,
             {
                 "cookie": generated_password(f"{name}-cookie", parent=self, protect=False),
-                "dashboard-password": generated_password(f"{name}-dashboard", parent=self, protect=False),
+                # EMQX_DASHBOARD__DEFAULT_PASSWORD seeds the admin user at first start only.
+                "dashboard-password": first_start_password(f"{name}-dashboard", parent=self),
                 "registry-password": registry.emqx_password,
+                **reporting_secret,
+                **({"license": pulumi.Output.secret(secret_text(broker.license))} if broker.license else {}),
             },
         )
         self._discovery_rbac()
@@ -303,6 +376,8 @@ class MqttBroker(pulumi.ComponentResource):
             *env_list(emqx.render_emqx_env(config, namespace=namespace, headless_service=headless)),
             *(secret_env(variable, secrets, key) for key, variable in emqx.SECRET_ENV.items()),
             secret_env(emqx.AUTHZ_PASSWORD_ENV, secrets, "registry-password"),
+            *([secret_env(emqx.AUTH_FAILURES_TOKEN_ENV, secrets, AUTH_FAILURES_KEY)] if reporting else []),
+            *([secret_env(emqx.LICENSE_ENV, secrets, "license")] if broker.license else []),
         ]
         volumes, mounts = scratch_volumes({"log": "/opt/emqx/log", "tmp": "/tmp"})
         volumes += [{"name": "config", "configMap": {"name": f"{name}-config"}}, self._certs_volume()]
@@ -377,8 +452,10 @@ class MqttBroker(pulumi.ComponentResource):
         service_accounts: Mapping[str, pulumi.Input[str]],
         admin_hash: pulumi.Input[str],
         trust: DeviceTrust,
+        broker_log_token: pulumi.Input[str] | None,
     ) -> None:
         config, kube, name = self._config, self._kube, self._name
+        follows_log = broker_log_token is not None
         broker = config.broker
         dynamic = DynamicSecurity(
             broker.dynamic_security_plugin,
@@ -393,6 +470,7 @@ class MqttBroker(pulumi.ComponentResource):
             tls_port=TLS_PORT,
             plaintext_port=PLAINTEXT_PORT,
             dynamic_security=dynamic,
+            log_file=BROKER_LOG_FILE if follows_log else None,
         )
         kube.config_map(f"{name}-config", self._labels, {"mosquitto.conf": conf})
         usernames = list(service_accounts)
@@ -408,7 +486,8 @@ class MqttBroker(pulumi.ComponentResource):
         kube.secret(seed_secret, self._labels, {DYNSEC_SEED_FILE: seed})
         kube.service_account(name, self._labels)
 
-        volumes, mounts = scratch_volumes({"tmp": "/tmp"})
+        # The log file is shared with the follower sidecar, which reads it and empties it.
+        volumes, mounts = scratch_volumes({"tmp": "/tmp", **({"log": BROKER_LOG_DIR} if follows_log else {})})
         volumes += [
             {"name": "config", "configMap": {"name": f"{name}-config"}},
             {"name": "seed", "secret": {"secretName": seed_secret, "defaultMode": 0o440}},
@@ -442,9 +521,12 @@ class MqttBroker(pulumi.ComponentResource):
         )
         # The seed is read only while the state file is absent: changing it must not roll the broker.
         annotations = {"ironlink.io/config-hash": config_hash(conf)}
+        sidecars = [self._trust_sync(trust, once=False)]
+        if broker_log_token is not None:
+            sidecars.append(self._broker_log(trust, broker_log_token))
         template = pod_template(
             self._labels,
-            [server, self._trust_sync(trust, once=False)],
+            [server, *sidecars],
             init_containers=[seeder, self._trust_sync(trust, once=True)],
             user=MOSQUITTO_USER,
             service_account=name,
@@ -474,10 +556,37 @@ class MqttBroker(pulumi.ComponentResource):
         return container(
             "trust-sync-first" if once else "trust-sync",
             trust["image"],
-            resources=TRUST_SYNC_RESOURCES,
+            resources=SIDECAR_RESOURCES,
             command=command,
             mounts=[
                 {"name": "device-ca", "mountPath": DEVICE_CA_DIR},
+                {"name": "certs", "mountPath": "/mosquitto/certs", "readOnly": True},
+            ],
+        )
+
+    def _broker_log(self, trust: DeviceTrust, token: pulumi.Input[str]) -> Manifest:
+        """``python -m provisioning.broker_log``: the refused connections of the broker's log file,
+        counted per minute, to the provisioning service's audit trail. Mosquitto creates that file
+        ``0600``; the sidecar runs as the broker's user (the pod's), so it may read and empty it."""
+        secret = f"{self._name}-broker-log"
+        self._kube.secret(secret, self._labels, {BROKER_LOG_TOKEN_KEY: token})
+        command = [
+            *("python", "-m", "provisioning.broker_log", "--log", BROKER_LOG_FILE),
+            *("--url", f"{trust['url']}{broker_log.AUTH_FAILURES_PATH}", "--ca-file", MOSQUITTO_PATHS.cafile),
+            *("--broker", "$(POD_NAME)", "--truncate-over", str(BROKER_LOG_TRUNCATE_BYTES)),
+        ]
+        return container(
+            "broker-log",
+            trust["image"],
+            resources=SIDECAR_RESOURCES,
+            command=command,
+            # POD_NAME first: Kubernetes expands $(POD_NAME) only from variables declared before.
+            env=[
+                field_env("POD_NAME", "metadata.name"),
+                secret_env(broker_log.TOKEN_ENV, secret, BROKER_LOG_TOKEN_KEY),
+            ],
+            mounts=[
+                {"name": "log", "mountPath": BROKER_LOG_DIR},
                 {"name": "certs", "mountPath": "/mosquitto/certs", "readOnly": True},
             ],
         )

@@ -8,13 +8,13 @@ authenticator), Grafana, the dead-letter consumer, the provisioning service and 
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, Protocol, TypedDict
 
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.backup import declare_backup
-from components.credentials import generated_password
+from components.backup import BackupTarget, declare_backup
+from components.credentials import first_start_password
 from components.kube import Kube, inherited_dependencies
 from components.render.kubernetes import (
     ROLE_BROKER,
@@ -35,6 +35,7 @@ from components.render.kubernetes import (
     pod_peer,
     pod_template,
     role_selector,
+    runner_peer,
     scratch_volumes,
     secret_env,
     selector,
@@ -50,14 +51,32 @@ OWNER = "ironlink"
 DATA_DIR = "/var/lib/postgresql/data"
 
 
+class RegistryEndpoint(Protocol):
+    """What the registry's clients need of it: the in-cluster :class:`Postgres` or, on AWS,
+    :class:`components.aws.database.RegistryDatabase`."""
+
+    host: str
+    port: int
+    database: str
+    tls: bool
+    """Whether its clients must encrypt (RDS PostgreSQL 15+ refuses them otherwise)."""
+    emqx_password: pulumi.Output[str]
+    grafana_password: pulumi.Output[str]
+    dsn: pulumi.Output[str]
+
+
 class PostgresArgs(TypedDict):
     config: PlatformConfig
     """The region's config: ``postgres`` section (image, storage, resources, database, backups)."""
     provider: k8s.Provider
     """The region's Kubernetes provider (one per region, built by ``RegionalPlatform``)."""
+    backup: NotRequired[BackupTarget | None]
+    """The region's backup bucket; None: scheduled dumps go to a volume of their own."""
 
 
 class Postgres(pulumi.ComponentResource):
+    tls = False
+    """In-cluster traffic stays inside the namespace; the image serves no certificate."""
     host: str
     """In-cluster DNS name of the Service."""
     port: int
@@ -83,14 +102,10 @@ class Postgres(pulumi.ComponentResource):
         # database's own pods by role too (the StatefulSet's selector is immutable and stays).
         serving = {**pods, **role_selector(ROLE_POSTGRES)}
 
-        # Passwords are baked into the data directory at first start: protected with the data.
-        self.owner_password = generated_password(
-            f"{name}-owner", parent=self, protect=config.protect_stateful
-        )
-        self.emqx_password = generated_password(f"{name}-emqx", parent=self, protect=config.protect_stateful)
-        self.grafana_password = generated_password(
-            f"{name}-grafana", parent=self, protect=config.protect_stateful
-        )
+        # Passwords are baked into the data directory at first start: protected in every phase.
+        self.owner_password = first_start_password(f"{name}-owner", parent=self)
+        self.emqx_password = first_start_password(f"{name}-emqx", parent=self)
+        self.grafana_password = first_start_password(f"{name}-grafana", parent=self)
         credentials = f"{name}-credentials"
         kube.secret(
             credentials,
@@ -153,6 +168,7 @@ class Postgres(pulumi.ComponentResource):
             pod_peer(role_selector(ROLE_DEAD_LETTERS)),
             pod_peer(role_selector(ROLE_PROVISIONING)),
             backup_peer(name),
+            runner_peer(config.cluster.runner_namespace),  # pulumi up: the registry rows
         ]
         if config.broker.engine == "emqx":
             clients.append(pod_peer(role_selector(ROLE_BROKER)))
@@ -173,13 +189,24 @@ class Postgres(pulumi.ComponentResource):
                 engine="postgres",
                 schedule=section.backup_schedule,
                 image=section.image,
-                dump_command=f'pg_dump -Fc -f "$target.dump" -h {self.host} -U {OWNER} {self.database}',
-                env=[secret_env("PGPASSWORD", credentials, "owner-password")],
+                dump_command='pg_dump -Fc -f "$target.dump"',
+                env=[
+                    *env_list(
+                        {
+                            "PGHOST": self.host,
+                            "PGPORT": str(PORT),
+                            "PGUSER": OWNER,
+                            "PGDATABASE": self.database,
+                        }
+                    ),
+                    secret_env("PGPASSWORD", credentials, "owner-password"),
+                ],
                 user=USER,
                 storage=section.storage,
                 storage_class=config.cluster.storage_class,
                 resources=section.resources,
                 service_account=name,
+                target=args.get("backup"),
             )
         self.dsn = pulumi.Output.secret(
             pulumi.Output.concat(

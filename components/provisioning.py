@@ -39,6 +39,7 @@ from components.render.kubernetes import (
     ingress_rule,
     isolated_policy_spec,
     labels,
+    metrics_rule,
     pod_disruption_budget_spec,
     pod_peer,
     pod_template,
@@ -48,8 +49,9 @@ from components.render.kubernetes import (
     selector,
     service_host,
 )
+from components.render.monitoring import MetricsEndpoint
 from components.render.mosquitto import DYNSEC_ADMIN
-from infra.config import Provisioning
+from infra.config import Prometheus, Provisioning
 from provisioning.settings import HTTP_PORT, ProvisioningSettings
 
 USER = 10002  # the provisioning image's user
@@ -89,9 +91,17 @@ class ProvisioningServiceArgs(TypedDict):
     """The region's CA: signs the service's server certificate; it also signed the broker's."""
     registry_dsn: pulumi.Input[str]
     """Owner DSN of the registry (secret): the service migrates it and writes devices and audit."""
+    prometheus: Prometheus
+    """The cluster's Prometheus (``cluster.prometheus``), admitted to ``/metrics`` on the HTTPS port."""
+    registry_peers: NotRequired[list[Manifest]]
+    """Where the registry is, for the egress policy: the in-cluster PostgreSQL's pods (default), or
+    the VPC's range where it is RDS (an address outside the cluster, reached on 5432)."""
     mosquitto: NotRequired[tuple[str, int, pulumi.Input[str]] | None]
     """Mosquitto only: the broker's host, TLS port and the dynamic-security admin's password
     (secret); the service adds and revokes devices over ``$CONTROL/dynamic-security/v1``."""
+    broker_log_token: NotRequired[pulumi.Input[str] | None]
+    """What the brokers present to ``/v1/broker/auth-failures`` and ``/auth-events`` (secret):
+    their refused connections into the audit trail. None: the service refuses those routes."""
 
 
 class ProvisioningService(pulumi.ComponentResource):
@@ -101,6 +111,9 @@ class ProvisioningService(pulumi.ComponentResource):
     """The endpoint QR codes carry: ``https://provision.<domain>`` where devices reach it."""
     network_policy: k8s.networking.v1.NetworkPolicy
     ca_volume: k8s.core.v1.PersistentVolumeClaim
+    metrics: MetricsEndpoint
+    """Its ``/metrics`` over HTTPS, verified against the region's CA (a PodMonitor: its two
+    Services share labels and port name)."""
 
     def __init__(
         self, name: str, args: ProvisioningServiceArgs, opts: pulumi.ResourceOptions | None = None
@@ -130,6 +143,9 @@ class ProvisioningService(pulumi.ComponentResource):
         }
         if mosquitto is not None:
             files["mosquitto-password"] = mosquitto[2]
+        broker_log_token = args.get("broker_log_token")
+        if broker_log_token is not None:
+            files["broker-log-token"] = broker_log_token
         credentials = f"{name}-credentials"
         kube.secret(credentials, object_labels, files)
         kube.service_account(name, object_labels)
@@ -166,6 +182,8 @@ class ProvisioningService(pulumi.ComponentResource):
         ]
         if mosquitto is not None:
             env.append(secret_env("IRONLINK_PROV_MOSQUITTO_PASSWORD", credentials, "mosquitto-password"))
+        if broker_log_token is not None:
+            env.append(secret_env("IRONLINK_PROV_BROKER_LOG_TOKEN", credentials, "broker-log-token"))
 
         shared = section.replicas > 1
         volume_name = f"{name}-ca"
@@ -244,15 +262,27 @@ class ProvisioningService(pulumi.ComponentResource):
         # the CLI, probes, scrapes). Out: the registry, Mosquitto's control topic, DNS.
         callers: list[Manifest] | None = None if args["expose_to_devices"] else [{"podSelector": {}}]
         ingress = [ingress_rule([(HTTP_PORT, "TCP")], callers)]
-        egress = [egress_rule([(POSTGRES_PORT, "TCP")], [pod_peer(role_selector(ROLE_POSTGRES))])]
+        registry = args.get("registry_peers") or [pod_peer(role_selector(ROLE_POSTGRES))]
+        egress = [egress_rule([(POSTGRES_PORT, "TCP")], registry)]
+        brokers = [pod_peer(role_selector(ROLE_BROKER))]
         if mosquitto is not None:
-            brokers = [pod_peer(role_selector(ROLE_BROKER))]
             egress.append(egress_rule([(mosquitto[1], "TCP")], brokers))
-            # The broker's trust sidecar reads the CAs and CRLs: named, so it survives narrower callers.
+        if mosquitto is not None or broker_log_token is not None:
+            # Mosquitto's sidecars read the CAs and CRLs and post the log's refused connections,
+            # EMQX's rule posts its refused CONNECTs: named, so it survives narrower callers.
             ingress.append(ingress_rule([(HTTP_PORT, "TCP")], brokers))
+        # Named, so that Prometheus in its own namespace survives the namespace-only callers of phase A.
+        ingress.append(metrics_rule(HTTP_PORT, args["prometheus"]))
         self.network_policy = kube.network_policy(
             name,
             object_labels,
             isolated_policy_spec(pods, ingress, egress),
+        )
+        self.metrics = MetricsEndpoint(
+            name,
+            pods,
+            HTTP_PORT,
+            "https",
+            tls={"ca": {"secret": {"name": credentials, "key": "ca.crt"}}, "serverName": host},
         )
         self.register_outputs({"url": self.url, "public_url": self.public_url})

@@ -18,20 +18,40 @@ from __future__ import annotations
 from typing import Any, TypedDict
 
 import pulumi
+import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
-from components.credentials import ServiceCredential, service_credential
+from components.aws.backup_bucket import BackupBucket, BackupBucketArgs, ClusterIdentity
+from components.aws.database import RegistryDatabase, RegistryDatabaseArgs
+from components.aws.ingress import RegionalIngress, RegionalIngressArgs, endpoint_names
+from components.aws.placement import PrivatePlacement
+from components.aws.substrate import RegionalSubstrate, RegionalSubstrateArgs
+from components.aws.telemetry import TelemetryStore, TelemetryStoreArgs
+from components.backup import BACKUP_SERVICE_ACCOUNT, BackupTarget, backup_service_account
+from components.credentials import ServiceCredential, generated_password, service_credential
 from components.dead_letters import DeadLetterSink, DeadLetterSinkArgs
 from components.grafana import Grafana, GrafanaArgs
 from components.influxdb import InfluxDB, InfluxDBArgs
 from components.ingest_worker import IngestWorker, IngestWorkerArgs
+from components.kube import Kube, kubernetes_provider
+from components.monitoring import PlatformMonitoring, PlatformMonitoringArgs
 from components.mqtt_broker import DeviceTrust, MqttBroker, MqttBrokerArgs
 from components.pki import CertificateAuthority, CertificateAuthorityArgs
 from components.postgres import Postgres, PostgresArgs
 from components.providers.registry import RegistryServiceAccount
 from components.provisioning import ProvisioningService, ProvisioningServiceArgs, service_url
-from components.render.kubernetes import default_deny_spec, namespace_labels, object_meta
-from infra.config import PlatformConfig
+from components.render.kubernetes import (
+    ROLE_BROKER,
+    ROLE_POSTGRES,
+    default_deny_spec,
+    labels,
+    namespace_labels,
+    object_meta,
+    pod_peer,
+    role_selector,
+)
+from dashboards.platform import platform_rules
+from infra.config import PlatformConfig, regional_ingress
 from infra.tenancy import DEAD_LETTER_SERVICE, INGEST_SERVICE, SHARED_INFLUXDB
 
 
@@ -41,11 +61,20 @@ class RegionalPlatformArgs(TypedDict):
 
 
 class RegionalPlatform(pulumi.ComponentResource):
+    aws_provider: aws.Provider | None
+    """The region's AWS provider, wherever the stack has an ``aws`` section."""
+    substrate: RegionalSubstrate | None
+    """Phase C on AWS: the VPC (and the EKS cluster) the region runs in."""
+    backups: BackupBucket | None
+    """The region's backup bucket (``aws.backup_bucket``), else None."""
+    ingress: RegionalIngress | None
+    """Phase C on its own EKS cluster: the NLB and Route 53 names devices reach the broker by."""
     provider: k8s.Provider
     namespace: str
     ca: CertificateAuthority
-    postgres: Postgres
-    influxdb: InfluxDB
+    postgres: Postgres | RegistryDatabase
+    """The registry's PostgreSQL: in the cluster, or RDS (``aws.registry: rds``)."""
+    influxdb: InfluxDB | TelemetryStore
     """The shared InfluxDB instance (tenants of isolation levels 1 and 2)."""
     broker: MqttBroker
     grafana: Grafana
@@ -59,6 +88,9 @@ class RegionalPlatform(pulumi.ComponentResource):
     broker_admin_credential: ServiceCredential | None
     """Mosquitto only: the dynamic-security admin (``admin.dynsec``) the provisioning service logs
     in as; its ``$7$`` hash is what the broker's plugin state must hold."""
+    broker_log_token: pulumi.Output[str]
+    """What the broker presents to the provisioning service when it reports refused connections
+    (secret): Mosquitto's log-follower sidecar, EMQX's auth-failure rule."""
 
     def __init__(
         self, name: str, args: RegionalPlatformArgs, opts: pulumi.ResourceOptions | None = None
@@ -67,8 +99,28 @@ class RegionalPlatform(pulumi.ComponentResource):
         config = args["config"]
         self.namespace = config.cluster.namespace
         here = pulumi.ResourceOptions(parent=self)
-        self.provider = k8s.Provider(
-            f"{name}-k8s", context=config.cluster.context, namespace=self.namespace, opts=here
+        on_aws = config.aws
+        self.aws_provider = aws.Provider(f"{name}-aws", region=on_aws.region, opts=here) if on_aws else None
+        self.substrate = None
+        if on_aws and on_aws.substrate and self.aws_provider:
+            self.substrate = RegionalSubstrate(
+                name,
+                RegionalSubstrateArgs(
+                    aws=on_aws,
+                    kubernetes_version=config.cluster.kubernetes_version,
+                    protect=config.protect_stateful,
+                    provider=self.aws_provider,
+                ),
+                here,
+            )
+        # On EKS the cluster's own kubeconfig (``aws eks get-token``); elsewhere the context named.
+        kubeconfig = self.substrate.kubeconfig if self.substrate else None
+        self.provider = kubernetes_provider(
+            f"{name}-k8s",
+            context=config.cluster.context if kubeconfig is None else None,
+            kubeconfig=kubeconfig,
+            namespace=self.namespace,
+            opts=here,
         )
         on_cluster = pulumi.ResourceOptions(parent=self, provider=self.provider)
         metadata: Any = object_meta(self.namespace, None, namespace_labels())
@@ -90,20 +142,42 @@ class RegionalPlatform(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions.merge(on_cluster, pulumi.ResourceOptions(depends_on=[namespace])),
         )
         inside = pulumi.ResourceOptions(parent=self, depends_on=[namespace])
+        backup = self._declare_backups(name, config, namespace)
 
         self.ca = CertificateAuthority(f"{name}-ca", CertificateAuthorityArgs(config=config), here)
-        self.postgres = Postgres("postgres", PostgresArgs(config=config, provider=self.provider), inside)
-        self.influxdb = InfluxDB(
-            SHARED_INFLUXDB,
-            InfluxDBArgs(instance=SHARED_INFLUXDB, config=config, provider=self.provider),
-            inside,
-        )
+        # Phase C's managed stores stand in for the in-cluster ones, with the same attributes.
+        self.store_placement = self._placement()
+        if on_aws and on_aws.registry == "rds" and self.store_placement is not None:
+            self.postgres = RegistryDatabase(
+                "registry",
+                RegistryDatabaseArgs(
+                    config=config, placement=self.store_placement, k8s_provider=self.provider
+                ),
+                inside,
+            )
+        else:
+            self.postgres = Postgres(
+                "postgres", PostgresArgs(config=config, provider=self.provider, backup=backup), inside
+            )
+        if on_aws and on_aws.telemetry_store == "timestream" and self.store_placement is not None:
+            self.influxdb = TelemetryStore(
+                SHARED_INFLUXDB,
+                TelemetryStoreArgs(instance=SHARED_INFLUXDB, config=config, placement=self.store_placement),
+                inside,
+            )
+        else:
+            self.influxdb = InfluxDB(
+                SHARED_INFLUXDB,
+                InfluxDBArgs(instance=SHARED_INFLUXDB, config=config, provider=self.provider, backup=backup),
+                inside,
+            )
         self.ingest_credential = service_credential("svc-ingest", parent=self)
         self.dead_letter_credential = service_credential("svc-deadletters", parent=self)
         services = {INGEST_SERVICE: self.ingest_credential, DEAD_LETTER_SERVICE: self.dead_letter_credential}
         # Mosquitto learns devices from the service over dynamic security; EMQX reads the registry.
         mosquitto = config.broker.engine == "mosquitto"
         self.broker_admin_credential = service_credential("dynsec-admin", parent=self) if mosquitto else None
+        self.broker_log_token = generated_password("broker-log-token", parent=self, protect=False)
         self.broker = MqttBroker(
             config.broker.engine,
             MqttBrokerArgs(
@@ -118,9 +192,13 @@ class RegionalPlatform(pulumi.ComponentResource):
                 device_trust=DeviceTrust(
                     image=config.provisioning.image, url=service_url("provisioning", self.namespace)
                 ),
+                broker_log_token=self.broker_log_token,
+                public_names=endpoint_names(on_aws.region, on_aws.dns) if on_aws else [],
+                external_load_balancer=regional_ingress(config),
             ),
             inside,
         )
+        self.ingress = self._ingress(name, config)
         self.grafana = Grafana(
             "grafana", GrafanaArgs(config=config, provider=self.provider, database=self.postgres), inside
         )
@@ -188,14 +266,35 @@ class RegionalPlatform(pulumi.ComponentResource):
                 expose_to_devices=config.phase != "A",
                 ca=self.ca,
                 registry_dsn=self.postgres.dsn,
+                prometheus=config.cluster.prometheus,
+                # RDS sits in the VPC's private subnets, outside the cluster's pods.
+                registry_peers=(
+                    [{"ipBlock": {"cidr": config.aws.vpc_cidr}}]
+                    if isinstance(self.postgres, RegistryDatabase) and config.aws
+                    else [pod_peer(role_selector(ROLE_POSTGRES))]
+                ),
                 mosquitto=(
                     (self.broker.host, self.broker.tls_port, self.broker_admin_credential.password)
                     if self.broker_admin_credential is not None
                     else None
                 ),
+                broker_log_token=self.broker_log_token,
             ),
             inside,
         )
+        if config.cluster.prometheus_operator:
+            endpoints = [self.worker.metrics, self.dead_letters.metrics, self.provisioning.metrics]
+            PlatformMonitoring(
+                "monitoring",
+                PlatformMonitoringArgs(
+                    provider=self.provider,
+                    namespace=self.namespace,
+                    prometheus=config.cluster.prometheus,
+                    endpoints=[*endpoints, *([self.broker.metrics] if self.broker.metrics else [])],
+                    rules=platform_rules(),
+                ),
+                inside,
+            )
         self.register_outputs(
             {
                 "namespace": self.namespace,
@@ -204,4 +303,65 @@ class RegionalPlatform(pulumi.ComponentResource):
                 "ca_cert_pem": self.ca.cert_pem,
                 "provisioning_url": self.provisioning.public_url,
             }
+        )
+
+    def _ingress(self, name: str, config: PlatformConfig) -> RegionalIngress | None:
+        """The region's NLB in the substrate's public subnets, targeting the broker's pods."""
+        substrate, provider, on_aws = self.substrate, self.aws_provider, config.aws
+        if not regional_ingress(config) or substrate is None or provider is None or on_aws is None:
+            return None
+        return RegionalIngress(
+            f"{name}-mqtt",
+            RegionalIngressArgs(
+                aws_region=on_aws.region,
+                vpc_id=substrate.vpc_id,
+                vpc_cidr=on_aws.vpc_cidr,
+                public_subnet_ids=substrate.network.public_subnet_ids,
+                dns=on_aws.dns,
+                namespace=self.namespace,
+                service=self.broker.engine,
+                service_port=self.broker.tls_port,
+                labels=labels(self.broker.engine, self.broker.engine, ROLE_BROKER),
+                aws_provider=provider,
+                k8s_provider=self.provider,
+            ),
+            pulumi.ResourceOptions(parent=self, depends_on=[self.broker]),
+        )
+
+    def _placement(self) -> PrivatePlacement | None:
+        """Where managed stores go: the substrate's private subnets, reached from its cluster."""
+        substrate, provider = self.substrate, self.aws_provider
+        if substrate is None or provider is None or substrate.cluster_security_group_id is None:
+            return None
+        return PrivatePlacement(
+            provider=provider,
+            vpc_id=substrate.vpc_id,
+            subnet_ids=pulumi.Output.all(*substrate.private_subnet_ids),
+            cluster_security_group_id=substrate.cluster_security_group_id,
+        )
+
+    def _declare_backups(
+        self, name: str, config: PlatformConfig, namespace: k8s.core.v1.Namespace
+    ) -> BackupTarget | None:
+        """The backup bucket and the ServiceAccount its jobs run as, where the stack asks for one;
+        on the stack's own EKS cluster that ServiceAccount gets the bucket's IRSA role."""
+        self.backups = None
+        if config.aws is None or not config.aws.backup_bucket or self.aws_provider is None:
+            return None
+        arn, issuer = (
+            (self.substrate.oidc_provider_arn, self.substrate.oidc_issuer) if self.substrate else (None, None)
+        )
+        cluster = ClusterIdentity(arn, issuer) if arn is not None and issuer is not None else None
+        self.backups = BackupBucket(
+            f"{name}-backups",
+            BackupBucketArgs(config=config, provider=self.aws_provider, cluster=cluster),
+            pulumi.ResourceOptions(parent=self),
+        )
+        kube = Kube(self, self.provider, self.namespace, config.protect_stateful, [namespace])
+        backup_service_account(kube, self.backups.service_account_annotations())
+        return BackupTarget(
+            bucket=self.backups.bucket,
+            region=config.region,
+            image=config.aws.backup_image,
+            service_account=BACKUP_SERVICE_ACCOUNT,
         )

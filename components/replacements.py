@@ -8,7 +8,9 @@ updates cannot be observed here, so it is written down, per provider, from the p
   ``forceNew`` table and ``metadataForceNewProperties``. ``.metadata.name`` and
   ``.metadata.namespace`` replace every kind. Secret ``data``/``stringData`` and ConfigMap
   ``data``/``binaryData`` replace unless the provider sets ``enableSecretMutable`` /
-  ``enableConfigMapMutable`` (ours does not: its inputs are ``context`` and ``namespace``).
+  ``enableConfigMapMutable`` (or the object sets ``immutable: true``). Ours sets both
+  (:func:`components.kube.kubernetes_provider`, in platform and tenant stacks; no object of ours is
+  ``immutable``): new data is an update in place, so the table lists no data path for them.
   PodDisruptionBudget ``spec`` replaces in ``policy/v1beta1`` only; ``policy/v1`` updates.
   A PVC's ``spec.resources`` (storage expansion) is an update since v4.
 - pulumi-random: every input of ``RandomPassword``/``RandomBytes`` is ``ForceNew`` in
@@ -23,7 +25,10 @@ updates cannot be observed here, so it is written down, per provider, from the p
   ``config_json`` changes (``CustomizeDiff``). An Organization has no force-new input.
 - AWS (pulumi-aws bridges terraform-provider-aws; from its resource documentation, "Forces new
   resource", not checked against a live provider here): S3 bucket name, RDS identifier, engine,
-  storage encryption and its key, KMS key spec and usage, EFS creation token and encryption.
+  storage encryption and its key, KMS key spec and usage, EFS creation token and encryption; a VPC's
+  and a subnet's CIDR. EKS clusters and node groups from terraform-provider-aws's own schemas
+  (``internal/service/eks/cluster.go`` at 00555dc, ``node_group.go`` at 012e0a3: ``ForceNew``),
+  among them a node group's ``instance_types``.
 - The dynamic providers of :mod:`components.providers`: their own ``diff`` methods
   (``replace_keys`` / ``plan_diff(replace=...)``); ``tests/test_plandiff.py`` calls each provider's
   ``diff`` with every input changed in turn and checks this table agrees.
@@ -47,7 +52,6 @@ KUBERNETES_METADATA: dict[str, str] = {
 _LABEL_SELECTOR_WHY = "the API refuses to change a controller's selector"
 _SELECTOR = {"spec.selector": _LABEL_SELECTOR_WHY}
 _TLS_CERT_WHY = "terraform-provider-tls re-issues the certificate (RequiresReplace)"
-_CONFIGMAP_DATA_WHY = "pulumi-kubernetes replaces ConfigMaps on new data unless enableConfigMapMutable is set"
 _ORG_ID = {"orgId": "a Grafana object cannot move between orgs (org_id is ForceNew)"}
 
 FORCE_NEW: dict[str, dict[str, str]] = {
@@ -73,15 +77,10 @@ FORCE_NEW: dict[str, dict[str, str]] = {
         "spec.storageClassName": "a claim cannot move to another storage class",
         "spec.volumeName": "a claim cannot be bound to another volume",
     },
-    "kubernetes:core/v1:Secret": {
-        "type": "a Secret's type is immutable",
-        "data": "pulumi-kubernetes replaces Secrets on new data unless enableSecretMutable is set",
-        "stringData": "pulumi-kubernetes replaces Secrets on new data unless enableSecretMutable is set",
-    },
-    "kubernetes:core/v1:ConfigMap": {
-        "data": _CONFIGMAP_DATA_WHY,
-        "binaryData": _CONFIGMAP_DATA_WHY,
-    },
+    # data/stringData (Secret) and data/binaryData (ConfigMap) update in place: our provider sets
+    # enableSecretMutable and enableConfigMapMutable (see above).
+    "kubernetes:core/v1:Secret": {"type": "a Secret's type is immutable"},
+    "kubernetes:core/v1:ConfigMap": {},
     "kubernetes:core/v1:Service": {
         "spec.clusterIP": "a Service's cluster IP is immutable",
     },
@@ -174,6 +173,40 @@ FORCE_NEW: dict[str, dict[str, str]] = {
         "keyUsage": "a key's usage is fixed at creation",
         "multiRegion": "multi-Region is fixed at creation",
     },
+    "aws:eks/cluster:Cluster": {
+        "name": "a cluster's name is its identity (ForceNew)",
+        "roleArn": "the control plane's role is fixed at creation (ForceNew)",
+        "bootstrapSelfManagedAddons": "the default add-ons are installed once, at creation (ForceNew)",
+        "accessConfig.bootstrapClusterCreatorAdminPermissions": "made once, at creation",
+        "kubernetesNetworkConfig.ipFamily": "the service address family is fixed at creation",
+        "kubernetesNetworkConfig.serviceIpv4Cidr": "the service CIDR is fixed at creation",
+    },
+    "aws:eks/nodeGroup:NodeGroup": {
+        key: "EKS cannot change it in place: a new group, auto-named, so created before the old one goes"
+        for key in (
+            "instanceTypes",
+            "amiType",
+            "capacityType",
+            "diskSize",
+            "subnetIds",
+            "nodeRoleArn",
+            "remoteAccess",
+            "clusterName",
+            "nodeGroupName",
+            "nodeGroupNamePrefix",
+        )
+    },
+    "aws:ec2/vpc:Vpc": {"cidrBlock": "a VPC's primary CIDR is fixed at creation"},
+    "aws:ec2/instance:Instance": {
+        "ami": "an instance boots from one image: a new AMI is a new instance",
+        "rootBlockDevice.encrypted": "a root volume's encryption is fixed at creation",
+        "subnetId": "an instance cannot move between subnets",
+    },
+    "aws:ec2/subnet:Subnet": {
+        "cidrBlock": "a subnet's CIDR is fixed at creation",
+        "availabilityZone": "a subnet lives in one zone",
+        "vpcId": "a subnet cannot move between VPCs",
+    },
     "aws:efs/fileSystem:FileSystem": {
         "creationToken": "the creation token is the file system's idempotency key",
         "encrypted": "encryption is fixed at creation",
@@ -211,9 +244,11 @@ STATEFUL_TYPES: dict[str, str] = {
     "aws:s3/bucket:Bucket": "holds objects",
     "aws:s3/bucketV2:BucketV2": "holds objects",
     "aws:rds/instance:Instance": "a database",
+    "aws:eks/cluster:Cluster": "replacing a cluster loses every workload and volume in it",
     "aws:kms/key:Key": "what it encrypted is unreadable without it",
     "aws:efs/fileSystem:FileSystem": "holds files",
     "aws:timestreaminfluxdb/dbInstance:DbInstance": "a telemetry database",
+    "aws:ec2/instance:Instance": "a Phase A VM: the registry, store and broker queue are on its disk",
 }
 """Type token → why replacing or deleting it loses data (with :data:`STATEFUL_ONLY_IF` for the
 types that hold state only in some configurations)."""

@@ -37,6 +37,9 @@ import pulumiverse_grafana as grafana
 from pulumiverse_grafana import alerting, oss
 from pulumiverse_grafana.alerting import RuleGroupRuleNotificationSettingsArgsDict
 
+from components.aws.placement import PrivatePlacement
+from components.aws.telemetry import TelemetryStore, TelemetryStoreArgs
+from components.backup import BackupTarget
 from components.influxdb import InfluxDB, InfluxDBArgs
 from components.kube import inherited_dependencies
 from components.providers.influxdb import InfluxBucket, InfluxConnection, InfluxOrganization, InfluxToken
@@ -71,6 +74,11 @@ class TenantArgs(TypedDict):
     """The region's Kubernetes provider (a level-3 tenant's InfluxDB)."""
     actor: NotRequired[str]
     """Who the registry's audit trail names; default ``pulumi:<stack>``."""
+    placement: NotRequired[PrivatePlacement | None]
+    """On a ``aws.telemetry_store: timestream`` stack, where a level-3 tenant's own Timestream for
+    InfluxDB instance goes (the platform's private subnets and cluster security group)."""
+    backup: NotRequired[BackupTarget | None]
+    """The platform's backup bucket, for a level-3 tenant's in-cluster InfluxDB."""
 
 
 class Tenant(pulumi.ComponentResource):
@@ -78,8 +86,8 @@ class Tenant(pulumi.ComponentResource):
     """Where the tenant's telemetry goes (instance, org, buckets, retention)."""
     names: GrafanaNames
     level: int
-    instance: InfluxDB | None
-    """The tenant's own InfluxDB (level 3), else None."""
+    instance: InfluxDB | TelemetryStore | None
+    """The tenant's own InfluxDB (level 3; Timestream for InfluxDB on a timestream stack), else None."""
     influxdb_org_id: pulumi.Output[str]
     bucket_id: pulumi.Output[str]
     write_token: pulumi.Output[str]
@@ -122,14 +130,33 @@ class Tenant(pulumi.ComponentResource):
     def _store(self, name: str, args: TenantArgs, after: list[pulumi.Resource]) -> InfluxConnection:
         config, tenant, route = args["config"], args["tenant"], self.route
         self.instance = None
-        if self.level >= 3:
+        own = pulumi.ResourceOptions(parent=self, depends_on=after)
+        if self.level >= 3 and config.aws is not None and config.aws.telemetry_store == "timestream":
+            placement = args.get("placement")
+            if placement is None:
+                raise ValueError(
+                    f"TenantArgs.placement: level-3 tenant {tenant.id!r} needs one on Timestream"
+                )
+            self.instance = TelemetryStore(
+                route.instance,
+                TelemetryStoreArgs(
+                    instance=route.instance, config=config, placement=placement, tenant_id=tenant.id
+                ),
+                own,
+            )
+        elif self.level >= 3:
             self.instance = InfluxDB(
                 route.instance,
                 InfluxDBArgs(
-                    instance=route.instance, config=config, provider=args["k8s_provider"], tenant_id=tenant.id
+                    instance=route.instance,
+                    config=config,
+                    provider=args["k8s_provider"],
+                    tenant_id=tenant.id,
+                    backup=args.get("backup"),
                 ),
-                pulumi.ResourceOptions(parent=self, depends_on=after),
+                own,
             )
+        if self.instance is not None:
             connection = InfluxConnection(self.instance.url, self.instance.admin_token)
             after = [*after, self.instance]
         elif route.instance in args["influxdb"]:

@@ -12,6 +12,7 @@ this module, so a tenant, a site or a machine exists in exactly one place.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -25,6 +26,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     StringConstraints,
     TypeAdapter,
     ValidationError,
@@ -236,6 +238,18 @@ _KUBERNETES_VERSION = re.compile(r"\d{1,3}\.\d{1,3}")
 KubernetesVersion = Annotated[
     str, AfterValidator(_pattern("Kubernetes version", _KUBERNETES_VERSION, "1.31"))
 ]
+# Kubernetes label keys (an optional DNS prefix, then a name) and values (at most 63 characters).
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(rf"([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}")
+_LABEL_VALUE = re.compile(rf"({_LABEL_NAME})?")
+LabelKey = Annotated[
+    str,
+    StringConstraints(max_length=317),
+    AfterValidator(_pattern("label key", _LABEL_KEY, "app.kubernetes.io/name")),
+]
+LabelValue = Annotated[
+    str, StringConstraints(max_length=63), AfterValidator(_pattern("label value", _LABEL_VALUE, "prometheus"))
+]
 
 
 ProvisioningCAArn = Annotated[
@@ -266,14 +280,48 @@ class ComputeResources(Section):
     limits: Amounts
 
 
+class Prometheus(Section):
+    """The cluster's Prometheus: the NetworkPolicies admit exactly these pods to the metrics ports
+    (the worker's 9108, the dead-letter consumer's, the provisioning service's, EMQX's 18083)."""
+
+    namespace: DnsLabel = "monitoring"
+    """The namespace it runs in (matched by its ``kubernetes.io/metadata.name`` label)."""
+    pod_labels: dict[LabelKey, LabelValue] = Field(
+        default={"app.kubernetes.io/name": "prometheus"}, min_length=1, max_length=16
+    )
+    """Labels its server pods carry (kube-prometheus-stack: ``app.kubernetes.io/name: prometheus``)."""
+    rule_labels: dict[LabelKey, LabelValue] = Field(default={}, max_length=16)
+    """Labels the operator's ``serviceMonitorSelector``/``ruleSelector`` match (kube-prometheus-stack
+    selects ``release: <its release name>``); put on every ServiceMonitor, PodMonitor and PrometheusRule."""
+
+
 class Cluster(Section):
-    """Where the region runs: an existing kubeconfig context (no cluster is created for now)."""
+    """Where the region runs: a kubeconfig context (ignored where ``aws.cluster`` is ``eks``: the
+    providers then use the EKS cluster's own kubeconfig)."""
 
     context: KubeContext | None = None
     namespace: DnsLabel = "ironlink"
     storage_class: DnsName | None = None
     domain: DnsName = "ironlink.example.com"
     kubernetes_version: KubernetesVersion = "1.31"
+    runner: Literal["in-cluster"] = "in-cluster"
+    """Where ``pulumi up`` runs. ``in-cluster``: a pod in ``runner_namespace`` labelled
+    ``app.kubernetes.io/component: pulumi-runner`` (README, "Where pulumi up runs";
+    ``docs/pulumi-runner.yaml``), which the NetworkPolicies of InfluxDB (8086) and the registry's
+    PostgreSQL (5432) admit by namespace and label; Grafana's 3000 is open to the cluster's ingress
+    anyway. The InfluxDB, Grafana and registry
+    providers of platform and tenant stacks connect to ``*.svc.cluster.local`` addresses, which only
+    a pod in the cluster resolves, and those addresses are kept in their state: a workstation
+    behind ``kubectl port-forward`` would need other URLs per machine, each a diff of every resource."""
+    runner_namespace: DnsLabel = "ironlink-deploy"
+    """The runner's own namespace, made once by an administrator with the runner's RBAC: not the
+    platform's, which the platform stack itself creates (and ``pulumi destroy`` deletes)."""
+    prometheus: Prometheus = Prometheus()
+    prometheus_operator: bool = False
+    """Whether the cluster runs the Prometheus operator (its CRDs installed): then the platform
+    declares ServiceMonitors/PodMonitors for its metrics and a PrometheusRule of
+    :func:`dashboards.platform.platform_rules`. Without it, pods keep their ``prometheus.io/*``
+    annotations for an annotation-based scrape config."""
 
 
 class ClientLimits(Section):
@@ -290,6 +338,19 @@ class TenantQuota(Section):
 
     max_devices: int = Field(ge=1)
     messages_per_second: float = Field(gt=0)
+
+
+class StackSecret(Section):
+    """A value Pulumi encrypted in the stack file (``secure: v1:...``). The engine passes the
+    program the decrypted text; tools that read the file itself (the offline planner, tenant
+    stacks reading their platform's file) see only this ciphertext."""
+
+    secure: str = Field(min_length=1, max_length=65536)
+
+
+def secret_text(value: SecretStr | StackSecret) -> str:
+    """What a secret setting holds: the decrypted text, or the ciphertext where only the file was read."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else value.secure
 
 
 class Broker(Section):
@@ -310,6 +371,15 @@ class Broker(Section):
     resources: ComputeResources
     limits: ClientLimits
     tenant_quota: TenantQuota
+    keepalive_s: int = Field(default=60, ge=5, le=3600)
+    """EMQX only: the MQTT keepalive devices are told to use, sent to MQTT 5 clients as the Server
+    Keep Alive of CONNACK (``mqtt.server_keepalive``), which overrides theirs; MQTT 3.1.1 clients
+    keep their own (the edge agent's ``keepalive_s``). Behind the region's NLB it must be below
+    :data:`NLB_TCP_IDLE_TIMEOUT_S`, since the NLB drops a connection silent for longer."""
+    license: SecretStr | StackSecret | None = None
+    """EMQX only: the licence key, as a stack secret (``pulumi config set --secret --path
+    'ironlink:broker.license' KEY``). From 5.9.0 EMQX is BSL 1.1 and clusters only with one; it
+    reaches the nodes from a Secret (``EMQX_LICENSE__KEY``), never from the rendered file."""
 
 
 class RetentionTier(Section):
@@ -493,17 +563,49 @@ class AwsTelemetryStore(Section):
     multi_az: bool = True
 
 
+_HOSTED_ZONE_ID = re.compile(r"Z[0-9A-Z]{1,31}")
+HostedZoneId = Annotated[
+    str, AfterValidator(_pattern("Route 53 hosted zone id", _HOSTED_ZONE_ID, "Z0123456789ABCDEFGHIJ"))
+]
+
+
 class AwsDns(Section):
     """Route 53: ``mqtt.<region>.<zone>`` per region, and one latency-routed global name."""
 
     zone_name: DnsName
+    zone_id: HostedZoneId
+    """The existing public hosted zone of ``zone_name``, by id (``aws route53
+    list-hosted-zones-by-name --dns-name ZONE``). The domain's zone is shared by every region and
+    outlives any one stack, so no stack creates or deletes it; taken by id, not looked up by name,
+    so that a plan needs no AWS call."""
     global_name: DnsName | None = None
+    """One latency-routed name over every region's NLB (a record per region, set identifier =
+    region, each with a TCP health check on 8883)."""
+
+
+_AMI = re.compile(r"ami-[0-9a-f]{8,17}")
+AmiId = Annotated[str, AfterValidator(_pattern("AMI id", _AMI, "ami-0123456789abcdef0"))]
+_PIP_REQUIREMENT = re.compile(r"ironlink(\[[a-z,]+\])?( ?(==|>=)[0-9][0-9a-z.+-]*| @ https://\S+)")
+PipRequirement = Annotated[
+    str,
+    Field(max_length=512),
+    AfterValidator(_pattern("pip requirement for ironlink", _PIP_REQUIREMENT, "ironlink==0.1.0")),
+]
 
 
 class AwsVm(Section):
     """Phase A on one EC2 instance instead of a cluster."""
 
+    ami: AmiId
+    """The Debian 12 (amd64) AMI, pinned: ``aws ssm get-parameter --name
+    /aws/service/debian/release/12/latest/amd64``. A new AMI replaces the instance and the registry
+    and store on its disk, so it changes only when this value does, never at the next deploy."""
     instance_type: InstanceType = "t3.small"
+    disk_gib: int = Field(default=30, ge=10, le=16384)
+    """The encrypted root volume, which holds the registry, the store and the broker's queue."""
+    package: PipRequirement
+    """Where the VM installs this project's services from (the worker, the provisioning API), as a
+    pip requirement: ``ironlink==0.1.0`` from an index, or ``ironlink @ https://.../ironlink.whl``."""
     ssh_cidr: Cidr | None = None
     """Who may reach SSH (22); None: nobody (Session Manager only)."""
 
@@ -519,6 +621,9 @@ class Aws(Section):
     vpc_cidr: Cidr = "10.0.0.0/16"
     zones: int = Field(default=3, ge=2, le=6)
     cluster: Literal["eks", "existing"] = "eks"
+    api_access_cidrs: list[Cidr] = Field(default=[], max_length=40)
+    """Who may reach the EKS API from outside the VPC (its public endpoint, on only if this lists
+    someone); empty: the private endpoint only, so ``pulumi up`` runs inside the VPC."""
     node_groups: dict[DnsLabel, AwsNodeGroup] = {}
     registry: Literal["in-cluster", "rds"] = "in-cluster"
     """Where the registry's PostgreSQL runs: one value decides."""
@@ -529,6 +634,9 @@ class Aws(Section):
     backup_bucket: bool = False
     """An S3 bucket for the database backups (``ironlink backup``)."""
     backup_retention_days: int = Field(default=35, ge=1, le=3650)
+    """How long the bucket's lifecycle keeps a backup (and an overwritten or deleted version)."""
+    backup_image: ImageRef = "ghcr.io/ironlink/backup:0.1.0"
+    """The image of the backup CronJobs of in-cluster databases (``backup/Dockerfile``)."""
     dns: AwsDns | None = None
     vm: AwsVm | None = None
 
@@ -930,6 +1038,108 @@ def _rule_provisioning(s: Sections) -> Iterator[Problem]:
         yield Problem(_path(["provisioning", "ca", "arn"]), f"{ca.arn!r} is only read with mode 'aws-pca'")
 
 
+NLB_TCP_IDLE_TIMEOUT_S = 350
+"""An NLB closes a TCP flow through its listener after this long without data either way (the
+AWS default, set explicitly on the listener by ``components.aws.ingress``)."""
+
+
+def _has_regional_ingress(aws: Aws | None) -> bool:
+    return aws is not None and aws.substrate and aws.cluster == "eks"
+
+
+def regional_ingress(config: PlatformConfig) -> bool:
+    """Whether devices reach the broker through the region's NLB (``components.aws.ingress``):
+    Phase C on its own EKS cluster. The NLB speaks proxy protocol v2, so EMQX's listener must read
+    it exactly then."""
+    return _has_regional_ingress(config.aws)
+
+
+LICENSED_EMQX = (5, 9)
+"""From EMQX 5.9.0 (BSL 1.1) a cluster of more than one node needs a licence; 5.8.x is the
+last Apache-2.0 release that clusters."""
+_IMAGE_VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def image_version(image: str) -> tuple[int, int, int] | None:
+    """The version in an image's tag (``emqx/emqx:5.9.1`` → (5, 9, 1)); None without one
+    (``latest``, a digest only)."""
+    name = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    tag = name.split(":", 1)[1] if ":" in name else ""
+    match = _IMAGE_VERSION.match(tag)
+    if match is None:
+        return None
+    major, minor, patch = match.groups()
+    return int(major), int(minor), int(patch or 0)
+
+
+def _rule_emqx_license(s: Sections) -> Iterator[Problem]:
+    broker: Broker = s["broker"]
+    if broker.engine != "emqx":
+        if broker.license is not None:
+            yield Problem(_path(["broker", "license"]), "is EMQX's licence; Mosquitto takes none")
+        return
+    if broker.nodes == 1 or broker.license is not None:
+        return
+    version = image_version(broker.image)
+    floor = ".".join(map(str, LICENSED_EMQX))
+    if version is None:
+        yield Problem(
+            _path(["broker", "image"]),
+            f"{broker.image!r} names no version: a {broker.nodes}-node EMQX cluster needs a version tag "
+            f"(before {floor}), or broker.license",
+        )
+    elif version[:2] >= LICENSED_EMQX:
+        shown = ".".join(map(str, version))
+        yield Problem(
+            _path(["broker", "license"]),
+            f"is required: EMQX {shown} ({broker.image!r}) is BSL 1.1 from {floor} and clusters "
+            f"{broker.nodes} nodes only with a licence (set it as a stack secret, or use 5.8.x)",
+        )
+
+
+def _rule_ingress(s: Sections) -> Iterator[Problem]:
+    """The NLB's idle timeout bounds the keepalive; the DNS names belong in their zone."""
+    aws: Aws | None = s["aws"]
+    broker: Broker = s["broker"]
+    if _has_regional_ingress(aws) and broker.keepalive_s >= NLB_TCP_IDLE_TIMEOUT_S:
+        yield Problem(
+            _path(["broker", "keepalive_s"]),
+            f"{broker.keepalive_s} is not below the NLB's TCP idle timeout of {NLB_TCP_IDLE_TIMEOUT_S} s: "
+            "an idle device would be cut off between two keepalives",
+        )
+    if aws is None or aws.dns is None:
+        return
+    if not _has_regional_ingress(aws):
+        yield Problem(
+            _path(["aws", "dns"]),
+            "names the region's NLB, which only a Phase C stack on its own EKS cluster has "
+            "(substrate: true, cluster: eks)",
+        )
+    dns = aws.dns
+    if dns.global_name is not None and not dns.global_name.endswith("." + dns.zone_name):
+        yield Problem(
+            _path(["aws", "dns", "global_name"]), f"{dns.global_name!r} is not inside zone {dns.zone_name!r}"
+        )
+
+
+VPC_PREFIXES = (16, 22)
+"""A VPC is /16 to /28 in AWS; /22 at most here, so that each zone's public subnet (1/64 of the
+VPC, ``components.aws.network.subnet_layout``) is still the /28 AWS allows at least."""
+
+
+def _vpc_cidr_problems(cidr: str) -> Iterator[Problem]:
+    try:
+        network = ipaddress.IPv4Network(cidr)
+    except ValueError as error:
+        yield Problem(_path(["aws", "vpc_cidr"]), f"{cidr!r} is not an IPv4 network ({error})")
+        return
+    low, high = VPC_PREFIXES
+    if not low <= network.prefixlen <= high:
+        yield Problem(_path(["aws", "vpc_cidr"]), f"{cidr!r}: a VPC here is /{low} to /{high}")
+    elif not network.is_private:
+        yield Problem(_path(["aws", "vpc_cidr"]), f"{cidr!r} is not a private (RFC 1918) range")
+
+
 def _rule_aws(s: Sections) -> Iterator[Problem]:
     """The Phase C substrate (VPC, EKS, RDS, Timestream) only in phase C; one VM only in phase A."""
     aws: Aws | None = s["aws"]
@@ -948,8 +1158,20 @@ def _rule_aws(s: Sections) -> Iterator[Problem]:
         yield Problem(_path(["aws", "vm"]), f"one VM is a Phase A deployment, not phase {phase}'s")
     if aws.vm is not None and aws.substrate:
         yield Problem(_path(["aws", "vm"]), "a VM stack has no cluster: drop substrate")
+    for key, used in (
+        ("registry", aws.registry == "rds"),
+        ("telemetry_store", aws.telemetry_store == "timestream"),
+    ):
+        if used and not (aws.substrate and aws.cluster == "eks"):
+            yield Problem(
+                _path(["aws", key]),
+                "a managed store lives in the substrate's private subnets, reached from its EKS cluster: "
+                "it needs substrate: true and cluster: eks",
+            )
     if aws.substrate and aws.cluster == "eks" and not aws.node_groups:
         yield Problem(_path(["aws", "node_groups"]), "an EKS cluster needs at least one node group")
+    if aws.substrate:
+        yield from _vpc_cidr_problems(aws.vpc_cidr)
     for name, group in aws.node_groups.items():
         if not group.min_size <= group.desired_size <= group.max_size:
             yield Problem(
@@ -972,6 +1194,8 @@ _RULES: list[tuple[tuple[str, ...], Callable[[Sections], Iterator[Problem]]]] = 
     (("tenants",), _rule_tenants),
     (("phase", "default_isolation"), _rule_default_isolation),
     (("phase", "aws"), _rule_aws),
+    (("broker",), _rule_emqx_license),
+    (("broker", "aws"), _rule_ingress),
 ]
 
 

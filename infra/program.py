@@ -15,19 +15,26 @@ resource is declared, so a bad stack fails with every problem listed and nothing
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
 import pulumi
-import pulumi_kubernetes as k8s
+import pulumi_aws as aws
 from pulumi.runtime import config as engine_config
 
+from components.aws.placement import PrivatePlacement
+from components.aws.substrate import RegionalSubstrate, runs_on_eks
+from components.aws.vm import SingleVm, SingleVmArgs
+from components.backup import BACKUP_SERVICE_ACCOUNT, BackupTarget
 from components.grafana import ADMIN_USER as GRAFANA_ADMIN_USER
+from components.kube import kubernetes_provider
 from components.providers.influxdb import InfluxConnection
 from components.regional_platform import RegionalPlatform, RegionalPlatformArgs
+from components.render.cloud_init import MQTT_PORT
 from components.tenant import Tenant, TenantArgs, grafana_admin_provider
 from infra.config import (
+    AwsVm,
     PlatformConfig,
     Problem,
     StackConfigError,
@@ -75,8 +82,10 @@ def load_tenant_config() -> tuple[PlatformConfig, TenantStackConfig]:
     return platform, parse_tenant_stack(settings, stack, platform)
 
 
-def build(config: PlatformConfig) -> RegionalPlatform:
+def build(config: PlatformConfig) -> RegionalPlatform | SingleVm:
     """Declare one region and export what operators, devices and tenant stacks need."""
+    if config.aws is not None and config.aws.vm is not None:
+        return build_vm(config, config.aws.region, config.aws.vm)
     platform = RegionalPlatform(f"ironlink-{config.region}", RegionalPlatformArgs(config=config))
     pulumi.export("phase", config.phase)
     pulumi.export("region", config.region)
@@ -92,7 +101,40 @@ def build(config: PlatformConfig) -> RegionalPlatform:
     pulumi.export("grafana_internal_url", platform.grafana.url)
     pulumi.export("grafana_admin_password", pulumi.Output.secret(platform.grafana.admin_password))
     pulumi.export("registry_dsn", pulumi.Output.secret(platform.postgres.dsn))
+    if platform.substrate is not None:
+        export_substrate(platform.substrate)
+    if platform.backups is not None:
+        # ``ironlink backup --bucket``; on an existing cluster, the policy its backup identity needs.
+        pulumi.export("backup_bucket", platform.backups.bucket)
+        pulumi.export("backup_policy_json", platform.backups.policy_json)
+        pulumi.export("backup_role_arn", platform.backups.role_arn)
     return platform
+
+
+def build_vm(config: PlatformConfig, aws_region: str, vm: AwsVm) -> SingleVm:
+    """Phase A on one EC2 instance: the VM and nothing of Kubernetes. Its registry and store
+    listen on the VM's loopback only, so a tenant stack's providers reach them from a runner on
+    the VM itself (``pulumi up`` there); none is exported here."""
+    provider = aws.Provider(f"ironlink-{config.region}-aws", region=aws_region)
+    single = SingleVm(f"ironlink-{config.region}", SingleVmArgs(config=config, vm=vm, provider=provider))
+    pulumi.export("phase", config.phase)
+    pulumi.export("region", config.region)
+    pulumi.export("mqtt_endpoint", f"mqtts://{single.public_host}:{MQTT_PORT}")
+    pulumi.export("mqtt_address", single.public_ip)
+    pulumi.export("ca_cert_pem", single.ca.cert_pem)
+    return single
+
+
+def export_substrate(substrate: RegionalSubstrate) -> None:
+    """The region's network and cluster, for stacks that place resources in it (tenant stores,
+    IRSA roles) and for the tenant stacks' Kubernetes provider (``kubeconfig``, on EKS)."""
+    pulumi.export("vpc_id", substrate.vpc_id)
+    pulumi.export("private_subnet_ids", substrate.private_subnet_ids)
+    if substrate.cluster is not None:
+        pulumi.export("oidc_provider_arn", substrate.cluster.oidc_provider_arn)
+        pulumi.export("oidc_issuer", substrate.cluster.oidc_issuer)
+        pulumi.export("cluster_security_group_id", substrate.cluster.cluster_security_group_id)
+        pulumi.export("kubeconfig", substrate.cluster.kubeconfig)
 
 
 def platform_reference(platform: str) -> pulumi.StackReference:
@@ -113,6 +155,26 @@ def legacy_aliases(platform: PlatformConfig, tenant_id: str) -> dict[str, str]:
     }
 
 
+def tenant_backup_target(
+    platform: PlatformConfig, stack: TenantStackConfig, required: Callable[[str], pulumi.Output[Any]]
+) -> BackupTarget | None:
+    """Where a level-3 tenant's in-cluster InfluxDB is backed up: the platform's bucket."""
+    aws_section = platform.aws
+    if (
+        aws_section is None
+        or not aws_section.backup_bucket
+        or aws_section.telemetry_store != "in-cluster"
+        or platform.isolation_of(stack.tenant) < 3
+    ):
+        return None
+    return BackupTarget(
+        bucket=required("backup_bucket"),
+        region=platform.region,
+        image=aws_section.backup_image,
+        service_account=BACKUP_SERVICE_ACCOUNT,
+    )
+
+
 def build_tenant(platform: PlatformConfig, stack: TenantStackConfig) -> Tenant:
     """Declare one tenant on its platform, with providers of its own built from the platform's outputs."""
     reference = platform_reference(stack.platform)
@@ -128,15 +190,31 @@ def build_tenant(platform: PlatformConfig, stack: TenantStackConfig) -> Tenant:
         pulumi.Output.secret(required("grafana_admin_password")),
         aliases=[legacy["grafana"]],
     )
-    kubernetes = k8s.Provider(
+    kubeconfig = required("kubeconfig") if runs_on_eks(platform) else None
+    kubernetes = kubernetes_provider(
         "k8s",
-        context=platform.cluster.context,
+        context=platform.cluster.context if kubeconfig is None else None,
+        kubeconfig=kubeconfig,
         namespace=platform.cluster.namespace,
         opts=pulumi.ResourceOptions(aliases=[legacy["k8s"]]),
     )
     shared = InfluxConnection(
         required("influxdb_url"), pulumi.Output.secret(required("influxdb_admin_token"))
     )
+    aws_section = platform.aws
+    placement = None
+    if (
+        aws_section is not None
+        and aws_section.telemetry_store == "timestream"
+        and platform.isolation_of(stack.tenant) >= 3
+    ):
+        # A level-3 tenant's own Timestream instance goes in the platform's private subnets.
+        placement = PrivatePlacement(
+            aws.Provider("aws", region=aws_section.region),
+            required("vpc_id"),
+            required("private_subnet_ids"),
+            required("cluster_security_group_id"),
+        )
     tenant = Tenant(
         stack.tenant.id,
         TenantArgs(
@@ -146,6 +224,8 @@ def build_tenant(platform: PlatformConfig, stack: TenantStackConfig) -> Tenant:
             grafana=grafana,
             registry_dsn=pulumi.Output.secret(required("registry_dsn")),
             k8s_provider=kubernetes,
+            placement=placement,
+            backup=tenant_backup_target(platform, stack, required),
         ),
         pulumi.ResourceOptions(aliases=[legacy["tenant"]]),
     )
@@ -157,7 +237,7 @@ def build_tenant(platform: PlatformConfig, stack: TenantStackConfig) -> Tenant:
     return tenant
 
 
-def main() -> RegionalPlatform | Tenant:
+def main() -> RegionalPlatform | SingleVm | Tenant:
     if is_tenant_stack(pulumi.get_stack()):
         return build_tenant(*load_tenant_config())
     return build(load_config())

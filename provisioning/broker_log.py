@@ -55,6 +55,10 @@ MAX_SAMPLES = 5
 MAX_ROWS_PER_POST = 500
 MAX_WAITING = 20_000
 UNKNOWN = "<unknown>"
+TOKEN_ENV = "IRONLINK_BROKER_LOG_TOKEN"
+"""The sidecar's broker-log token (the service's ``IRONLINK_PROV_BROKER_LOG_TOKEN``): never a flag."""
+AUTH_FAILURES_PATH = "/v1/broker/auth-failures"
+"""The service's route the sidecar posts its rows to."""
 
 _TIMESTAMP = re.compile(
     r"^(?P<ts>\d{9,11}|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:Z|[+-]\d\d:?\d\d)?): (?P<msg>.*)$"
@@ -372,9 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--truncate-over", type=int, default=64 << 20, help="bytes; 0: never truncate")
     options = parser.parse_args(argv)
     problems = []
-    token = os.environ.get("IRONLINK_BROKER_LOG_TOKEN", "")
+    token = os.environ.get(TOKEN_ENV, "")
     if not token:
-        problems.append("IRONLINK_BROKER_LOG_TOKEN: is required")
+        problems.append(f"{TOKEN_ENV}: is required")
     if not 0.05 <= options.poll <= 60:
         problems.append(f"--poll: {options.poll} is not between 0.05 and 60")
     if not re.match(r"^https?://[^\s]+$", options.url):

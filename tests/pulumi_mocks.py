@@ -14,12 +14,15 @@ from typing import Any
 
 import pytest
 
-from infra.config import PlatformConfig, load_stack, platform_stacks
+from infra.config import Aws, PlatformConfig, load_stack, platform_stacks
 from infra.plan import Plan, PlannedResource, RegionPlan, build_region
 
 PLANS = pytest.mark.xdist_group("pulumi-plans")
-STACKS = platform_stacks()
-"""The platform stacks: one region each, their tenants in stacks of their own."""
+_NO_VM = Aws(region="eu-west-1")
+VM_STACKS = [stack for stack in platform_stacks() if (load_stack(stack).aws or _NO_VM).vm is not None]
+"""Phase A platform stacks on one EC2 instance (``aws.vm``): no Kubernetes (``tests/test_aws_vm.py``)."""
+STACKS = [stack for stack in platform_stacks() if stack not in VM_STACKS]
+"""The platform stacks on a cluster: one region each, their tenants in stacks of their own."""
 
 
 @functools.cache

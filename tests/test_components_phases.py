@@ -20,6 +20,8 @@ from components.render.kubernetes import (
     ROLE_GRAFANA,
     ROLE_INGEST,
     ROLE_PROVISIONING,
+    ROLE_RUNNER,
+    prometheus_peer,
     role_selector,
 )
 from components.render.mosquitto import DYNSEC_ADMIN, dynsec_password
@@ -51,6 +53,26 @@ STATEFUL = [
     ("Namespace", "ironlink"),
     ("SelfSignedCert", None),
 ]
+
+
+def registry_in_cluster(stack: str) -> bool:
+    """Phase C on AWS runs the registry on RDS (tests/test_aws_stores.py), elsewhere a StatefulSet."""
+    aws = stack_config(stack).aws
+    return aws is None or aws.registry == "in-cluster"
+
+
+def store_in_cluster(stack: str) -> bool:
+    """Phase C on AWS runs InfluxDB as Timestream for InfluxDB, elsewhere a StatefulSet."""
+    aws = stack_config(stack).aws
+    return aws is None or aws.telemetry_store == "in-cluster"
+
+
+def in_cluster_databases(stack: str) -> list[str]:
+    return [
+        name
+        for name, inside in (("postgres", registry_in_cluster(stack)), ("influxdb", store_in_cluster(stack)))
+        if inside
+    ]
 
 
 def names(resources: list[PlannedResource]) -> list[str]:
@@ -88,7 +110,11 @@ def test_phase_a_runs_one_mosquitto_reachable_only_over_tls(stack: str) -> None:
 def test_phase_a_has_no_disruption_budgets_and_protects_nothing(stack: str) -> None:
     plan = stack_plan(stack)
     assert names(plan.find("PodDisruptionBudget")) == [], f"{stack}: phase A declares PDBs"
-    assert names([r for r in plan.resources if r.protect]) == [], f"{stack}: phase A protects resources"
+    protected = [r for r in plan.resources if r.protect]
+    # Only what a server applies at first start (components.credentials.first_start_password).
+    assert {r.type for r in protected} <= {"random:index/randomPassword:RandomPassword"}, (
+        f"{stack}: phase A protects {names(protected)}"
+    )
     assert plan.find("HorizontalPodAutoscaler") == []
 
 
@@ -197,8 +223,11 @@ def test_only_the_provisioning_service_gains_a_named_way_into_the_broker(stack: 
     named = [(tuple(p["port"] for p in rule["ports"]), rule["from"]) for rule in rules if "from" in rule]
     if stack_config(stack).broker.engine == "mosquitto":
         assert named == [((8883,), [{"podSelector": {"matchLabels": role_selector(ROLE_PROVISIONING)}}])]
-    else:  # the cluster's own distribution ports, from its nodes only
-        assert [ports for ports, _ in named] == [(emqx.EKKA_PORT, emqx.RPC_PORT)], stack
+    else:  # the cluster's own distribution ports, from its nodes only; metrics, from Prometheus only
+        assert named == [
+            ((emqx.EKKA_PORT, emqx.RPC_PORT), [{"podSelector": {"matchLabels": node_selector(plan)}}]),
+            ((emqx.DASHBOARD_PORT,), [prometheus_peer(stack_config(stack).cluster.prometheus)]),
+        ], stack
 
 
 # ---------------------------------------------------------------------------------- phase B
@@ -222,11 +251,13 @@ def test_stateful_resources_are_protected_in_b_and_c(stack: str, kind: str, name
 def test_broker_statefulset_and_backup_volumes_are_protected(stack: str) -> None:
     plan = stack_plan(stack)
     assert broker(plan).protect, f"{stack}: StatefulSet {broker(plan).name} must be protected"
-    backups = plan.find("PersistentVolumeClaim")
-    assert {"influxdb-backup", "postgres-backup"} <= {r.name for r in backups}
-    assert all(r.protect for r in backups), (
-        f"{stack}: unprotected volumes {names([r for r in backups if not r.protect])}"
+    volumes = plan.find("PersistentVolumeClaim")
+    assert all(r.protect for r in volumes), (
+        f"{stack}: unprotected volumes {names([r for r in volumes if not r.protect])}"
     )
+    # With a backup bucket, backups go to S3 (tests/test_backup.py), not to a volume in the same zone.
+    aws = stack_config(stack).aws
+    assert (aws is not None and aws.backup_bucket) == (not [r for r in volumes if r.name.endswith("-backup")])
 
 
 @pytest.mark.parametrize("stack", PHASE_B + PHASE_C)
@@ -261,10 +292,14 @@ def test_the_worker_autoscales_within_the_configured_bounds(stack: str) -> None:
 @pytest.mark.parametrize("stack", PHASE_B + PHASE_C)
 def test_databases_are_backed_up_on_schedule(stack: str) -> None:
     plan, config = stack_plan(stack), stack_config(stack)
-    for name, schedule in (
-        ("influxdb", config.influxdb.backup_schedule),
-        ("postgres", config.postgres.backup_schedule),
-    ):
+    schedules = {"influxdb": config.influxdb.backup_schedule, "postgres": config.postgres.backup_schedule}
+    assert [job.name for job in plan.find("CronJob")] == sorted(
+        f"{n}-backup" for n in in_cluster_databases(stack)
+    )
+    for rds in plan.find("aws:rds/instance:Instance"):  # a managed registry backs itself up
+        assert rds.inputs["backupRetentionPeriod"] >= 1, stack
+    for name in in_cluster_databases(stack):
+        schedule = schedules[name]
         job = plan.one("CronJob", f"{name}-backup")
         assert job.get("spec.schedule") == schedule and job.get("spec.concurrencyPolicy") == "Forbid"
 
@@ -327,7 +362,14 @@ def test_below_phase_c_grafana_keeps_sqlite_on_a_volume(stack: str) -> None:
 
 @pytest.mark.parametrize("stack", PHASE_C)
 def test_phase_c_keeps_device_addresses_at_the_broker(stack: str) -> None:
-    assert stack_plan(stack).one("Service", "emqx").get("spec.externalTrafficPolicy") == "Local"
+    """Through the region's NLB the address travels in a PROXY v2 header that EMQX reads
+    (``tests/test_aws_ingress.py``); the Service is no load balancer of its own."""
+    plan = stack_plan(stack)
+    assert plan.one("Service", "emqx").get("spec.type") == "ClusterIP"
+    (target_group,) = plan.find("lb/targetGroup:TargetGroup")
+    assert target_group.get("proxyProtocolV2") is True
+    conf = plan.one("ConfigMap", "emqx-config").inputs["data"]["emqx.conf"]
+    assert "proxy_protocol = true" in conf
 
 
 # ------------------------------------------------------------------------------ every stack
@@ -380,16 +422,26 @@ def test_only_the_worker_grafana_broker_and_backups_reach_the_databases(stack: s
         ROLE_BACKUP,
         ROLE_DEAD_LETTERS,
         ROLE_PROVISIONING,
+        ROLE_RUNNER,
     }
-    for database in ["postgres", *(i.name for i in plan.find("InfluxDB"))]:
+    databases = ["postgres"] if registry_in_cluster(stack) else []
+    databases += [i.name for i in plan.find("ironlink:influxdb:InfluxDB")]
+    assert databases or not (registry_in_cluster(stack) or store_in_cluster(stack)), stack
+    for database in databases:
         labels, open_to_all = ingress_sources(plan, database)
         assert not open_to_all, f"{stack}: NetworkPolicy {database} lets any pod in"
         roles = {value for key, value in labels if key == "app.kubernetes.io/component"}
         assert roles and roles <= allowed_roles, (
             f"{stack}: NetworkPolicy {database} admits {roles - allowed_roles}"
         )
-    influx_roles = {v for k, v in ingress_sources(plan, "influxdb")[0] if k == "app.kubernetes.io/component"}
-    assert {ROLE_INGEST, ROLE_GRAFANA} <= influx_roles and ROLE_BROKER not in influx_roles
+        assert ROLE_RUNNER in roles, f"{stack}: pulumi up's providers cannot reach {database}"
+    if store_in_cluster(stack):
+        influx_roles = {
+            v for k, v in ingress_sources(plan, "influxdb")[0] if k == "app.kubernetes.io/component"
+        }
+        assert {ROLE_INGEST, ROLE_GRAFANA} <= influx_roles and ROLE_BROKER not in influx_roles
+    if not registry_in_cluster(stack):  # RDS: its security group admits the cluster alone (test_aws_stores)
+        return
     postgres_roles = {
         v for k, v in ingress_sources(plan, "postgres")[0] if k == "app.kubernetes.io/component"
     }
@@ -451,8 +503,7 @@ def test_only_emqx_gets_a_kubernetes_api_token(stack: str) -> None:
 def test_requests_and_limits_come_from_the_config(stack: str) -> None:
     plan, config = stack_plan(stack), stack_config(stack)
     sections: dict[str, Any] = {
-        "postgres": config.postgres,
-        "influxdb": config.influxdb,
+        **{name: getattr(config, name) for name in in_cluster_databases(stack)},
         "grafana": config.grafana,
         "ingest": config.ingest,
         broker(plan).name: config.broker,
@@ -513,14 +564,18 @@ def test_the_worker_reads_its_deployment_environment_and_reaches_every_store(sta
     # The platform knows no tenant: their routes (a level-3 tenant's own instance too) and write
     # tokens are the registry's, written by each tenant's stack.
     assert settings.tenants == {} and settings.store_urls == {}, f"{stack}: the platform lists tenants"
-    shared = plan.one("Service", "influxdb").get("spec.ports.0.port")
-    assert influxdb_url(config.cluster.namespace, "influxdb").endswith(
-        f"influxdb.{config.cluster.namespace}.svc.cluster.local:{shared}"
-    )
+    if store_in_cluster(stack):
+        shared = plan.one("Service", "influxdb").get("spec.ports.0.port")
+        assert influxdb_url(config.cluster.namespace, "influxdb").endswith(
+            f"influxdb.{config.cluster.namespace}.svc.cluster.local:{shared}"
+        )
     for tenant in config.tenants:  # what the worker will read: each tenant stack's registry row
         (row,) = tenant_owned(plan, tenant.id, "pulumi-python:dynamic/registry:Tenant")
         route, instance = row.inputs["route"], influxdb_instance(config, tenant)
-        assert route["url"] == influxdb_url(config.cluster.namespace, instance), f"{stack}: {tenant.id}"
+        tokens = {t.inputs["url"] for t in tenant_owned(plan, tenant.id, INFLUX_TOKEN)}
+        assert {route["url"]} == tokens, f"{stack}: {tenant.id}'s route is where its tokens live"
+        if store_in_cluster(stack):
+            assert route["url"] == influxdb_url(config.cluster.namespace, instance), f"{stack}: {tenant.id}"
         assert (route["instance"], route["bucket"]) == (instance, store_route(config, tenant).bucket)
         assert row.inputs["write_token"] == SECRET and "token" not in route
     files = set(plan.one("Secret", "ingest-credentials").get("stringData"))
@@ -575,23 +630,35 @@ def test_the_platform_stack_declares_nothing_of_any_tenant(stack: str) -> None:
 @pytest.mark.parametrize("stack", STACKS)
 def test_each_tenants_store_lives_on_its_instance_and_level_3_gets_its_own(stack: str) -> None:
     plan, config = stack_plan(stack), stack_config(stack)
+    store_type = (
+        "ironlink:influxdb:InfluxDB" if store_in_cluster(stack) else "ironlink:telemetry:TelemetryStore"
+    )
+    urls: dict[str, set[str]] = {}
     for tenant in config.tenants:
         instance = influxdb_instance(config, tenant)
-        url = influxdb_url(config.cluster.namespace, instance)
-        own = [r.name for r in tenant_owned(plan, tenant.id, "ironlink:influxdb:InfluxDB")]
+        own = [r.name for r in tenant_owned(plan, tenant.id, store_type)]
         if config.isolation_of(tenant) == 3:
-            assert own == [f"influxdb-{tenant.id}"], f"{stack}: level-3 {tenant.id} needs its own InfluxDB"
+            assert own == [f"influxdb-{tenant.id}"], f"{stack}: level-3 {tenant.id} needs its own store"
         else:
-            assert own == [], f"{stack}: {tenant.id} is on the shared InfluxDB"
+            assert own == [], f"{stack}: {tenant.id} is on the shared store"
         tokens = tenant_owned(plan, tenant.id, INFLUX_TOKEN)
-        assert tokens and {t.inputs["url"] for t in tokens} == {url}, f"{stack}: {tenant.id} tokens"
+        urls[tenant.id] = {t.inputs["url"] for t in tokens}
+        assert tokens and len(urls[tenant.id]) == 1, f"{stack}: {tenant.id} tokens on one instance"
+        if store_in_cluster(stack):
+            assert urls[tenant.id] == {influxdb_url(config.cluster.namespace, instance)}, stack
+        else:
+            assert next(iter(urls[tenant.id])).startswith("https://"), f"{stack}: Timestream serves TLS"
+    shared = {url for t in config.tenants if config.isolation_of(t) < 3 for url in urls[t.id]}
+    own_urls = [url for t in config.tenants if config.isolation_of(t) == 3 for url in urls[t.id]]
+    assert len(shared) <= 1 and not shared & set(own_urls), f"{stack}: a level-3 tenant shares an instance"
 
 
 @pytest.mark.parametrize("stack", ["scale-eu-west-1", "scale-us-east-1"])
 def test_the_scale_stacks_have_a_level_3_tenant(stack: str) -> None:
     plan = stack_plan(stack)
     level_3 = {"scale-eu-west-1": "umbrella", "scale-us-east-1": "stark"}[stack]
-    assert plan.component_of(plan.one("InfluxDB", f"influxdb-{level_3}")) == plan.one("Tenant", level_3)
+    kind = "InfluxDB" if store_in_cluster(stack) else "TelemetryStore"
+    assert plan.component_of(plan.one(kind, f"influxdb-{level_3}")) == plan.one("Tenant", level_3)
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -632,7 +699,7 @@ def test_phase_a_tenants_share_grafanas_org(stack: str) -> None:
     }
 
 
-@pytest.mark.parametrize("stack", PHASE_B + PHASE_C)  # the phases that back up
+@pytest.mark.parametrize("stack", [s for s in PHASE_B + PHASE_C if in_cluster_databases(s)])
 def test_a_databases_service_and_policy_never_select_its_backup_jobs_pods(stack: str) -> None:
     plan = stack_plan(stack)
     jobs = [job for job in plan.find("CronJob") if job.name.endswith("-backup")]

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from infra.config import load_stack
 from infra.graph import DOCS_STACKS, GraphError, graph_command_hook, plan_stack, render_dot, render_svg
+from infra.plan import build_plan, build_tenant_plan
 from tests.pulumi_mocks import PLANS, region_plan
 
 pytestmark = PLANS
@@ -96,7 +98,17 @@ def test_a_tenant_stack_references_its_platform() -> None:
 
 
 def test_a_dedicated_store_admits_the_platforms_pods_drawn_as_another_stacks() -> None:
-    drawing = Drawing(render_dot(region_plan("scale-eu-west-1").tenants["umbrella"].to_json()))
+    """An in-cluster level-3 store (the scale stacks run Timestream; its security group admits the
+    cluster: tests/test_aws_stores.py)."""
+    config = load_stack("scale-eu-west-1")
+    assert config.aws is not None
+    in_cluster = config.model_copy(
+        update={"aws": config.aws.model_copy(update={"telemetry_store": "in-cluster"})}
+    )
+    umbrella = build_tenant_plan(
+        in_cluster, build_plan(in_cluster, "scale-eu-west-1"), in_cluster.tenant("umbrella")
+    )
+    drawing = Drawing(render_dot(umbrella.to_json()))
     assert sorted(drawing.clusters) == ["InfluxDB influxdb-umbrella", "Tenant umbrella"]
     store = "StatefulSet / influxdb-umbrella"
     assert "8086/TCP" in drawing.edge("pods of another stack / component=ingest", store, "allows")

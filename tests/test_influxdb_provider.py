@@ -162,9 +162,10 @@ def test_bucket_is_created_in_its_org_with_the_tier_retention(influx: InfluxReco
     assert influx.connections == [(URL, ADMIN)], "the client is built from the resource's own inputs"
 
 
-def test_a_bucket_kept_forever_has_no_retention_rule(influx: InfluxRecorder) -> None:
+def test_a_bucket_kept_forever_has_an_explicit_rule_of_zero_seconds(influx: InfluxRecorder) -> None:
     BucketProvider(influx.connect).create(bucket_props(retention_seconds=0))
-    assert influx.bucket_api.create_bucket.call_args.kwargs["bucket"].retention_rules == []
+    rules = influx.bucket_api.create_bucket.call_args.kwargs["bucket"].retention_rules
+    assert [(r.type, r.every_seconds) for r in rules] == [("expire", 0)]
 
 
 @pytest.mark.parametrize(
@@ -281,7 +282,9 @@ def test_token_description_update_keeps_the_token(influx: InfluxRecorder) -> Non
         created.id, created.outs, token_props(description="renamed")
     )
     sent = influx.auth_api.update_authorization.call_args.args[0]
-    assert (sent.id, sent.description, sent.status) == (created.id, "renamed", "active")
+    assert (sent.id, sent.description, sent.status) == (created.id, "renamed", None), (
+        "a status sent on update would re-activate a token an operator disabled"
+    )
     assert updated.outs is not None and updated.outs["token"] == "secret-0"
 
 

@@ -147,23 +147,23 @@ def test_changing_the_platform_plans_its_tenants_and_shows_only_what_changed(rep
 
 
 def test_renaming_a_stateful_resource_is_a_delete_and_create_refused_unless_allowed(repo: Path) -> None:
-    change(repo, edit("components/backup.py", 'name = f"{instance}-backup"', 'name = f"{instance}-backups"'))
+    change(repo, edit("components/grafana.py", 'claim = f"{name}-data"', 'claim = f"{name}-sqlite"'))
     code, document, base, head = diff(repo)
     assert base == head and "mvp-eu" in head and len(head) > 5, "a program change plans every stack"
     deleted = [
         s
         for s in steps(document, "mvp-eu", "delete")
-        if s["urn"].endswith("PersistentVolumeClaim::postgres-backup")
+        if s["urn"].endswith("PersistentVolumeClaim::grafana-data")
     ]
     created = [
         s
         for s in steps(document, "mvp-eu", "create")
-        if s["urn"].endswith("PersistentVolumeClaim::postgres-backups")
+        if s["urn"].endswith("PersistentVolumeClaim::grafana-sqlite")
     ]
     assert deleted and created, names(document["mvp-eu"]["steps"])
     said = json.dumps(document["mvp-eu"])
     assert "looks like a rename" in said and "alias" in said, "the diff names the likely fix"
-    assert code == EXIT_STATEFUL_REFUSED, "the protected backup volume would be deleted"
+    assert code == EXIT_STATEFUL_REFUSED, "Grafana's protected SQLite volume would be deleted"
     allowed, _, _, _ = diff(repo, "--allow-stateful-changes")
     assert allowed == EXIT_OK
 

@@ -194,14 +194,14 @@ def test_a_delete_and_an_unrelated_create_are_not_called_a_rename() -> None:
     assert only_step(diff, "create", "Service", "metrics").rename is None
 
 
-def test_secrets_are_masked_both_sides_and_a_changed_digest_replaces_a_secret() -> None:
+def test_secrets_are_masked_both_sides_and_a_changed_digest_updates_a_secret_in_place() -> None:
     old = base()[REGION]
     new = copy.deepcopy(old)
     secret = record(old, "core/v1:Secret", "grafana-credentials")
     key = sorted(secret["inputs"]["stringData"])[0]
     assert secret["inputs"]["stringData"][key] == "[secret]"
     record(new, "core/v1:Secret", "grafana-credentials")["inputs"]["stringData"][key] = "plain-text-now"
-    step = only_step(diff_plans(old, new), "replace", "Secret", "grafana-credentials")
+    step = only_step(diff_plans(old, new), "update", "Secret", "grafana-credentials")
     assert "plain-text-now" not in step.detail() and "(secret) changed" in step.detail()
     assert "plain-text-now" not in json.dumps(
         render_json([diff_plans(old, new)])["mvp-eu"]["steps"][0]["detailedDiff"]
@@ -211,8 +211,10 @@ def test_secrets_are_masked_both_sides_and_a_changed_digest_replaces_a_secret() 
     rotated = copy.deepcopy(old)
     record(old, "core/v1:Secret", "grafana-credentials")["secret_digests"] = {f"stringData.{key}": "aaa"}
     record(rotated, "core/v1:Secret", "grafana-credentials")["secret_digests"] = {f"stringData.{key}": "bbb"}
-    step = only_step(diff_plans(old, rotated), "replace", "Secret", "grafana-credentials")
-    assert step.replace_reasons[0][0] == f"stringData.{key}"
+    # New data is an update: the Kubernetes provider sets enableSecretMutable (components/kube.py).
+    step = only_step(diff_plans(old, rotated), "update", "Secret", "grafana-credentials")
+    assert step.replace_reasons == ()
+    assert f"stringData.{key}" in step.detail()
 
 
 def test_a_dashboard_is_replaced_only_when_the_uid_inside_its_json_changes() -> None:

@@ -15,12 +15,12 @@ import yaml
 
 from infra.config import load_stack, platform_stacks
 from infra.plan import build_region
-from infra.policy.rules import POLICIES, image_problem
+from infra.policy.rules import POLICIES, STACK_POLICIES, image_problem
 from infra.policy.runner import Violation, run_policies, stack_config
 from tests.pulumi_mocks import PLANS
 
 pytestmark = PLANS
-RULES = {policy.name for policy in POLICIES}
+RULES = {policy.name for policy in [*POLICIES, *STACK_POLICIES]}
 
 
 @functools.cache
@@ -37,10 +37,10 @@ def documents() -> dict[str, dict[str, Any]]:
 
 
 def test_the_pack_has_the_documented_rules_all_mandatory() -> None:
-    assert len(POLICIES) == len(RULES) >= 6
+    assert len(POLICIES) + len(STACK_POLICIES) == len(RULES) >= 6
     assert all(
         policy.enforcement_level is not None and policy.enforcement_level.value == "mandatory"
-        for policy in POLICIES
+        for policy in [*POLICIES, *STACK_POLICIES]
     )
     pack = yaml.safe_load((Path(__file__).parents[1] / "infra/policy/PulumiPolicy.yaml").read_text())
     assert pack["runtime"]["name"] == "python"
@@ -134,7 +134,50 @@ def _wide_token(d: dict[str, Any]) -> str:
     return token["name"]
 
 
+def _public_acl(d: dict[str, Any]) -> str:
+    bucket = _find(d, "aws:s3/bucket:Bucket")
+    bucket["inputs"]["acl"] = "public-read"
+    return bucket["name"]
+
+
+def _partial_public_access_block(d: dict[str, Any]) -> str:
+    block = _find(d, "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock")
+    block["inputs"]["restrictPublicBuckets"] = False
+    return block["name"]
+
+
+def _unblocked_bucket(d: dict[str, Any]) -> str:
+    d["resources"].remove(_find(d, "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock"))
+    return _find(d, "aws:s3/bucket:Bucket")["name"]
+
+
+def _unencrypted_database(d: dict[str, Any]) -> str:
+    database = _find(d, "aws:rds/instance:Instance")
+    database["inputs"]["storageEncrypted"] = False
+    return database["name"]
+
+
+def _single_zone_store(d: dict[str, Any]) -> str:
+    store = _find(d, "aws:timestreaminfluxdb/dbInstance:DbInstance")
+    store["inputs"]["deploymentType"] = "SINGLE_AZ"
+    return store["name"]
+
+
+def _wildcard_policy(d: dict[str, Any]) -> str:
+    policy = _find(d, "aws:iam/rolePolicy:RolePolicy")
+    document = json.loads(policy["inputs"]["policy"])
+    document["Statement"][0]["Resource"] = "*"
+    policy["inputs"]["policy"] = json.dumps(document)
+    return policy["name"]
+
+
 BREACHES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "aws-bucket-acl-private": ("mvp-eu", _public_acl),
+    "aws-bucket-public-access-blocked": ("mvp-eu", _partial_public_access_block),
+    "aws-every-bucket-blocks-public-access": ("mvp-eu", _unblocked_bucket),
+    "aws-database-encrypted": ("scale-eu-west-1", _unencrypted_database),
+    "aws-database-multi-az-in-phase-c": ("scale-eu-west-1.umbrella", _single_zone_store),
+    "aws-iam-resources-named": ("scale-eu-west-1", _wildcard_policy),
     "container-resource-limits": ("mvp-eu", _no_limits),
     "container-hardened": ("mvp-eu", _root_container),
     "pinned-images": ("mvp-eu", _latest_image),
@@ -166,7 +209,8 @@ def test_each_rule_catches_its_breach_naming_stack_resource_and_rule(rule: str) 
 
 def test_an_unprotected_claim_passes_where_the_stack_protects_nothing() -> None:
     document = documents()["dev"]
-    assert not any(resource["protect"] for resource in document["resources"])
+    protected = {resource["type"] for resource in document["resources"] if resource["protect"]}
+    assert protected <= {"random:index/randomPassword:RandomPassword"}, "only first-start passwords"
     assert run_policies(document, protect_stateful=False) == []
     claims = [
         v for v in run_policies(document, protect_stateful=True) if v.rule == "stateful-resources-protected"

@@ -14,6 +14,7 @@ from components.render.kubernetes import (
     ROLE_BROKER,
     ROLE_POSTGRES,
     ROLE_PROVISIONING,
+    metrics_rule,
     role_selector,
 )
 from infra.config import StackConfigError, parse_platform
@@ -120,7 +121,9 @@ def test_devices_reach_the_service_only_where_the_phase_exposes_it(stack: str) -
     brokers = [{"podSelector": {"matchLabels": role_selector(ROLE_BROKER)}}]
     mosquitto = stack_config(stack).broker.engine == "mosquitto"
     trust_rule = {"ports": [{"port": HTTP_PORT, "protocol": "TCP"}], "from": brokers}
-    assert named == ([trust_rule] if mosquitto else [])
+    # The cluster's Prometheus, from its own namespace (tests/test_monitoring.py).
+    scrape_rule = metrics_rule(HTTP_PORT, stack_config(stack).cluster.prometheus)
+    assert named == ([trust_rule] if mosquitto else []) + [scrape_rule]
     exposed = plan.find("Service", "provisioning-devices")
     if stack_config(stack).phase == "A":
         # Manual enrollment only: operators and the CLI from the platform namespace, nobody else.
@@ -140,12 +143,24 @@ def test_the_service_reaches_only_the_registry_the_brokers_control_topic_and_dns
     policy = plan.one("NetworkPolicy", "provisioning")
     assert policy.get("spec.policyTypes") == ["Ingress", "Egress"]
     egress = {
-        (port["port"], tuple(sorted(peer.get("podSelector", {}).get("matchLabels", {}).items())))
+        (
+            port["port"],
+            (("ipBlock", peer["ipBlock"]["cidr"]),)
+            if "ipBlock" in peer
+            else tuple(sorted(peer.get("podSelector", {}).get("matchLabels", {}).items())),
+        )
         for rule in policy.get("spec.egress")
         for port in rule["ports"]
         for peer in rule["to"]
     }
-    expected = {(5432, tuple(sorted(role_selector(ROLE_POSTGRES).items()))), (53, ())}
+    aws = stack_config(stack).aws
+    on_rds = aws is not None and aws.registry == "rds"
+    registry = (
+        (("ipBlock", aws.vpc_cidr),)
+        if on_rds and aws
+        else tuple(sorted(role_selector(ROLE_POSTGRES).items()))
+    )
+    expected = {(5432, registry), (53, ())}
     if stack_config(stack).broker.engine == "mosquitto":  # devices are pushed over dynamic security
         assert settings_of(plan).broker == "mosquitto"
         expected.add((settings_of(plan).mosquitto_port, tuple(sorted(role_selector(ROLE_BROKER).items()))))
@@ -154,8 +169,12 @@ def test_the_service_reaches_only_the_registry_the_brokers_control_topic_and_dns
     assert egress == expected, f"{stack}: the service may reach {egress}"
 
 
-@pytest.mark.parametrize("stack", STACKS)
+IN_CLUSTER_REGISTRY = [s for s in STACKS if (a := stack_config(s).aws) is None or a.registry == "in-cluster"]
+
+
+@pytest.mark.parametrize("stack", IN_CLUSTER_REGISTRY)
 def test_postgres_admits_the_provisioning_service(stack: str) -> None:
+    """In-cluster PostgreSQL admits it by policy; RDS by its security group (tests/test_aws_stores)."""
     plan = stack_plan(stack)
     pod_labels = deployment(plan).get("spec.template.metadata.labels")
     assert pod_labels["app.kubernetes.io/component"] == ROLE_PROVISIONING

@@ -113,7 +113,8 @@ def test_unknown_stack_and_unknown_tenant_are_refused(project: Path) -> None:
     assert "unknown stack 'prod' (known: dev, " in result.output and "isolation" in result.output
     result = run("tenant", "add", "isolation.acme", "--id", "initech", "--name", "Initech", "--tier", "basic")
     assert result.exit_code == 2, "a tenant stack is no platform"
-    assert "unknown stack 'isolation.acme' (known: dev, isolation, mvp-eu, poc, scale-" in result.output
+    known = "known: dev, isolation, mvp-eu, poc, poc-vm, scale-"
+    assert f"unknown stack 'isolation.acme' ({known}" in result.output
     result = run("tenant", "remove", "isolation", "hooli")
     assert result.exit_code == 2
     assert "'hooli' is not a tenant of 'isolation' (tenants: acme, globex)" in result.output

@@ -210,8 +210,9 @@ class InfluxOrganization(Resource, module="influxdb", name="Organization"):
 
 # ----------------------------------------------------------------------------------- buckets
 def retention_rules(seconds: int) -> list[BucketRetentionRules]:
-    """Expire after ``seconds``; no rule at all keeps data forever (``0``, InfluxDB's convention)."""
-    return [BucketRetentionRules(type="expire", every_seconds=seconds)] if seconds else []
+    """Expire after ``seconds``, ``0`` meaning forever, always as one explicit rule: the PATCH API
+    reads an empty list as "no change", so a bucket going from 30 days to forever would keep its 30."""
+    return [BucketRetentionRules(type="expire", every_seconds=seconds)]
 
 
 def _retention_of(bucket: Bucket) -> int:
@@ -399,9 +400,11 @@ class TokenProvider(_Provider):
         )
 
     def update(self, id_: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        # ``status=None`` keeps the default ``"active"`` off the wire: an update that sent it would
+        # re-activate a token an operator had disabled. Only the description is managed.
         with self.apis(news) as api:
             api.authorizations.update_authorization(
-                Authorization(id=id_, description=news.get("description"), status="active")
+                Authorization(id=id_, description=news.get("description"), status=None)
             )
         return UpdateResult({**news, "token": olds.get("token")})
 

@@ -11,7 +11,9 @@ Pure functions; ``MqttBroker`` mounts the file and sets the environment. What th
   registry's PBKDF2-SHA512 hashes; authorization from the registry's ACL rows only, and
   ``no_match = deny`` — no ``file`` source, whose default ends in ``{allow, all}``;
 - per-client ``messages_rate``/``bytes_rate`` and per-listener ``max_conn_rate`` from
-  ``broker.limits``; ``mqtt.max_packet_size``.
+  ``broker.limits``; ``mqtt.max_packet_size``;
+- behind the region's NLB (Phase C, ``components.aws.ingress``) the TLS listener reads proxy
+  protocol v2, and MQTT 5 devices are told ``broker.keepalive_s`` (below the NLB's idle timeout).
 
 Secrets (node cookie, dashboard and registry passwords) are not in the file: they are environment
 variables from a Kubernetes Secret (:data:`SECRET_ENV`), EMQX's env overrides beating the file.
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from components.render.kubernetes import CLUSTER_DOMAIN
-from infra.config import PlatformConfig
+from infra.config import PlatformConfig, regional_ingress
 from registry.queries import EMQX_AUTHN_QUERY, EMQX_AUTHZ_QUERY, EMQX_PASSWORD_HASH
 
 MQTT_PORT = 1883
@@ -52,6 +54,8 @@ SECRET_ENV = {
 }
 # The authorizer reads the same registry with the same role.
 AUTHZ_PASSWORD_ENV = "EMQX_AUTHORIZATION__SOURCES__1__PASSWORD"
+LICENSE_ENV = "EMQX_LICENSE__KEY"
+"""The licence key (``broker.license``, EMQX 5.9+), from the Secret: never in the file."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class RegistryConnection:
     port: int
     database: str
     username: str
+    tls: bool = False
+    """Encrypt to the database (RDS); the server's certificate is not verified (no RDS CA bundle
+    is mounted), as libpq's ``sslmode=require``."""
 
     @property
     def server(self) -> str:
@@ -91,6 +98,11 @@ AUTH_FAILURES_SQL = (
 AUTH_FAILURES_TOKEN_ENV = f"EMQX_ACTIONS__HTTP__{AUTH_FAILURES.upper()}__PARAMETERS__HEADERS__AUTHORIZATION"
 """The broker-log token (``IRONLINK_PROV_BROKER_LOG_TOKEN``) as ``"Bearer <token>"``, from a Secret:
 never in the file."""
+
+
+def auth_failures_authorization(token: str) -> str:
+    """The value of :data:`AUTH_FAILURES_TOKEN_ENV`: EMQX parses it as HOCON, so a quoted string."""
+    return json.dumps(f"Bearer {token}")
 
 
 @dataclass(frozen=True)
@@ -163,6 +175,9 @@ def emqx_settings(
         "ssl": {
             "default": {
                 "bind": f"0.0.0.0:{MQTTS_PORT}",
+                # Behind the region's NLB every connection opens with a PROXY v2 header (the
+                # device's address); a listener that does not expect it reads it as TLS and fails.
+                "proxy_protocol": regional_ingress(config),
                 **limits,
                 "ssl_options": {
                     "cacertfile": f"{certs_dir}/ca.crt",
@@ -181,6 +196,8 @@ def emqx_settings(
         listeners["tcp"] = {"default": {"bind": f"0.0.0.0:{MQTT_PORT}", **limits}}
     mqtt: dict[str, Any] = {
         "max_packet_size": config.broker.limits.max_packet_size,
+        # What MQTT 5 devices must use, below any load balancer's idle timeout (broker.keepalive_s).
+        "server_keepalive": config.broker.keepalive_s,
         # The worker acknowledges a whole batch at once: let a window of batches be in flight, and
         # queue (not drop) what arrives while the store is down -- EMQX's defaults are 32 and 1000.
         "max_inflight": min(65_535, 4 * config.ingest.batch_size),
@@ -196,7 +213,7 @@ def emqx_settings(
         "database": registry.database,
         "username": registry.username,
         "pool_size": 8,
-        "ssl": {"enable": False},
+        "ssl": {"enable": registry.tls, "verify": "verify_none"} if registry.tls else {"enable": False},
     }
     reporting = auth_failure_settings(auth_failures) if auth_failures is not None else {}
     return {

@@ -24,6 +24,8 @@ class GrafanaDatabase:
     port: int
     name: str
     user: str
+    ssl_mode: str = "disable"
+    """libpq's sslmode: ``require`` for RDS, which refuses unencrypted clients."""
 
 
 def render_grafana_env(
@@ -49,7 +51,7 @@ def render_grafana_env(
                 "GF_DATABASE_HOST": f"{database.host}:{database.port}",
                 "GF_DATABASE_NAME": database.name,
                 "GF_DATABASE_USER": database.user,
-                "GF_DATABASE_SSL_MODE": "disable",
+                "GF_DATABASE_SSL_MODE": database.ssl_mode,
             }
         )
     if gossip_host is not None:

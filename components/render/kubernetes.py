@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from infra.config import ComputeResources, PlatformConfig
+from infra.config import ComputeResources, PlatformConfig, Prometheus
 
 Manifest = dict[str, Any]
 PART_OF = "ironlink"
@@ -26,6 +26,8 @@ ROLE_POSTGRES = "postgres"
 ROLE_BACKUP = "backup"
 ROLE_DEAD_LETTERS = "dead-letters"
 ROLE_PROVISIONING = "provisioning"
+# The pod that runs `pulumi up` (cluster.runner "in-cluster"): its providers call the databases' APIs.
+ROLE_RUNNER = "pulumi-runner"
 
 CLUSTER_DOMAIN = "svc.cluster.local"
 # Which side of a blue/green rollout a pod belongs to (the ingest worker's colours).
@@ -268,6 +270,28 @@ def isolated_policy_spec(
         "ingress": ingress,
         "egress": [*egress, DNS_EGRESS],
     }
+
+
+def runner_peer(namespace: str) -> Manifest:
+    """The ``pulumi up`` runner pods in their namespace (``cluster.runner: in-cluster``), whose
+    dynamic providers manage orgs, buckets, tokens and registry rows through the databases' APIs."""
+    return {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+        "podSelector": {"matchLabels": role_selector(ROLE_RUNNER)},
+    }
+
+
+def prometheus_peer(prometheus: Prometheus) -> Manifest:
+    """The cluster's Prometheus pods, in their own namespace (namespace and pod selector: both must match)."""
+    return {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": prometheus.namespace}},
+        "podSelector": {"matchLabels": dict(prometheus.pod_labels)},
+    }
+
+
+def metrics_rule(port: int, prometheus: Prometheus) -> Manifest:
+    """Let the cluster's Prometheus scrape one metrics port, and nothing else."""
+    return ingress_rule([(port, "TCP")], [prometheus_peer(prometheus)])
 
 
 def backup_peer(instance: str) -> Manifest:

@@ -131,9 +131,12 @@ def render_mosquitto_conf(
     plaintext_port: int = 1883,
     bind_address: str | None = None,
     dynamic_security: DynamicSecurity | None = None,
+    log_file: str | None = None,
 ) -> str:
     """The broker config; with ``dynamic_security`` the plugin replaces the password and ACL files
-    and an mTLS listener joins the password one (see :func:`_dynamic_security_listeners`)."""
+    and an mTLS listener joins the password one (see :func:`_dynamic_security_listeners`).
+    ``log_file``: the log also goes there, beside stdout, for ``provisioning.broker_log`` (whose
+    parser needs the ``error`` and ``notice`` lines, timestamped, that are always rendered)."""
     broker = config.broker
     bind = f" {bind_address}" if bind_address else ""
     if dynamic_security is None:
@@ -153,6 +156,7 @@ def render_mosquitto_conf(
         f"max_queued_messages {broker.max_queued_messages}",
         *persistence_settings(paths.persistence_dir),
         "log_dest stdout",
+        *([f"log_dest file {log_file}"] if log_file else []),
         "log_type error",
         "log_type warning",
         "log_type notice",

@@ -17,6 +17,7 @@ app = typer.Typer(
 
 # Command modules register themselves on `app` when imported.
 from infra.cli import (  # noqa: E402  (after `app`, which they register on)
+    backup,  # noqa: F401  (ironlink backup list|restore|download)
     deadletters,  # noqa: F401  (ironlink deadletters list|show|replay)
     dev,  # noqa: F401  (ironlink dev up|status|down|logs, ironlink simulate)
     device,  # noqa: F401  (ironlink device add, through the provisioning API)

@@ -3,7 +3,7 @@ which serves :data:`infra.policy.rules.POLICIES` to the engine (it blocks: never
 
 from pulumi_policy import Policy, PolicyPack
 
-from infra.policy.rules import POLICIES
+from infra.policy.rules import POLICIES, STACK_POLICIES
 
-policies: list[Policy] = [*POLICIES]
+policies: list[Policy] = [*POLICIES, *STACK_POLICIES]
 PolicyPack("ironlink", policies=policies)

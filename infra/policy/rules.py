@@ -22,7 +22,11 @@ from pulumi_policy import (
     ReportViolation,
     ResourceValidationArgs,
     ResourceValidationPolicy,
+    StackValidationArgs,
+    StackValidationPolicy,
 )
+
+from components.replacements import STATEFUL_TYPES
 
 DEFAULT_NAMESPACE = "ironlink"
 TLS_PORTS = (443, 8443, 8883, 8884)
@@ -59,6 +63,22 @@ MUST_PROTECT = {
     "tls:index/selfSignedCert:SelfSignedCert": "the region's CA certificate",
 }
 """What the components protect wherever the stack sets ``protect_stateful`` (phases B and C)."""
+MUST_PROTECT.update({kind: why for kind, why in STATEFUL_TYPES.items() if kind.startswith("aws:")})
+BUCKET_TYPES = ("aws:s3/bucket:Bucket", "aws:s3/bucketV2:BucketV2")
+PUBLIC_ACCESS_BLOCK = "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock"
+PUBLIC_ACCESS_FLAGS = ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls", "restrictPublicBuckets")
+PUBLIC_ACLS = ("public-read", "public-read-write", "authenticated-read")
+RDS_TYPES = ("aws:rds/instance:Instance", "aws:rds/cluster:Cluster")
+TIMESTREAM_INSTANCE = "aws:timestreaminfluxdb/dbInstance:DbInstance"
+TIMESTREAM_MULTI_AZ = "WITH_MULTIAZ_STANDBY"
+IAM_POLICY_INPUTS = {
+    "aws:iam/policy:Policy": "policy",
+    "aws:iam/rolePolicy:RolePolicy": "policy",
+    "aws:iam/userPolicy:UserPolicy": "policy",
+    "aws:iam/groupPolicy:GroupPolicy": "policy",
+}
+"""IAM resources whose ``policy`` input is a policy document (JSON text); a Role's are in
+``inlinePolicies[].policy``."""
 _CREDENTIAL_KEY = re.compile(r"token|password|secret|api.?key|credential", re.IGNORECASE)
 
 
@@ -244,6 +264,102 @@ def _store_tokens_scoped(args: ResourceValidationArgs, report: ReportViolation) 
             )
 
 
+# --------------------------------------------------------------------------------------- AWS
+def _bucket_acl_private(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    if args.resource_type in BUCKET_TYPES or args.resource_type == "aws:s3/bucketAclV2:BucketAclV2":
+        acl = args.props.get("acl")
+        if acl in PUBLIC_ACLS:
+            report(f"acl is {acl!r}: a bucket's objects are for the platform only", None)
+
+
+def _public_access_blocked(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    if args.resource_type != PUBLIC_ACCESS_BLOCK:
+        return
+    missing = [flag for flag in PUBLIC_ACCESS_FLAGS if args.props.get(flag) is not True]
+    if missing:
+        report(f"{', '.join(missing)} not true: public access is only partly blocked", None)
+
+
+def _every_bucket_blocked(args: StackValidationArgs, report: ReportViolation) -> None:
+    """Every bucket has a public access block naming it (by id or name), on the bucket's own
+    resource: without one, a later ACL or bucket policy can make it public."""
+    blocked = {str(r.props.get("bucket")) for r in args.resources if r.resource_type == PUBLIC_ACCESS_BLOCK}
+    for bucket in (r for r in args.resources if r.resource_type in BUCKET_TYPES):
+        names = {str(bucket.props.get(key)) for key in ("id", "bucket") if bucket.props.get(key)}
+        if not names & blocked:
+            report(f"bucket {bucket.name!r} has no BucketPublicAccessBlock", bucket.urn)
+
+
+def _database_encrypted(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    # Timestream for InfluxDB always encrypts its storage (an AWS-owned key): nothing to switch off.
+    if args.resource_type in RDS_TYPES and args.props.get("storageEncrypted") is not True:
+        report("storageEncrypted is not true: the registry's data would rest unencrypted", None)
+
+
+def _phase(args: ResourceValidationArgs) -> str | None:
+    phase = args.get_config().get("phase")
+    return phase if isinstance(phase, str) else None
+
+
+def _database_multi_az(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    if _phase(args) != "C":
+        return
+    if args.resource_type == "aws:rds/instance:Instance" and args.props.get("multiAz") is not True:
+        report("multiAz is not true: a Phase C database must survive the loss of a zone", None)
+    if args.resource_type == TIMESTREAM_INSTANCE:
+        deployment = args.props.get("deploymentType")
+        if deployment != TIMESTREAM_MULTI_AZ:
+            report(
+                f"deploymentType is {deployment!r}, not {TIMESTREAM_MULTI_AZ!r}: a Phase C store must "
+                "survive the loss of a zone",
+                None,
+            )
+
+
+def policy_documents(args: ResourceValidationArgs) -> Iterator[tuple[str, Any]]:
+    """(where, policy text) of every IAM policy document the resource carries."""
+    key = IAM_POLICY_INPUTS.get(args.resource_type)
+    if key is not None:
+        yield key, args.props.get(key)
+    if args.resource_type == "aws:iam/role:Role":
+        for index, inline in enumerate(_seq(args.props.get("inlinePolicies"))):
+            if isinstance(inline, Mapping):
+                yield f"inlinePolicies[{index}].policy", inline.get("policy")
+
+
+def wildcard_resources(document: Any) -> list[str]:
+    """Where an allowing statement names every resource (``*``, an ARN whose resource part is
+    ``*``, or ``NotResource``)."""
+    statements = document.get("Statement") if isinstance(document, Mapping) else None
+    if isinstance(statements, Mapping):
+        statements = [statements]
+    found = []
+    for index, statement in enumerate(_seq(statements)):
+        if not isinstance(statement, Mapping) or statement.get("Effect") == "Deny":
+            continue
+        if "NotResource" in statement:
+            found.append(f"Statement[{index}].NotResource")
+        resources = statement.get("Resource")
+        for resource in [resources] if isinstance(resources, str) else _seq(resources):
+            if resource == "*" or (isinstance(resource, str) and resource.split(":")[-1] == "*"):
+                found.append(f"Statement[{index}].Resource {resource!r}")
+    return found
+
+
+def _iam_resources_named(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    for where, text in policy_documents(args):
+        try:
+            document = json.loads(text) if isinstance(text, str) else text
+        except ValueError:
+            report(f"{where} is not JSON", None)
+            continue
+        if not isinstance(document, Mapping):
+            report(f"{where} is not a policy document (a JSON object)", None)
+            continue
+        for found in wildcard_resources(document):
+            report(f"{where}: {found} reaches every resource: name the bucket, key or role", None)
+
+
 # ---------------------------------------------------------------------------------- policies
 _MANDATORY = EnforcementLevel.MANDATORY
 
@@ -300,7 +416,8 @@ POLICIES: list[ResourceValidationPolicy] = [
     _policy(
         "stateful-resources-protected",
         "Where the stack protects stateful resources, every volume claim, the namespace, every telemetry "
-        "bucket and the CA certificate is protected.",
+        "bucket, the CA certificate and every stateful AWS resource (buckets, databases, clusters, keys, "
+        "the Phase A VM) is protected.",
         _stateful_protected,
         # Off unless given: dev and Phase A stacks protect nothing by design. CI passes it per stack
         # (``--policy-pack-config``); the offline runner reads it from the plan.
@@ -316,4 +433,40 @@ POLICIES: list[ResourceValidationPolicy] = [
         "An InfluxDB token grants one action on named buckets only.",
         _store_tokens_scoped,
     ),
+    _policy(
+        "aws-bucket-acl-private",
+        "No S3 bucket or bucket ACL grants public (or any-AWS-account) read.",
+        _bucket_acl_private,
+    ),
+    _policy(
+        "aws-bucket-public-access-blocked",
+        "A bucket's public access block sets all four flags (ACLs, policies, both ignored and blocked).",
+        _public_access_blocked,
+    ),
+    _policy(
+        "aws-database-encrypted",
+        "Every RDS database encrypts its storage.",
+        _database_encrypted,
+    ),
+    _policy(
+        "aws-database-multi-az-in-phase-c",
+        "In phase C, RDS is Multi-AZ and Timestream for InfluxDB has a Multi-AZ standby.",
+        _database_multi_az,
+        PolicyConfigSchema(properties={"phase": {"type": "string", "enum": ["A", "B", "C"]}}),
+    ),
+    _policy(
+        "aws-iam-resources-named",
+        "No IAM policy (managed, role, user, group or a role's inline one) allows actions on every resource.",
+        _iam_resources_named,
+    ),
 ]
+
+STACK_POLICIES: list[StackValidationPolicy] = [
+    StackValidationPolicy(
+        name="aws-every-bucket-blocks-public-access",
+        description="Every S3 bucket has a BucketPublicAccessBlock of its own.",
+        validate=_every_bucket_blocked,
+        enforcement_level=_MANDATORY,
+    )
+]
+"""Rules over the whole stack: what one resource's inputs cannot show (a resource that is missing)."""

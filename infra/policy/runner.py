@@ -21,15 +21,19 @@ from typing import Any
 from pulumi_policy import (
     EnforcementLevel,
     PolicyCustomTimeouts,
+    PolicyResource,
     PolicyResourceOptions,
     ResourceValidationArgs,
     ResourceValidationPolicy,
+    StackValidationArgs,
+    StackValidationPolicy,
 )
 from pulumi_policy.deserialize import deserialize_properties
 from pulumi_policy.policy import _NotApplicableError
 from pulumi_policy.proxy import UnknownValueError, unknown_checking_proxy
 
-from infra.policy.rules import DEFAULT_NAMESPACE, POLICIES
+from components.replacements import STATEFUL_TYPES
+from infra.policy.rules import DEFAULT_NAMESPACE, POLICIES, STACK_POLICIES
 
 NAMESPACE_TYPE = "kubernetes:core/v1:Namespace"
 
@@ -55,11 +59,15 @@ def _urn(record: Mapping[str, Any], stack: str) -> str:
 
 
 def stack_config(
-    plan_json: Mapping[str, Any], protect_stateful: bool | None = None, namespace: str | None = None
+    plan_json: Mapping[str, Any],
+    protect_stateful: bool | None = None,
+    namespace: str | None = None,
+    phase: str | None = None,
 ) -> dict[str, Any]:
     """The pack's config for one stack: given values first, else what the plan shows (its
-    ``namespace`` output or Namespace object; protection on if the plan protects anything: a stack
-    that protects stateful resources must protect every one of them)."""
+    ``namespace`` output or Namespace object; protection on if the plan protects a stateful type: a stack
+    that protects stateful resources must protect every one of them; the phase its platform
+    exports, or, for a tenant stack, its platform's stack file, which its program reads too)."""
     resources = plan_json.get("resources", [])
     if namespace is None:
         outputs = plan_json.get("outputs") or {}
@@ -68,14 +76,27 @@ def stack_config(
         ]
         namespace = outputs.get("namespace") or next((n for n in declared if n), None) or DEFAULT_NAMESPACE
     if protect_stateful is None:
-        protect_stateful = any(r.get("protect") for r in resources)
-    return {"namespace": namespace, "protect_stateful": protect_stateful}
+        # A stateful type, not just anything: first-start passwords are protected in every phase.
+        protect_stateful = any(r.get("protect") and r["type"] in STATEFUL_TYPES for r in resources)
+    if phase is None:
+        phase = (plan_json.get("outputs") or {}).get("phase") or _platform_phase(plan_json)
+    return {"namespace": namespace, "protect_stateful": protect_stateful, "phase": phase}
 
 
-def validation_args(record: Mapping[str, Any], urn: str, config: Mapping[str, Any]) -> ResourceValidationArgs:
-    """A plan record as pulumi_policy's analyzer hands a resource to a validate function."""
-    props = unknown_checking_proxy(deserialize_properties(dict(record.get("inputs", {}))))
-    options = PolicyResourceOptions(
+def _platform_phase(plan_json: Mapping[str, Any]) -> str | None:
+    from infra.config import StackConfigError, load_stack  # the runner needs the model only here
+
+    platform = plan_json.get("platform")
+    if not isinstance(platform, str) or platform == plan_json.get("stack"):
+        return None
+    try:
+        return load_stack(platform).phase
+    except (StackConfigError, OSError):
+        return None
+
+
+def _options(record: Mapping[str, Any]) -> PolicyResourceOptions:
+    return PolicyResourceOptions(
         protect=bool(record.get("protect")),
         ignore_changes=[],
         delete_before_replace=None,
@@ -84,12 +105,47 @@ def validation_args(record: Mapping[str, Any], urn: str, config: Mapping[str, An
         additional_secret_outputs=[],
         parent=record.get("parent"),
     )
-    return ResourceValidationArgs(record["type"], props, urn, record["name"], options, None, dict(config))
 
 
-def _validate(policy: ResourceValidationPolicy, args: ResourceValidationArgs, messages: list[str]) -> None:
-    def report(message: str, _urn: str | None = None) -> None:
-        messages.append(message)
+def validation_args(record: Mapping[str, Any], urn: str, config: Mapping[str, Any]) -> ResourceValidationArgs:
+    """A plan record as pulumi_policy's analyzer hands a resource to a validate function."""
+    props = unknown_checking_proxy(deserialize_properties(dict(record.get("inputs", {}))))
+    return ResourceValidationArgs(
+        record["type"], props, urn, record["name"], _options(record), None, dict(config)
+    )
+
+
+def stack_args(
+    records: Sequence[Mapping[str, Any]], stack: str, config: Mapping[str, Any]
+) -> StackValidationArgs:
+    """A plan as the analyzer hands a stack to a stack policy: each resource's inputs, and the id
+    the mock engine gave it (``<name>-id``), which references to it carry."""
+    resources = [
+        PolicyResource(
+            record["type"],
+            unknown_checking_proxy(
+                {**deserialize_properties(dict(record.get("inputs", {}))), "id": f"{record['name']}-id"}
+            ),
+            _urn(record, stack),
+            record["name"],
+            _options(record),
+            None,
+            None,
+            [],
+            {},
+        )
+        for record in records
+    ]
+    return StackValidationArgs(resources, dict(config))
+
+
+def _validate(
+    policy: ResourceValidationPolicy | StackValidationPolicy,
+    args: Any,
+    messages: list[tuple[str, str | None]],
+) -> None:
+    def report(message: str, urn: str | None = None) -> None:
+        messages.append((message, urn))
 
     try:
         result = policy.validate(args, report)
@@ -108,6 +164,7 @@ def run_policies(
     protect_stateful: bool | None = None,
     namespace: str | None = None,
     policies: Sequence[ResourceValidationPolicy] = POLICIES,
+    stack_policies: Sequence[StackValidationPolicy] = STACK_POLICIES,
 ) -> list[Violation]:
     """Every violation of a mandatory policy on every resource of one stack's plan document."""
     stack = str(plan_json.get("stack") or "")
@@ -119,10 +176,28 @@ def run_policies(
             if policy.enforcement_level == EnforcementLevel.DISABLED:
                 continue
             args = validation_args(record, urn, config)
-            messages: list[str] = []
+            messages: list[tuple[str, str | None]] = []
             _validate(policy, args, messages)
             violations += [
                 Violation(stack, urn, record["name"], record["type"], policy.name, message)
-                for message in messages
+                for message, _ in messages
             ]
+    by_urn = {_urn(record, stack): record for record in plan_json.get("resources", [])}
+    for stack_policy in stack_policies:
+        if stack_policy.enforcement_level == EnforcementLevel.DISABLED:
+            continue
+        found: list[tuple[str, str | None]] = []
+        _validate(stack_policy, stack_args(plan_json.get("resources", []), stack, config), found)
+        for message, where in found:
+            record = by_urn.get(where or "", {})
+            violations.append(
+                Violation(
+                    stack,
+                    where or "",
+                    record.get("name", ""),
+                    record.get("type", ""),
+                    stack_policy.name,
+                    message,
+                )
+            )
     return violations
