@@ -139,7 +139,7 @@ def test_phase_a_mosquitto_loads_the_dynamic_security_plugin_and_trusts_only_dev
     assert conf_value(conf, "password_file") == [] and conf_value(conf, "acl_file") == [], stack
     (state,) = conf_value(conf, "plugin_opt_config_file")
     spec = pod_spec(broker(plan))
-    server, sidecar = spec["containers"]
+    server, sidecar, *_ = spec["containers"]  # the broker-log sidecar: tests/test_broker_log_component.py
     assert (server["name"], sidecar["name"]) == ("mosquitto", "trust-sync"), stack
     # The plugin rewrites its state: it lives on the persistent volume, writable.
     assert mount_of(server, state)["name"] == "data" and not mount_of(server, state).get("readOnly")

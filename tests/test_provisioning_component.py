@@ -117,13 +117,13 @@ def test_devices_reach_the_service_only_where_the_phase_exposes_it(stack: str) -
     assert policy.get("spec.podSelector.matchLabels") == deployment(plan).get("spec.selector.matchLabels")
     ingress, *named = policy.get("spec.ingress")
     assert [p["port"] for p in ingress["ports"]] == [HTTP_PORT]
-    # Mosquitto's trust sidecar reads the CAs and CRLs (tests/test_trust_sync.py); EMQX has none.
+    # Mosquitto's trust sidecar reads the CAs and CRLs (tests/test_trust_sync.py), either engine
+    # reports refused connections (tests/test_broker_log_component.py).
     brokers = [{"podSelector": {"matchLabels": role_selector(ROLE_BROKER)}}]
-    mosquitto = stack_config(stack).broker.engine == "mosquitto"
-    trust_rule = {"ports": [{"port": HTTP_PORT, "protocol": "TCP"}], "from": brokers}
+    broker_rule = {"ports": [{"port": HTTP_PORT, "protocol": "TCP"}], "from": brokers}
     # The cluster's Prometheus, from its own namespace (tests/test_monitoring.py).
     scrape_rule = metrics_rule(HTTP_PORT, stack_config(stack).cluster.prometheus)
-    assert named == ([trust_rule] if mosquitto else []) + [scrape_rule]
+    assert named == [broker_rule, scrape_rule]
     exposed = plan.find("Service", "provisioning-devices")
     if stack_config(stack).phase == "A":
         # Manual enrollment only: operators and the CLI from the platform namespace, nobody else.
@@ -197,7 +197,7 @@ def test_credentials_reach_the_service_only_as_secrets(stack: str) -> None:
     }
     secret = plan.one("Secret", "provisioning-credentials")
     assert plan.component_of(secret) == plan.component_of(deployment(plan))
-    keys = {"registry-dsn", "ca.crt", "tls.crt", "tls.key"}
+    keys = {"registry-dsn", "ca.crt", "tls.crt", "tls.key", "broker-log-token"}
     if stack_config(stack).broker.engine == "mosquitto":
         keys.add("mosquitto-password")
         assert env["IRONLINK_PROV_MOSQUITTO_PASSWORD"] == {
