@@ -153,6 +153,7 @@ def test_long_tenant_instance_names_fit_timestream_and_stay_distinct() -> None:
 
 
 # ------------------------------------------------------------------------- registry roles
+@pytest.mark.xdist_group("postgres-cluster-roles")  # roles are the server's, not a database's
 def test_the_registry_roles_are_created_as_the_first_start_script_does_and_again_idempotently(
     postgres_dsn: str,
 ) -> None:
@@ -181,6 +182,10 @@ def test_the_registry_roles_are_created_as_the_first_start_script_does_and_again
             "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'grafana'"
         ).fetchone()
         assert owner_of == ("grafana",)
+        # The roles are the server's: leave none behind for the other tests of this group.
+        conn.execute("DROP DATABASE grafana")
+        conn.execute("DROP OWNED BY emqx, grafana")
+        conn.execute("DROP ROLE emqx, grafana")
 
 
 def test_the_registry_roles_name_every_missing_input() -> None:

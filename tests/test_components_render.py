@@ -233,6 +233,7 @@ def test_backups_dump_into_a_new_entry_and_prune_old_ones() -> None:
 
 # --------------------------------------------------------------------------------- Postgres
 @pytest.mark.integration
+@pytest.mark.xdist_group("postgres-cluster-roles")  # roles are the server's, not a database's
 def test_the_first_start_script_creates_least_privilege_roles(postgres_cluster: PostgresCluster) -> None:
     """Run the rendered script with psql against the real PostgreSQL, as the image's entrypoint would."""
     database = f"t_{uuid.uuid4().hex[:10]}"

@@ -122,6 +122,7 @@ def test_a_route_of_a_tenant_the_registry_lacks_is_refused_and_leaves_nothing(
     assert not [e for e in store.audit_events(conn) if e.action.startswith("store_route.")]
 
 
+@pytest.mark.xdist_group("postgres-cluster-roles")  # roles are the server's, not a database's
 def test_the_brokers_role_cannot_read_the_tokens(postgres_dsn: str) -> None:
     """As components/render/postgres.py sets it up: SELECT on every table by default privileges."""
     with psycopg.connect(postgres_dsn, autocommit=True) as owner:

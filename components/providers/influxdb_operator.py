@@ -44,8 +44,8 @@ from pulumi.dynamic import (
 )
 
 from components.providers import plan_diff
+from components.providers.influxdb import TIMEOUT_MS
 
-TIMEOUT_MS = 30_000
 REQUIRED = ("url", "username", "password", "organization")
 OPERATOR_RESOURCE_TYPES = (
     "authorizations", "buckets", "dashboards", "orgs", "sources", "tasks", "telegrafs", "users",
