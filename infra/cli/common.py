@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NoReturn, TypeVar
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -12,8 +13,12 @@ from infra.config import PlatformConfig, StackConfigError, UnknownStackError, lo
 
 console = Console()
 errors = Console(stderr=True)
+if TYPE_CHECKING:
+    import psycopg
+
 T = TypeVar("T")
 EXIT_BAD_INPUT = 2
+EXIT_REGISTRY_UNAVAILABLE = 1
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -34,6 +39,23 @@ def guarded(action: Callable[[], T]) -> T:
         report_config_error(error)
     except UnknownStackError as error:
         fail(str(error))
+
+
+@contextlib.contextmanager
+def migrated_registry(dsn: str) -> Iterator[psycopg.Connection]:
+    """A connection to the registry with its migrations applied, or exit 1 naming ``--registry``
+    when it cannot be reached (psycopg and the migrations load only when a command needs them)."""
+    import psycopg
+
+    from registry.migrate import apply_migrations
+
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    except psycopg.Error as error:
+        fail(f"--registry: cannot connect to the registry: {error}".strip(), EXIT_REGISTRY_UNAVAILABLE)
+    with conn:
+        apply_migrations(conn)
+        yield conn
 
 
 def stack_config(stack: str) -> PlatformConfig:

@@ -21,7 +21,7 @@ import typer
 from rich.table import Table
 
 from infra.cli import app
-from infra.cli.common import console, fail
+from infra.cli.common import EXIT_REGISTRY_UNAVAILABLE, console, fail, migrated_registry
 
 if TYPE_CHECKING:
     import psycopg
@@ -33,7 +33,6 @@ deadletters_app = typer.Typer(
 )
 app.add_typer(deadletters_app, name="deadletters")
 
-EXIT_REGISTRY_UNAVAILABLE = 1
 # The registry's bounds (registry.store.LIST_LIMIT_MAX, REPLAY_LIMIT_MAX), repeated here so that
 # the help text does not need the registry imported.
 LIST_LIMIT_MAX = 1_000
@@ -98,18 +97,10 @@ def _refuse(problems: list[str]) -> None:
 @contextlib.contextmanager
 def _registry(dsn: str | None) -> Iterator[psycopg.Connection]:
     """A connection to the migrated registry, or exit (2 without a DSN, 1 when unreachable)."""
-    import psycopg
-
-    from registry.migrate import apply_migrations
 
     if not dsn:
         fail("--registry: is required (a PostgreSQL DSN, or set IRONLINK_REGISTRY_DSN)")
-    try:
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
-    except psycopg.Error as error:
-        fail(f"--registry: cannot connect to the registry: {error}".strip(), EXIT_REGISTRY_UNAVAILABLE)
-    with conn:
-        apply_migrations(conn)
+    with migrated_registry(dsn) as conn:
         yield conn
 
 

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from infra.cli import app
-from infra.cli.common import console, fail, guarded
+from infra.cli.common import console, fail, guarded, migrated_registry
 from infra.config import PlatformConfig
 from infra.fleet import Fleet
 
@@ -22,7 +22,6 @@ fleet_app = typer.Typer(
     help="Move fleets (sites, machines, devices) out of stack files.", no_args_is_help=True
 )
 app.add_typer(fleet_app, name="fleet")
-EXIT_REGISTRY_UNAVAILABLE = 1
 
 
 def summary(fleet: Fleet) -> list[str]:
@@ -84,19 +83,12 @@ def import_command(
 
 
 def _into_registry(dsn: str, config: PlatformConfig, fleet: Fleet) -> None:
-    import psycopg
 
     from registry import store
     from registry.fleet_import import import_fleet
-    from registry.migrate import apply_migrations
 
     actor = f"{store.default_actor()} (ironlink fleet import)"
-    try:
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
-    except psycopg.Error as error:
-        fail(f"--registry: cannot connect to the registry: {error}".strip(), EXIT_REGISTRY_UNAVAILABLE)
-    with conn:
-        apply_migrations(conn)
+    with migrated_registry(dsn) as conn:
         try:
             with conn.transaction():
                 for tenant in config.tenants:

@@ -20,7 +20,13 @@ import typer
 from rich.table import Table
 
 from infra.cli import app
-from infra.cli.common import console, fail, guarded, stack_config
+from infra.cli.common import (
+    console,
+    fail,
+    guarded,
+    migrated_registry,
+    stack_config,
+)
 from infra.config import (
     PlatformConfig,
     Problem,
@@ -38,7 +44,6 @@ from infra.config import (
 from infra.plan import Plan, build_plan, build_tenant_plan
 from infra.tenancy import SHARED_INFLUXDB, store_route
 from registry import store
-from registry.migrate import apply_migrations
 
 tenant_app = typer.Typer(help="Add, list and remove the tenants of a platform.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
@@ -52,7 +57,6 @@ RegistryOption = Annotated[
         help="PostgreSQL DSN of the device registry to update as well (with audit events).",
     ),
 ]
-EXIT_REGISTRY_UNAVAILABLE = 1
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -62,12 +66,7 @@ def _registry(dsn: str | None) -> Iterator[psycopg.Connection | None]:
     if not dsn:
         yield None
         return
-    try:
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
-    except psycopg.Error as error:
-        fail(f"--registry: cannot connect to the registry: {error}".strip(), EXIT_REGISTRY_UNAVAILABLE)
-    with conn:
-        apply_migrations(conn)
+    with migrated_registry(dsn) as conn:
         try:
             with conn.transaction():
                 yield conn
