@@ -45,7 +45,7 @@ test: deps lint
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy infra components ingest dashboards registry localdev provisioning edge backup
+	$(BIN)/mypy infra components ingest dashboards registry localdev provisioning edge backup api
 
 .PHONY: demo
 # Phase A end to end on this machine (localdev/demo.py): `ironlink dev up`, ~20 s of simulated
@@ -75,6 +75,9 @@ ingest-image:
 bench: deps
 	$(BIN)/python bench/plan.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/api.py
+	$(BIN)/python bench/edge.py
+	$(BIN)/python bench/usage.py
 
 clean:
 	rm -rf build .ironlink

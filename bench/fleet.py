@@ -227,7 +227,7 @@ def worker_start(root: Path, dsn: str, machines: int) -> None:
         start_s = time.perf_counter() - started
         loaded = _metric(url, "ironlink_ingest_fleet_machines")
         assert loaded == machines, f"ready with {loaded} of {machines} machines"
-        peak_mb = _peak_rss_mb(worker.pid)
+        peak_mb = servers.peak_rss_mb(worker.pid)
         print(f"worker start {start_s:.2f} s, peak RSS {peak_mb:.0f} MB")
         with psycopg.connect(dsn, autocommit=True) as conn:
             started = time.perf_counter()
@@ -283,14 +283,6 @@ def _metric(url: str, name: str) -> float:
             if line.startswith(name + " "):
                 return float(line.split()[1])
     return float("nan")
-
-
-def _peak_rss_mb(pid: int) -> float:
-    """``VmHWM`` (peak resident set) of a running process, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from infra.config import deep_merge, load_stack, parse_platform, read_stack_settings, stack_file
+from infra.config import (
+    PlatformConfig,
+    deep_merge,
+    load_stack,
+    parse_platform,
+    read_stack_settings,
+    stack_file,
+)
 from infra.tenancy import TELEMETRY_FILTER, store_routes, telemetry_topic
 from ingest.catalog import MACHINE_TYPES
 from ingest.settings import WorkerSettings, worker_settings_for
@@ -73,14 +80,19 @@ def start_broker(folder: Path, name: str) -> tuple[servers.Server, int]:
     return servers.mosquitto(conf, port, folder / f"{name}-mosquitto.log").start(), port
 
 
-def settings_for(mqtt_port: int, store_url: str, http_port: int) -> WorkerSettings:
-    # The platform stack with its tenant stacks' tenants (load_stack), quotas lifted.
+def bench_config() -> PlatformConfig:
+    """The platform stack with its tenant stacks' tenants (load_stack), quotas lifted."""
     tenants = [t.model_dump(mode="json", exclude_none=True) for t in load_stack("dev", ROOT).tenants]
+    lifted = {"messages_per_second": 1e6, "messages_per_month": 10**12}
     raw = deep_merge(
         read_stack_settings(stack_file("dev", ROOT)),
-        {"broker": {"tenant_quota": {"messages_per_second": 1e6}}, "tenants": tenants},
+        {"broker": {"tenant_quota": lifted}, "tenants": tenants},
     )
-    config = parse_platform(raw, "dev")
+    return parse_platform(raw, "dev")
+
+
+def settings_for(mqtt_port: int, store_url: str, http_port: int) -> WorkerSettings:
+    config = bench_config()
     return worker_settings_for(
         config,
         machines=demo_fleet(config).route_machines(),
@@ -272,11 +284,6 @@ def quantile(q: float, before: list[tuple[float, float]], after: list[tuple[floa
     return lower
 
 
-def peak_rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -414,7 +421,7 @@ def stop(worker: subprocess.Popen[bytes]) -> float:
     """SIGTERM the worker (its session stays with the broker); its peak RSS in MiB (0: it had exited)."""
     if worker.poll() is not None:
         return 0.0
-    peak = peak_rss_mb(worker.pid)
+    peak = servers.peak_rss_mb(worker.pid)
     worker.send_signal(signal.SIGTERM)
     worker.wait(30)
     return peak

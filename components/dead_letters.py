@@ -27,16 +27,17 @@ from components.render.kubernetes import (
     container_port,
     egress_rule,
     env_list,
-    http_probe,
     isolated_policy_spec,
     labels,
     metrics_rule,
     pod_peer,
     pod_template,
     role_selector,
+    scrape_annotations,
     scratch_volumes,
     secret_env,
     selector,
+    service_probes,
 )
 from components.render.monitoring import MetricsEndpoint
 from infra.config import PlatformConfig, Prometheus
@@ -136,14 +137,9 @@ class DeadLetterSink(pulumi.ComponentResource):
             env=env,
             ports=[container_port("http", port)],
             mounts=mounts,
-            readiness=http_probe("/readyz", "http"),
-            liveness=http_probe("/healthz", "http", period=20, failures=3, delay=10),
+            **service_probes("http"),
         )
-        annotations = {
-            "prometheus.io/scrape": "true",
-            "prometheus.io/port": str(port),
-            "prometheus.io/path": "/metrics",
-        }
+        annotations = scrape_annotations(port)
         spec: Manifest = {
             "replicas": 1,
             "selector": {"matchLabels": pods},

@@ -19,6 +19,7 @@ from components.backup import BackupTarget, declare_backup
 from components.credentials import first_start_password
 from components.kube import Kube, inherited_dependencies
 from components.render.kubernetes import (
+    ROLE_API,
     ROLE_GRAFANA,
     ROLE_INFLUXDB,
     ROLE_INGEST,
@@ -147,6 +148,7 @@ class InfluxDB(pulumi.ComponentResource):
         clients = [
             pod_peer(role_selector(ROLE_INGEST)),
             pod_peer(role_selector(ROLE_GRAFANA)),
+            pod_peer(role_selector(ROLE_API)),  # the API's series, with the tenant's read token
             backup_peer(instance),
             runner_peer(config.cluster.runner_namespace),  # pulumi up: orgs, buckets, tokens
         ]

@@ -35,16 +35,17 @@ from components.render.kubernetes import (
     container_port,
     env_list,
     field_env,
-    http_probe,
     ingress_policy_spec,
     labels,
     metrics_rule,
     pod_disruption_budget_spec,
     pod_template,
     role_selector,
+    scrape_annotations,
     scratch_volumes,
     secret_env,
     selector,
+    service_probes,
     spreads,
     volume_claim_template,
 )
@@ -75,8 +76,9 @@ class IngestWorkerArgs(TypedDict):
     ca_cert_pem: pulumi.Input[str]
     """The CA that signed the broker's certificate."""
     registry_dsn: pulumi.Input[str]
-    """DSN of the registry (secret): the worker reads tenants, their store routes and write tokens,
-    and machines from it at runtime, and follows their changes."""
+    """DSN of the registry (secret) as the ``ingest`` role (``Postgres.ingest_dsn``): the worker
+    reads tenants, their store routes and write tokens, and machines from it at runtime, follows
+    their changes, and writes gap records and usage; nothing else (``registry.roles``)."""
     client_certificate: NotRequired[IssuedCertificate | None]
     """Under mutual TLS: the worker's client certificate (CN ``svc.ingest``)."""
 
@@ -153,8 +155,7 @@ class IngestWorker(pulumi.ComponentResource):
             env=env,
             ports=[container_port("http", port)],
             mounts=mounts,
-            readiness=http_probe("/readyz", "http"),
-            liveness=http_probe("/healthz", "http", period=20, failures=3, delay=10),
+            **service_probes("http"),
         )
         # Governs the pods' stable DNS names (a StatefulSet needs one): every colour's pods.
         kube.service(
@@ -219,11 +220,7 @@ def _stateful_workload(
         service_account=service,
         volumes=volumes,
         affinity=anti_affinity(pods, required=config.high_availability) if spread else None,
-        annotations={
-            "prometheus.io/scrape": "true",
-            "prometheus.io/port": str(port),
-            "prometheus.io/path": "/metrics",
-        },
+        annotations=scrape_annotations(port),
         termination_grace_s=section.shutdown_grace_s + SHUTDOWN_MARGIN_S,
     )
     spec: Manifest = {

@@ -70,6 +70,7 @@ from components.render.kubernetes import (
     pod_peer,
     pod_template,
     role_selector,
+    scrape_annotations,
     scratch_volumes,
     secret_env,
     selector,
@@ -406,9 +407,7 @@ class MqttBroker(pulumi.ComponentResource):
         )
         annotations = {
             "ironlink.io/config-hash": config_hash(conf),
-            "prometheus.io/scrape": "true",
-            "prometheus.io/port": str(emqx.DASHBOARD_PORT),
-            "prometheus.io/path": emqx.METRICS_PATH,
+            **scrape_annotations(emqx.DASHBOARD_PORT, path=emqx.METRICS_PATH),
         }
         template = pod_template(
             self._labels,

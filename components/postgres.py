@@ -14,9 +14,11 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.backup import BackupTarget, declare_backup
-from components.credentials import first_start_password
+from components.credentials import first_start_password, generated_password
 from components.kube import Kube, inherited_dependencies
+from components.providers.database_roles import RegistryServiceRole, service_dsn
 from components.render.kubernetes import (
+    ROLE_API,
     ROLE_BROKER,
     ROLE_DEAD_LETTERS,
     ROLE_GRAFANA,
@@ -44,6 +46,7 @@ from components.render.kubernetes import (
 )
 from components.render.postgres import EMQX_ROLE, GRAFANA_ROLE, PASSWORD_ENV, render_init_script
 from infra.config import PlatformConfig
+from registry.roles import INGEST_ROLE
 
 PORT = 5432
 USER = 999  # the official image's postgres user
@@ -63,6 +66,8 @@ class RegistryEndpoint(Protocol):
     emqx_password: pulumi.Output[str]
     grafana_password: pulumi.Output[str]
     dsn: pulumi.Output[str]
+    ingest_dsn: pulumi.Output[str]
+    """The ingest worker's DSN: its own role, with exactly its privileges (``registry.roles``)."""
 
 
 class PostgresArgs(TypedDict):
@@ -90,6 +95,9 @@ class Postgres(pulumi.ComponentResource):
     """Password of the ``grafana`` role owning the ``grafana`` database (secret)."""
     dsn: pulumi.Output[str]
     """Owner DSN ``postgresql://…`` (secret), for the registry provider and migrations."""
+    ingest_dsn: pulumi.Output[str]
+    """The ingest worker's DSN (secret): role ``ingest``, which reads the fleet and store routes
+    and writes gaps and usage, nothing else (``registry.roles``)."""
 
     def __init__(self, name: str, args: PostgresArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("ironlink:postgres:Postgres", name, None, opts)
@@ -158,7 +166,7 @@ class Postgres(pulumi.ComponentResource):
                 volume_claim_template("data", section.storage, config.cluster.storage_class)
             ],
         }
-        kube.stateful_set(name, object_labels, spec)
+        database = kube.stateful_set(name, object_labels, spec)
         ports = [{"name": "postgres", "port": PORT, "targetPort": "postgres", "protocol": "TCP"}]
         kube.service(name, object_labels, {"type": "ClusterIP", "selector": serving, "ports": ports})
 
@@ -167,6 +175,7 @@ class Postgres(pulumi.ComponentResource):
             pod_peer(role_selector(ROLE_INGEST)),
             pod_peer(role_selector(ROLE_DEAD_LETTERS)),
             pod_peer(role_selector(ROLE_PROVISIONING)),
+            pod_peer(role_selector(ROLE_API)),  # API keys, fleet, alerts, usage
             backup_peer(name),
             runner_peer(config.cluster.runner_namespace),  # pulumi up: the registry rows
         ]
@@ -213,4 +222,22 @@ class Postgres(pulumi.ComponentResource):
                 "postgresql://", OWNER, ":", self.owner_password, f"@{self.host}:{PORT}/{self.database}"
             )
         )
-        self.register_outputs({"host": self.host, "dsn": self.dsn})
+        self.ingest_dsn = ingest_role_dsn(self, name, self.host, depends_on=[database])
+        self.register_outputs({"host": self.host, "dsn": self.dsn, "ingest_dsn": self.ingest_dsn})
+
+
+def ingest_role_dsn(
+    registry: RegistryEndpoint, name: str, host: pulumi.Input[str], *, depends_on: list[pulumi.Resource]
+) -> pulumi.Output[str]:
+    """The ingest worker's role on ``registry`` (a child of it, written with the owner's DSN once
+    the database runs) and the DSN it logs in with, ready only once the role exists."""
+    assert isinstance(registry, pulumi.Resource)
+    password = generated_password(f"{name}-{INGEST_ROLE}", parent=registry, protect=False)
+    role = RegistryServiceRole(
+        f"{name}-{INGEST_ROLE}-role",
+        dsn=registry.dsn,
+        role=INGEST_ROLE,
+        password=password,
+        opts=pulumi.ResourceOptions(parent=registry, depends_on=depends_on),
+    )
+    return service_dsn(role, password, host, registry.port, registry.database)

@@ -35,7 +35,6 @@ from components.render.kubernetes import (
     container_port,
     egress_rule,
     env_list,
-    http_probe,
     ingress_rule,
     isolated_policy_spec,
     labels,
@@ -44,10 +43,12 @@ from components.render.kubernetes import (
     pod_peer,
     pod_template,
     role_selector,
+    scrape_annotations,
     scratch_volumes,
     secret_env,
     selector,
     service_host,
+    service_probes,
 )
 from components.render.monitoring import MetricsEndpoint
 from components.render.mosquitto import DYNSEC_ADMIN
@@ -211,15 +212,9 @@ class ProvisioningService(pulumi.ComponentResource):
             env=env,
             ports=[container_port("https", HTTP_PORT)],
             mounts=mounts,
-            readiness=http_probe("/readyz", "https", scheme="HTTPS"),
-            liveness=http_probe("/healthz", "https", period=20, failures=3, delay=10, scheme="HTTPS"),
+            **service_probes("https", scheme="HTTPS"),
         )
-        annotations = {
-            "prometheus.io/scrape": "true",
-            "prometheus.io/scheme": "https",
-            "prometheus.io/port": str(HTTP_PORT),
-            "prometheus.io/path": "/metrics",
-        }
+        annotations = scrape_annotations(HTTP_PORT, scheme="https")
         # Spread like the other services: several replicas, or an HA phase.
         spread = args["high_availability"] or shared
         spec: Manifest = {

@@ -4,7 +4,8 @@ The region owns the single Kubernetes provider (``cluster.context``), the namesp
 ``restricted``, ingress denied by default), the certificate authority, and the platform's shared
 services: PostgreSQL (registry, HA Grafana), the shared InfluxDB, the MQTT broker, Grafana, the
 ingest worker, the dead-letter sink (``dlq/#`` into the registry, replays on request) and the
-provisioning service (claims, enrollment, device certificates from in-cluster issuing CAs). The
+provisioning service (claims, enrollment, device certificates from in-cluster issuing CAs) and the
+API (``components.api``), to whose webhook the shared Grafana org sends every alert. The
 broker credentials of ``svc.ingest`` and ``svc.deadletters`` are registered in the registry, where
 EMQX authenticates them.
 
@@ -21,6 +22,8 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
+from components.alerting import AlertWebhook
+from components.api import IronlinkApi, IronlinkApiArgs
 from components.aws.backup_bucket import BackupBucket, BackupBucketArgs, ClusterIdentity
 from components.aws.database import RegistryDatabase, RegistryDatabaseArgs
 from components.aws.ingress import RegionalIngress, RegionalIngressArgs, endpoint_names
@@ -40,9 +43,12 @@ from components.pki import CertificateAuthority, CertificateAuthorityArgs
 from components.postgres import Postgres, PostgresArgs
 from components.providers.registry import RegistryServiceAccount
 from components.provisioning import ProvisioningService, ProvisioningServiceArgs, service_url
+from components.render.grafana import ADMIN_USER as GRAFANA_ADMIN_USER
 from components.render.kubernetes import (
     ROLE_BROKER,
+    ROLE_INFLUXDB,
     ROLE_POSTGRES,
+    Manifest,
     default_deny_spec,
     labels,
     namespace_labels,
@@ -50,9 +56,11 @@ from components.render.kubernetes import (
     pod_peer,
     role_selector,
 )
+from components.tenant import grafana_admin_provider
 from dashboards.platform import platform_rules
 from infra.config import PlatformConfig, regional_ingress
 from infra.tenancy import DEAD_LETTER_SERVICE, INGEST_SERVICE, SHARED_INFLUXDB
+from registry.alerts import SHARED_SOURCE_ID
 
 
 class RegionalPlatformArgs(TypedDict):
@@ -85,6 +93,9 @@ class RegionalPlatform(pulumi.ComponentResource):
     dead_letter_credential: ServiceCredential
     """``svc.deadletters``'s broker password and ``$7$`` hash."""
     provisioning: ProvisioningService
+    api: IronlinkApi
+    shared_org_alerts: AlertWebhook
+    """The shared Grafana org's one contact point and policy: every alert to the API's webhook."""
     broker_admin_credential: ServiceCredential | None
     """Mosquitto only: the dynamic-security admin (``admin.dynsec``) the provisioning service logs
     in as; its ``$7$`` hash is what the broker's plugin state must hold."""
@@ -227,7 +238,7 @@ class RegionalPlatform(pulumi.ComponentResource):
                 mqtt_password=self.ingest_credential.password,
                 ca_cert_pem=self.ca.cert_pem,
                 client_certificate=client_certificate,
-                registry_dsn=self.postgres.dsn,
+                registry_dsn=self.postgres.ingest_dsn,  # its own role: fleet, routes, gaps, usage
             ),
             inside,
         )
@@ -267,12 +278,7 @@ class RegionalPlatform(pulumi.ComponentResource):
                 ca=self.ca,
                 registry_dsn=self.postgres.dsn,
                 prometheus=config.cluster.prometheus,
-                # RDS sits in the VPC's private subnets, outside the cluster's pods.
-                registry_peers=(
-                    [{"ipBlock": {"cidr": config.aws.vpc_cidr}}]
-                    if isinstance(self.postgres, RegistryDatabase) and config.aws
-                    else [pod_peer(role_selector(ROLE_POSTGRES))]
-                ),
+                registry_peers=self._registry_peers(config),
                 mosquitto=(
                     (self.broker.host, self.broker.tls_port, self.broker_admin_credential.password)
                     if self.broker_admin_credential is not None
@@ -281,6 +287,46 @@ class RegionalPlatform(pulumi.ComponentResource):
                 broker_log_token=self.broker_log_token,
             ),
             inside,
+        )
+        self.api = IronlinkApi(
+            "api",
+            IronlinkApiArgs(
+                section=config.api,
+                provider=self.provider,
+                namespace=self.namespace,
+                domain=config.cluster.domain,
+                high_availability=config.high_availability,
+                registry_dsn=self.postgres.dsn,
+                ingress_controller=config.cluster.ingress_controller,
+                registry_peers=self._registry_peers(config),
+                # Timestream, like RDS, sits in the VPC's private subnets.
+                store_peers=(
+                    [{"ipBlock": {"cidr": config.aws.vpc_cidr}}]
+                    if isinstance(self.influxdb, TelemetryStore) and config.aws
+                    else [pod_peer(role_selector(ROLE_INFLUXDB))]
+                ),
+            ),
+            inside,
+        )
+        grafana_admin = grafana_admin_provider(
+            f"{name}-grafana-shared-org",
+            self.grafana.url,
+            GRAFANA_ADMIN_USER,
+            self.grafana.admin_password,
+            parent=self,
+        )
+        self.shared_org_alerts = AlertWebhook(
+            "shared-org-alerts",
+            {
+                "source_id": SHARED_SOURCE_ID,
+                "tenant_id": None,
+                "url": self.api.webhook_url,
+                "registry_dsn": self.postgres.dsn,
+                "grafana": grafana_admin,
+                "org_id": None,
+                "actor": f"pulumi:{pulumi.get_stack()}",
+            },
+            pulumi.ResourceOptions(parent=self, depends_on=[namespace, self.postgres, self.grafana]),
         )
         if config.cluster.prometheus_operator:
             endpoints = [self.worker.metrics, self.dead_letters.metrics, self.provisioning.metrics]
@@ -302,8 +348,16 @@ class RegionalPlatform(pulumi.ComponentResource):
                 "grafana_url": self.grafana.public_url,
                 "ca_cert_pem": self.ca.cert_pem,
                 "provisioning_url": self.provisioning.public_url,
+                "api_url": self.api.public_url,
             }
         )
+
+    def _registry_peers(self, config: PlatformConfig) -> list[Manifest]:
+        """Where services reach the registry: RDS sits in the VPC's private subnets, outside the
+        cluster's pods; the in-cluster PostgreSQL is its pods."""
+        if isinstance(self.postgres, RegistryDatabase) and config.aws:
+            return [{"ipBlock": {"cidr": config.aws.vpc_cidr}}]
+        return [pod_peer(role_selector(ROLE_POSTGRES))]
 
     def _ingress(self, name: str, config: PlatformConfig) -> RegionalIngress | None:
         """The region's NLB in the substrate's public subnets, targeting the broker's pods."""

@@ -14,11 +14,13 @@ What a tenant gets, by isolation level (``PlatformConfig.isolation_of``):
   all of it on an instance of its own (``components.influxdb.InfluxDB``).
 - **Grafana**: an org of its own at levels 2 and 3; at level 1 a folder in the shared org that only
   its team may view. In either: a Flux datasource bound to the read token, the fleet and machine
-  dashboards, the alert rules, and with ``alert_emails`` a contact point, routed by the tenant
-  org's notification policy (levels 2, 3) or, in the shared org, by each rule's own notification
-  settings (Grafana's simplified routing): the shared org's one policy tree would be a resource
-  that knows every tenant, and a tenant stack may not touch what other tenants share.
-- **Registry**: its rows, through ``RegistryTenant``.
+  dashboards and the alert rules. Every alert goes to the API's webhook, which routes it by the
+  tenant's rules in the registry: a tenant with an org of its own (levels 2, 3) declares that
+  org's contact point and policy (``components.alerting.AlertWebhook``, its own webhook token); in
+  the shared org (level 1) the platform stack's one contact point and policy carry every tenant's
+  alerts, so no tenant stack touches what other tenants share.
+- **Registry**: its rows, through ``RegistryTenant`` (with the read token the API queries its
+  store with), and its org's webhook source.
 
 All names come from :mod:`infra.tenancy`. Buckets hold data and are protected where the stack
 protects stateful resources: moving a tenant to another org (a level change) replaces its buckets,
@@ -35,8 +37,8 @@ import pulumi
 import pulumi_kubernetes as k8s
 import pulumiverse_grafana as grafana
 from pulumiverse_grafana import alerting, oss
-from pulumiverse_grafana.alerting import RuleGroupRuleNotificationSettingsArgsDict
 
+from components.alerting import AlertWebhook
 from components.aws.placement import PrivatePlacement
 from components.aws.telemetry import TelemetryStore, TelemetryStoreArgs
 from components.backup import BackupTarget
@@ -50,10 +52,9 @@ from dashboards.view import TenantView
 from infra.config import PlatformConfig
 from infra.config import Tenant as TenantModel
 from infra.tenancy import GrafanaNames, StoreRoute, grafana_names, store_route
+from registry.alerts import tenant_source_id
 
 GRAFANA_ADMIN = "admin"
-GROUP_BY = ["alertname", "grafana_folder", "tenant", "site_id", "machine_id"]
-"""Labels alerts are grouped by; a rule's own routing needs ``alertname`` and ``grafana_folder``."""
 
 
 class TenantArgs(TypedDict):
@@ -79,6 +80,9 @@ class TenantArgs(TypedDict):
     InfluxDB instance goes (the platform's private subnets and cluster security group)."""
     backup: NotRequired[BackupTarget | None]
     """The platform's backup bucket, for a level-3 tenant's in-cluster InfluxDB."""
+    alert_webhook_url: NotRequired[pulumi.Input[str] | None]
+    """The API's webhook (the platform's ``api_webhook_url``): a tenant with an org of its own
+    sends that org's alerts there. None: its org has no contact point."""
 
 
 class Tenant(pulumi.ComponentResource):
@@ -96,7 +100,8 @@ class Tenant(pulumi.ComponentResource):
     """Grafana's token (secret): read on the tenant's two buckets alone."""
     grafana_org_id: pulumi.Output[int] | None
     """The tenant's Grafana org (levels 2 and 3); None in the shared org."""
-    contact_point: alerting.ContactPoint | None
+    alerts: AlertWebhook | None
+    """Its org's contact point and policy to the API (levels 2, 3 with a webhook), else None."""
 
     def __init__(self, name: str, args: TenantArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("ironlink:tenant:Tenant", name, None, opts)
@@ -105,9 +110,10 @@ class Tenant(pulumi.ComponentResource):
         self.route, self.names = store_route(config, tenant), grafana_names(config, tenant)
         after = inherited_dependencies(opts)
         connection = self._store(name, args, after)
-        self._grafana(name, args, connection, after)
-        # The platform's worker learns the tenant from this row: its route and its write token.
-        RegistryTenant(
+        org_id = self._grafana(name, args, connection, after)
+        # The platform's worker learns the tenant from this row: its route and its write token;
+        # the API its read token.
+        registry = RegistryTenant(
             f"{name}-registry",
             dsn=args["registry_dsn"],
             tenant=tenant,
@@ -115,8 +121,10 @@ class Tenant(pulumi.ComponentResource):
             actor=args.get("actor") or f"pulumi:{pulumi.get_stack()}",
             route=route_input(config, tenant, connection.url),
             write_token=self.write_token,
+            read_token=self.read_token,
             opts=pulumi.ResourceOptions(parent=self, depends_on=after),
         )
+        self._alerts(name, args, org_id, [*after, registry])
         self.register_outputs(
             {
                 "bucket": self.route.bucket,
@@ -222,7 +230,8 @@ class Tenant(pulumi.ComponentResource):
     # -------------------------------------------------------------------------------- Grafana
     def _grafana(
         self, name: str, args: TenantArgs, connection: InfluxConnection, after: list[pulumi.Resource]
-    ) -> None:
+    ) -> pulumi.Output[str] | None:
+        """The tenant's org (None: the shared org) with its datasource, folder, dashboards and rules."""
         config, tenant, names, route = args["config"], args["tenant"], self.names, self.route
         view = TenantView.of(config, tenant)
         child = pulumi.ResourceOptions(parent=self, provider=args["grafana"], depends_on=after)
@@ -272,12 +281,6 @@ class Tenant(pulumi.ComponentResource):
             )
 
         rules = tenant_rules(view)
-        if tenant.alert_emails and org_id is None:  # the shared org: each rule names its contact point
-            routing: RuleGroupRuleNotificationSettingsArgsDict = {
-                "contact_point": names.contact_point,
-                "group_bies": GROUP_BY,
-            }
-            rules = [{**rule, "notification_settings": routing} for rule in rules]
         if rules:
             alerting.RuleGroup(
                 f"{name}-alert-rules",
@@ -290,24 +293,32 @@ class Tenant(pulumi.ComponentResource):
                     child, pulumi.ResourceOptions(depends_on=[*after, datasource])
                 ),
             )
-        self.contact_point = None
-        if tenant.alert_emails:
-            self.contact_point = alerting.ContactPoint(
-                f"{name}-contact-point",
-                name=names.contact_point,
-                org_id=org_id,
-                emails=[{"addresses": list(tenant.alert_emails), "single_email": True}],
-                opts=child,
-            )
-            if org_id is not None:
-                # The tenant's org is its own: its policy tree may be owned here.
-                alerting.NotificationPolicy(
-                    f"{name}-notification-policy",
-                    org_id=org_id,
-                    contact_point=self.contact_point.name,
-                    group_bies=GROUP_BY,
-                    opts=child,
-                )
+        return org_id
+
+    def _alerts(
+        self, name: str, args: TenantArgs, org_id: pulumi.Output[str] | None, after: list[pulumi.Resource]
+    ) -> None:
+        """The tenant's own org sends its alerts to the API as the tenant's webhook source (which
+        the registry holds once the tenant's row is there)."""
+        url, tenant_id = args.get("alert_webhook_url"), args["tenant"].id
+        self.alerts = None
+        if url is None or org_id is None:
+            return
+        self.alerts = AlertWebhook(
+            f"{name}-alerts",
+            {
+                "source_id": tenant_source_id(tenant_id),
+                "tenant_id": tenant_id,
+                "url": url,
+                "registry_dsn": args["registry_dsn"],
+                "grafana": args["grafana"],
+                "org_id": org_id,
+                "actor": args.get("actor") or f"pulumi:{pulumi.get_stack()}",
+                # The org's policy when it routed to an email contact point of the tenant's.
+                "policy_aliases": [pulumi.Alias(name=f"{name}-notification-policy", parent=self)],
+            },
+            pulumi.ResourceOptions(parent=self, depends_on=after),
+        )
 
 
 def grafana_admin_provider(

@@ -31,7 +31,7 @@ from dashboards.alerts import alert_thresholds
 from dashboards.view import TenantView
 from infra.config import Tenant
 from infra.tenancy import grafana_uid
-from ingest.catalog import MachineType, Metric
+from ingest.catalog import GATEWAY_MACHINE_TYPE, MachineType, Metric
 from ingest.points import STATUS_CODES
 
 # Catalog units → Grafana unit ids; anything else is shown as a suffix.
@@ -45,6 +45,7 @@ UNITS = {
     "s": "s",
     "m/s": "velocityms",
     "count": "short",
+    "B": "bytes",
 }
 STATUS_COLORS = {"stopped": "blue", "running": "green", "fault": "red"}
 REFRESH = "30s"
@@ -170,14 +171,14 @@ def fleet_overview(view: TenantView) -> dashboard.Dashboard:
 
 
 # --------------------------------------------------------------------------------- drilldown
-def machine_drilldown(
-    view: TenantView, machine_type: MachineType, thresholds: dict[str, float]
+def machine_dashboard(
+    view: TenantView, *, title: str, uid: str, machine_type: str, machine_label: str
 ) -> dashboard.Dashboard:
-    """Drilldown for machines of ``machine_type``; ``thresholds`` (metric → alert limit) are drawn
-    as lines on the metric's panel."""
+    """A dashboard about one machine of ``machine_type`` at a time: variables pick the site, then
+    the machine (labelled ``machine_label``) among that type's machines there."""
     bucket, tenant_id = view.route.bucket, view.tenant.id
     source = flux.datasource_ref(view.datasource_uid)
-    of_type = f"r.machine_type == {flux.literal(machine_type.name)}"
+    of_type = f"r.machine_type == {flux.literal(machine_type)}"
     site = (
         dashboard.QueryVariable(flux.SITE_VARIABLE)
         .label("Site")
@@ -188,31 +189,48 @@ def machine_drilldown(
     in_site = f"{of_type} and r.site_id == {flux.literal('${' + flux.SITE_VARIABLE + '}')}"
     machine = (
         dashboard.QueryVariable(flux.MACHINE_VARIABLE)
-        .label("Machine")
+        .label(machine_label)
         .datasource(source)
         .query(flux.tag_values(bucket, tenant_id, "machine_id", in_site))
         .refresh(VariableRefresh.ON_DASHBOARD_LOAD)
     )
-    built = (
-        dashboard.Dashboard(f"{view.tenant.name}: {machine_type.description}")
-        .uid(drilldown_uid(view.tenant, machine_type))
-        .tags([*TAGS, view.tenant.id, machine_type.name])
+    return (
+        dashboard.Dashboard(f"{view.tenant.name}: {title}")
+        .uid(uid)
+        .tags([*TAGS, view.tenant.id, machine_type])
         .refresh(REFRESH)
         .time("now-6h", "now")
         .with_variable(site)
         .with_variable(machine)
-        .with_panel(
-            _timeline()
-            .title("Status")
-            .datasource(source)
-            .with_target(
-                view.query(flux.status_history(bucket, tenant_id, flux.selected_machine(machine_type.name)))
-            )
-            .mappings(status_mappings())
-            .span(24)
-            .height(4)
-        )
     )
+
+
+def status_timeline(view: TenantView, machine_type: str, title: str) -> statetimeline.Panel:
+    """The picked machine's status over time, coloured by state."""
+    history = flux.status_history(view.route.bucket, view.tenant.id, flux.selected_machine(machine_type))
+    return (
+        _timeline()
+        .title(title)
+        .datasource(flux.datasource_ref(view.datasource_uid))
+        .with_target(view.query(history))
+        .mappings(status_mappings())
+    )
+
+
+def machine_drilldown(
+    view: TenantView, machine_type: MachineType, thresholds: dict[str, float]
+) -> dashboard.Dashboard:
+    """Drilldown for machines of ``machine_type``; ``thresholds`` (metric → alert limit) are drawn
+    as lines on the metric's panel."""
+    bucket, tenant_id = view.route.bucket, view.tenant.id
+    source = flux.datasource_ref(view.datasource_uid)
+    built = machine_dashboard(
+        view,
+        title=machine_type.description,
+        uid=drilldown_uid(view.tenant, machine_type),
+        machine_type=machine_type.name,
+        machine_label="Machine",
+    ).with_panel(status_timeline(view, machine_type.name, "Status").span(24).height(4))
     for metric in machine_type.metrics:
         panel = (
             _series()
@@ -241,9 +259,17 @@ def to_json(built: dashboard.Dashboard) -> str:
 
 
 def tenant_dashboards(view: TenantView) -> dict[str, str]:
-    """``{uid: JSON}`` of all the tenant's dashboards (drilldowns show the alert limits)."""
+    """``{uid: JSON}`` of all the tenant's dashboards (drilldowns show the alert limits; edge
+    gateways get their health dashboard instead, ``dashboards/gateway.py``)."""
+    from dashboards.gateway import gateway_health  # built from this module's panels
+
     boards = [
         fleet_overview(view),
-        *(machine_drilldown(view, kind, alert_thresholds(kind)) for kind in view.machine_types),
+        *(
+            gateway_health(view)
+            if kind.name == GATEWAY_MACHINE_TYPE
+            else machine_drilldown(view, kind, alert_thresholds(kind))
+            for kind in view.machine_types
+        ),
     ]
     return {board.build().uid or "": to_json(board) for board in boards}

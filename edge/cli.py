@@ -9,14 +9,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from edge.config import AgentConfig, EdgeConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 ConfigPath = Annotated[Path, typer.Argument(help="The gateway's YAML config.")]
-console = Console()
 
 
 def _config(path: Path) -> AgentConfig:
@@ -49,7 +46,10 @@ def check(config: ConfigPath) -> None:
 
 @app.command()
 def status(config: ConfigPath, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """What the running agent last reported: backlog, drops, sources, uplink."""
+    """What the running agent last reported: backlog, drops, health, sources, uplink, identities.
+    Exits 1 when there is no report or it is stale (the agent is not running)."""
+    from edge.health import render_status
+
     loaded = _config(config)
     try:
         health = json.loads(loaded.status_path.read_text())
@@ -58,55 +58,44 @@ def status(config: ConfigPath, as_json: Annotated[bool, typer.Option("--json")] 
         raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(health, indent=1))
-        return
-    age = time.time() - health["written_at"]
-    backlog = health["backlog"]
-    console.print(
-        f"gateway {health['gateway']} boot {health['boot']}, reported {age:.1f} s ago; backlog "
-        f"{backlog['messages']} messages, {backlog['store_bytes']} bytes, "
-        f"oldest unsent {backlog['oldest_unsent_age_s']} s"
-    )
-    drops = ", ".join(f"{reason} {count}" for reason, count in sorted(health["drops"].items())) or "none"
-    console.print(f"drops: {drops}")
-    table = Table("machine", "source", "since", "readings", "uplink", "last error")
-    for machine, source in health["sources"].items():
-        link = health["uplink"].get(machine, {})
-        error = source.get("last_error") or link.get("last_error") or ""
-        table.add_row(
-            machine,
-            source["state"],
-            f"{time.time() - source['since']:.0f} s",
-            str(source["readings"]),
-            link.get("state", "-"),
-            error[:60],
-        )
-    console.print(table)
-    if age > max(10.0, 5 * loaded.status_interval_s):
+    else:
+        from rich.console import Console
+
+        render_status(health, Console())
+    if time.time() - health["written_at"] > max(10.0, 5 * loaded.status_interval_s):
         raise typer.Exit(1)
 
 
 @app.command()
 def enroll(config: ConfigPath) -> None:
-    """Claim an identity for every machine without one; renew those close to expiry."""
-    from edge.identity import EnrollmentError, claim, needs_renewal, renew
+    """Claim an identity for every machine (and the gateway, with ``health``) without one; renew
+    those close to expiry. ``run`` does the same by itself; this is for a first check by hand."""
+    from edge.identity import EnrollmentError, claim, files, finish_renewal, identities, needs_renewal, renew
 
     loaded = _config(config)
     settings, folder = loaded.uplink.claim, loaded.uplink.identity_dir
     if settings is None or folder is None:
         typer.echo("error: uplink.claim and uplink.identity_dir are required to enroll", err=True)
         raise typer.Exit(2)
-    for machine in loaded.machines:
-        cert = folder / f"{machine.id}.pem"
+    failed = False
+    for identity in identities(loaded):
+        cert, _ = files(folder, identity.name)
         try:
+            finish_renewal(folder, identity.name)
             if not cert.is_file():
-                typer.echo(f"{machine.id}: claimed, {claim(loaded, machine)}")
+                typer.echo(f"{identity.name}: claimed, {claim(loaded, identity)}")
             elif needs_renewal(cert, settings.renew_before_days):
-                typer.echo(f"{machine.id}: renewed, {renew(loaded, machine)}")
+                typer.echo(f"{identity.name}: renewed, {renew(loaded, identity)}")
             else:
-                typer.echo(f"{machine.id}: valid")
+                typer.echo(f"{identity.name}: valid")
         except EnrollmentError as error:
-            typer.echo(f"error: {machine.id}: {error}", err=True)
-            raise typer.Exit(2) from None
+            typer.echo(f"error: {identity.name}: {error}", err=True)
+            failed = True
+        except (OSError, ValueError) as error:  # an unreadable certificate or key file
+            typer.echo(f"error: {identity.name}: identity_unreadable: {error}", err=True)
+            failed = True
+    if failed:
+        raise typer.Exit(2)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ GatewayId = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max
 _FSYNC = re.compile(r"^(always|batch:(\d{1,5}))$")
 MAX_MACHINES = 1000
 """One gateway serves a line of machines, not a plant: each machine holds a broker session."""
+MACHINE_ID_MAX = 48  # infra.config.MachineId
 
 
 class EdgeConfigError(ValueError):
@@ -61,6 +62,9 @@ class Claim(_Strict):
     token_file: Path
     ca_file: Path | None = None
     renew_before_days: int = Field(default=30, ge=1, le=365)
+    # The running agent checks its certificates this often (and retries a refused claim, re-reading
+    # ``token_file``, so a replaced token needs no restart).
+    check_interval_s: float = Field(default=3600, ge=1, le=86400)
 
 
 class Uplink(_Strict):
@@ -78,6 +82,10 @@ class Uplink(_Strict):
     backfill_share: float = Field(default=0.8, gt=0, le=1)
     # A reading sent but not confirmed by a receipt within this time is sent again.
     resend_after_s: float = Field(default=30, ge=1, le=3600)
+    # History readings sent and not yet confirmed by a receipt, for all machines together: the
+    # backlog waits on the gateway, not in the broker's and the worker's queues ahead of live
+    # readings. About a second of what a worker stores.
+    history_in_flight: int = Field(default=2000, ge=1, le=1_000_000)
     reconnect_initial_s: float = Field(default=0.5, ge=0.05, le=60)
     reconnect_max_s: float = Field(default=30, ge=0.1, le=3600)
 
@@ -150,6 +158,13 @@ class Machine(_Strict):
     map: Path | None = None
 
 
+class Health(_Strict):
+    """The gateway's own health as telemetry (``edge/health.py``): the gateway is enrolled as a
+    machine of type ``edge_gateway`` (id: the gateway's id) and publishes on its own topic."""
+
+    interval_s: float = Field(default=15, ge=1, le=3600)
+
+
 class AgentConfig(_Strict):
     gateway: Gateway
     uplink: Uplink
@@ -161,6 +176,8 @@ class AgentConfig(_Strict):
     # ``ironlink-agent status`` reads what the agent writes here, every ``status_interval_s``.
     status_file: Path | None = None
     status_interval_s: float = Field(default=1.0, ge=0.1, le=300)
+    # Publish the agent's health to the platform (off when absent).
+    health: Health | None = None
 
     @model_validator(mode="after")
     def _unique_machines(self) -> AgentConfig:
@@ -169,6 +186,11 @@ class AgentConfig(_Strict):
             if machine.id in seen:
                 raise ValueError(f"machine id {machine.id!r} is given twice")
             seen.add(machine.id)
+        if self.health is not None and (self.gateway.id in seen or len(self.gateway.id) > MACHINE_ID_MAX):
+            raise ValueError(
+                f"gateway.id {self.gateway.id!r} publishes health as a machine: it must be no machine's"
+                f" id and at most {MACHINE_ID_MAX} characters"
+            )
         return self
 
     @property

@@ -1,10 +1,14 @@
-"""Readings into contract v3, checked by the worker's own decoder before they are stored.
+"""Readings into contract v4, checked by the worker's own decoder before they are stored.
 
-The agent never re-implements a rule of the contract: it builds the v3 document and runs
+The agent never re-implements a rule of the contract: it builds the v4 document and runs
 ``ingest.contract.decode`` on it with the machine's registered type, exactly as the worker will. A
 reading the worker would dead-letter is dropped here with the same reason code (counted as
 ``rejected:<reason>``), and the ids in the payload are the gateway's own, so a ``topic_mismatch``
 cannot leave the gateway.
+
+A reading taken while its machine's session is down is marked ``historical`` here, once: it will
+be backfilled from the history lane, and every send of it (latest lane, history, resends) carries
+the same bytes, so a resend stays an identical rewrite in the store.
 """
 
 from __future__ import annotations
@@ -47,13 +51,14 @@ class Normalizer:
         self._key = (gateway.tenant, gateway.site, machine.id)
         self._catalog = MACHINE_TYPES[machine.type]
 
-    def normalize(self, reading: Reading) -> Normalized | Rejected:
-        """The v3 document of a reading (seq ``n`` 0 as a placeholder), or the worker's rejection."""
+    def normalize(self, reading: Reading, *, historical: bool = False) -> Normalized | Rejected:
+        """The v4 document of a reading (seq ``n`` 0 as a placeholder), or the worker's rejection.
+        ``historical``: taken while the machine's session was down (it will be backfilled)."""
         metrics = {
             self._catalog.canonical_name(name) or name: value for name, value in reading.metrics.items()
         }
         document: dict[str, object] = {
-            "schema_version": 3,
+            "schema_version": 4,
             "tenant_id": self.gateway.tenant,
             "site_id": self.gateway.site,
             "machine_id": self.machine.id,
@@ -63,6 +68,8 @@ class Normalizer:
             "metrics": metrics,
             "seq": {"gateway": self.gateway.id, "boot": 0, "n": 0},
         }
+        if historical:
+            document["historical"] = True
         verdict = decode(
             self.topic, json.dumps(document).encode(), machine_types={self._key: self.machine.type}
         )

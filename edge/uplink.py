@@ -25,6 +25,7 @@ from edge.config import Uplink
 from infra.tenancy import receipts_topic, telemetry_topic
 
 Receipt = list[tuple[int, int, int]]  # [(boot, first_n, last_n)]
+GapReceipt = list[tuple[str, int, int, int]]  # [(reason, boot, first_n, count)]: gap records stored
 
 
 def backoff_delays(
@@ -34,6 +35,15 @@ def backoff_delays(
     tenth of ``initial`` (never a hot loop)."""
     rng = rng or random.Random()
     return lambda attempt: max(initial / 10, rng.uniform(0, min(maximum, initial * 2 ** min(attempt, 30))))
+
+
+def stop_all(links: list[MachineLink], timeout: float) -> list[str]:
+    """End every session at once and wait for them together, ``timeout`` in all (not per link:
+    a gateway of many machines stops as fast as one); the machines whose thread did not end."""
+    for link in links:
+        link.begin_stop()
+    deadline = time.monotonic() + timeout
+    return [link.machine for link in links if not link.join(max(0.0, deadline - time.monotonic()))]
 
 
 class MachineLink:
@@ -49,8 +59,10 @@ class MachineLink:
         loop: asyncio.AbstractEventLoop,
         on_receipt: Callable[[str, Receipt], None],
         on_connected: Callable[[str], None],
+        on_gap_receipt: Callable[[str, GapReceipt], None] | None = None,
     ) -> None:
         self.settings, self.machine, self.gateway = settings, machine, gateway
+        self._on_gap_receipt = on_gap_receipt
         self.topic = telemetry_topic(tenant, site, machine)
         self.receipts = receipts_topic(tenant, site, machine)
         self._loop, self._on_receipt, self._on_connected = loop, on_receipt, on_connected
@@ -64,6 +76,7 @@ class MachineLink:
         self._early: deque[int] = deque(maxlen=4096)  # acknowledged before publish() returned
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # reconnect now, without the backoff wait
         self._delay = backoff_delays(settings.reconnect_initial_s, settings.reconnect_max_s)
         self._tenant, self._site = tenant, site
         self.client = self._new_client()
@@ -100,10 +113,29 @@ class MachineLink:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        self.begin_stop()
+        self._thread.join(timeout)
+
+    def begin_stop(self) -> None:
+        """Ask the session to end, without waiting: :func:`stop_all` ends many at once."""
         self._stopping.set()
+        self._wake.set()
         self.client.disconnect()
-        self._thread.join(5)
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the session's thread; True once it ended (it is a daemon: one
+        stuck in a connect or a TLS handshake does not keep the process)."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def reconnect(self) -> None:
+        """End the session and start a new one at once: the identity on disk is new (claimed or
+        renewed), and the broker checks a certificate only when a session starts."""
+        self._wake.set()
+        with self._lock:
+            client = self.client
+        client.disconnect()
 
     # ----------------------------------------------------------------------------- the session
     def _run(self) -> None:
@@ -123,7 +155,9 @@ class MachineLink:
             self._down("reconnecting")
             with contextlib.suppress(OSError):
                 self.client.disconnect()
-            if self._stopping.wait(self._delay(attempt)):
+            self._wake.wait(self._delay(attempt))
+            self._wake.clear()
+            if self._stopping.is_set():
                 break
             with self._lock:
                 self.client = self._new_client()
@@ -158,9 +192,16 @@ class MachineLink:
             if body.get("gateway") != self.gateway:
                 return
             ranges = [(int(b), int(f), int(la)) for b, f, la in body["stored"]]
+            gaps = [
+                (str(gap["reason"]), int(gap["boot"]), int(gap["first_n"]), int(gap["count"]))
+                for gap in body.get("gaps", [])
+            ]
         except (ValueError, KeyError, TypeError):
             return  # not a receipt of ours: nothing to forget
-        self._loop.call_soon_threadsafe(self._on_receipt, self.machine, ranges)
+        if ranges:
+            self._loop.call_soon_threadsafe(self._on_receipt, self.machine, ranges)
+        if gaps and self._on_gap_receipt is not None:
+            self._loop.call_soon_threadsafe(self._on_gap_receipt, self.machine, gaps)
 
     def _published(self, _c: mqtt.Client, _u: object, mid: int, _code: object, _p: object) -> None:
         with self._lock:

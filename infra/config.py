@@ -195,12 +195,6 @@ def _password_hash(value: str) -> str:
 
 
 PasswordHash = Annotated[str, StringConstraints(max_length=256), AfterValidator(_password_hash)]
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-EmailAddress = Annotated[
-    str,
-    StringConstraints(max_length=254),  # RFC 5321's longest path
-    AfterValidator(_pattern("email address", _EMAIL, "ops@example.com")),
-]
 
 
 # Free text: bounded, and on one line, since it reaches terminals, YAML, the registry and labels.
@@ -295,6 +289,16 @@ class Prometheus(Section):
     selects ``release: <its release name>``); put on every ServiceMonitor, PodMonitor and PrometheusRule."""
 
 
+class IngressController(Section):
+    """The cluster's ingress controller, through which clients reach the API: its NetworkPolicy
+    admits exactly these pods (ingress-nginx by default)."""
+
+    namespace: DnsLabel = "ingress-nginx"
+    pod_labels: dict[LabelKey, LabelValue] = Field(
+        default={"app.kubernetes.io/name": "ingress-nginx"}, min_length=1, max_length=16
+    )
+
+
 class Cluster(Section):
     """Where the region runs: a kubeconfig context (ignored where ``aws.cluster`` is ``eks``: the
     providers then use the EKS cluster's own kubeconfig)."""
@@ -317,6 +321,7 @@ class Cluster(Section):
     """The runner's own namespace, made once by an administrator with the runner's RBAC: not the
     platform's, which the platform stack itself creates (and ``pulumi destroy`` deletes)."""
     prometheus: Prometheus = Prometheus()
+    ingress_controller: IngressController = IngressController()
     prometheus_operator: bool = False
     """Whether the cluster runs the Prometheus operator (its CRDs installed): then the platform
     declares ServiceMonitors/PodMonitors for its metrics and a PrometheusRule of
@@ -338,6 +343,8 @@ class TenantQuota(Section):
 
     max_devices: int = Field(ge=1)
     messages_per_second: float = Field(gt=0)
+    messages_per_month: int | None = Field(default=None, ge=1)
+    """A hard monthly quota over the tier's (``RetentionTier.messages_per_month``)."""
 
 
 class StackSecret(Section):
@@ -392,6 +399,10 @@ class RetentionTier(Section):
     max_age: Retention | None = None
     """Oldest reading the worker accepts, by its ``ts`` against its arrival; default: ``raw``, so a
     point the bucket would drop (InfluxDB: 422 partial write) is dead-lettered ``ts_too_old`` instead."""
+    messages_per_month: int | None = Field(default=None, ge=1)
+    """The tier's hard quota: messages a tenant may send per calendar month (UTC), counted once
+    each by the worker's usage metering (``ingest/usage.py``); warned at 80 %, beyond it dead-lettered
+    ``monthly_quota_exceeded``. None: no monthly quota."""
 
     @model_validator(mode="after")
     def _max_age_within_raw(self) -> RetentionTier:
@@ -534,6 +545,36 @@ _INSTANCE_TYPE = re.compile(r"[a-z0-9]+(\.[a-z0-9-]+){1,2}")
 InstanceType = Annotated[str, AfterValidator(_pattern("instance type", _INSTANCE_TYPE, "m6i.large"))]
 
 
+class ApiSmtp(Section):
+    """The relay the API submits alert emails to. Its password is not config: the API reads it
+    from the Secret ``api-smtp`` (key ``password``) when an operator has created one."""
+
+    host: DnsName
+    port: int = Field(default=587, ge=1, le=65535)
+    """The egress policy opens this port (to public addresses only)."""
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: str | None = Field(default=None, min_length=1, max_length=256)
+    sender: str = Field(min_length=3, max_length=256)
+    """The ``From`` of every alert email, e.g. ``Ironlink alerts <alerts@example.com>``."""
+
+
+class Api(Section):
+    """The Ironlink API's deployment (``components/api.py``; its runtime settings live in ``api/``)."""
+
+    image: ImageRef
+    replicas: int = Field(ge=1, le=20)
+    resources: ComputeResources
+    smtp: ApiSmtp | None = None
+    """None: no email channel (Slack, Teams and webhooks still deliver)."""
+    notify_except: list[Cidr] = Field(
+        default=["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10"],
+        max_length=32,
+    )
+    """Ranges the API's notifications (SMTP, Slack, Teams, webhooks) may not reach: private
+    networks, so a tenant's webhook URL cannot aim at the cluster's own services or the cloud's
+    metadata endpoint. An SMTP relay inside one of them needs its range removed here."""
+
+
 class AwsNodeGroup(Section):
     """An EKS managed node group; auto-named, so a new instance type creates before it deletes."""
 
@@ -652,8 +693,6 @@ class Tenant(Section):
     quota: TenantQuota | None = None
     machine_types: list[MachineTypeName] = []
     """Catalog types its drilldown dashboards and alert rules are built for (none: fleet dashboards only)."""
-    alert_emails: list[EmailAddress] = []
-    """Who Grafana notifies of the tenant's alerts (none: alerts show in Grafana only)."""
 
 
 class PlatformConfig(Section):
@@ -668,6 +707,7 @@ class PlatformConfig(Section):
     grafana: Grafana
     ingest: Ingest
     provisioning: Provisioning
+    api: Api
     aws: Aws | None = None
     """AWS resources of the stack (None: none; the cluster exists already)."""
     default_isolation: IsolationLevel
@@ -683,6 +723,11 @@ class PlatformConfig(Section):
 
     def retention_of(self, tenant: Tenant) -> RetentionTier:
         return self.influxdb.retention_tiers[tenant.tier]
+
+    def monthly_messages_of(self, tenant: Tenant) -> int | None:
+        """The tenant's hard monthly message quota: its quota's (``quota_of``), else its tier's
+        (None: none)."""
+        return self.quota_of(tenant).messages_per_month or self.retention_of(tenant).messages_per_month
 
     def tenant(self, tenant_id: str) -> Tenant:
         for tenant in self.tenants:
@@ -717,10 +762,12 @@ _IMAGES = {
     "grafana": "grafana/grafana:11.4.0",
     "ingest": "ghcr.io/ironlink/ingest:0.1.0",
     "provisioning": "ghcr.io/ironlink/provisioning:0.1.0",
+    "api": "ghcr.io/ironlink/api:0.1.0",
 }
 _TIERS = {
-    "basic": {"raw": "7d", "downsampled": "180d"},
-    "standard": {"raw": "30d", "downsampled": "365d"},
+    # Monthly quotas: basic ~ 40 machines at one message a second, standard ~ 400; premium none.
+    "basic": {"raw": "7d", "downsampled": "180d", "messages_per_month": 100_000_000},
+    "standard": {"raw": "30d", "downsampled": "365d", "messages_per_month": 1_000_000_000},
     "premium": {"raw": "30d", "downsampled": "730d"},
 }
 
@@ -764,6 +811,11 @@ PHASE_PRESETS: dict[str, dict[str, Any]] = {
         },
         "provisioning": {
             "image": _IMAGES["provisioning"],
+            "replicas": 1,
+            "resources": _compute("50m", "128Mi", "500m", "256Mi"),
+        },
+        "api": {
+            "image": _IMAGES["api"],
             "replicas": 1,
             "resources": _compute("50m", "128Mi", "500m", "256Mi"),
         },
@@ -816,6 +868,11 @@ PHASE_PRESETS: dict[str, dict[str, Any]] = {
             "replicas": 2,
             "resources": _compute("100m", "128Mi", "500m", "256Mi"),
         },
+        "api": {
+            "image": _IMAGES["api"],
+            "replicas": 2,
+            "resources": _compute("100m", "128Mi", "1", "512Mi"),
+        },
         "default_isolation": 2,
         "protect_stateful": True,
         "high_availability": False,
@@ -864,6 +921,11 @@ PHASE_PRESETS: dict[str, dict[str, Any]] = {
             "image": _IMAGES["provisioning"],
             "replicas": 2,
             "resources": _compute("250m", "256Mi", "1", "512Mi"),
+        },
+        "api": {
+            "image": _IMAGES["api"],
+            "replicas": 2,
+            "resources": _compute("250m", "256Mi", "2", "1Gi"),
         },
         "default_isolation": 2,
         "protect_stateful": True,
@@ -1205,6 +1267,40 @@ OLD_STYLE_FLEET = (
     "sites and machines live in the registry now, not in a stack file; "
     "run 'ironlink fleet import {stack}' to move them there"
 )
+ALERT_EMAILS_KEY = "alert_emails"
+ALERT_EMAILS_ROUTE = "operations"
+"""The name of the email route ``ironlink tenant add --alert-email`` writes (the contact point was
+``<tenant>-operations`` when the addresses lived in the stack file)."""
+
+
+def _old_style_alert_emails(tenant: Mapping[str, Any]) -> str:
+    """Why a tenant's ``alert_emails`` is refused, with the command that routes its addresses."""
+    emails, tenant_id = tenant.get(ALERT_EMAILS_KEY), _clip(str(tenant.get("id") or "TENANT"))
+    addresses = [str(email) for email in emails] if isinstance(emails, list) else []
+    target = _clip(",".join(addresses)) if addresses else "ops@example.com"
+    return (
+        "alert recipients are registry routes now; remove it and run "
+        f"'ironlink alerts route add --tenant {tenant_id} --name {ALERT_EMAILS_ROUTE} "
+        f"--channel email --target {target} --registry DSN'"
+    )
+
+
+def _without_retired_keys(
+    tenant: Any, location: tuple[str | int, ...], stack: str | None
+) -> tuple[Any, list[Problem]]:
+    """A tenant's settings without the keys that moved to the registry, and one problem per such
+    key naming the command that moves it there (the rest of the tenant is still checked)."""
+    if not isinstance(tenant, Mapping):
+        return tenant, []
+    problems = []
+    if FLEET_KEY in tenant:
+        problems.append(
+            Problem(_path([*location, FLEET_KEY]), OLD_STYLE_FLEET.format(stack=stack or "STACK"))
+        )
+    if ALERT_EMAILS_KEY in tenant:
+        problems.append(Problem(_path([*location, ALERT_EMAILS_KEY]), _old_style_alert_emails(tenant)))
+    retired = (FLEET_KEY, ALERT_EMAILS_KEY)
+    return {key: value for key, value in tenant.items() if key not in retired}, problems
 
 
 def parse_platform(raw: Mapping[str, Any], stack: str | None = None) -> PlatformConfig:
@@ -1241,11 +1337,9 @@ def parse_platform(raw: Mapping[str, Any], stack: str | None = None) -> Platform
         problems.append(Problem(_path(["tenants"]), f"{_show(tenants_raw)} is not a list of tenants"))
         tenants_raw = []
     valid_tenants: list[tuple[int, Tenant]] = []
-    for index, item in enumerate(tenants_raw):
-        if isinstance(item, Mapping) and FLEET_KEY in item:
-            message = OLD_STYLE_FLEET.format(stack=stack or "STACK")
-            problems.append(Problem(_path(["tenants", index, FLEET_KEY]), message))
-            item = {key: value for key, value in item.items() if key != FLEET_KEY}
+    for index, raw_item in enumerate(tenants_raw):
+        item, retired = _without_retired_keys(raw_item, ("tenants", index), stack)
+        problems.extend(retired)
         try:
             valid_tenants.append((index, Tenant.model_validate(item)))
         except ValidationError as error:
@@ -1303,10 +1397,9 @@ def parse_tenant_stack(raw: Mapping[str, Any], stack: str, platform: PlatformCon
             known = ", ".join(TenantStackConfig.model_fields)
             problems.append(Problem(_path([key]), f"unknown setting of a tenant stack (known: {known})"))
     body = {key: value for key, value in raw.items() if key in TenantStackConfig.model_fields}
-    tenant_raw = body.get("tenant")
-    if isinstance(tenant_raw, Mapping) and FLEET_KEY in tenant_raw:
-        problems.append(Problem(_path(["tenant", FLEET_KEY]), OLD_STYLE_FLEET.format(stack=stack)))
-        body["tenant"] = {key: value for key, value in tenant_raw.items() if key != FLEET_KEY}
+    if "tenant" in body:
+        body["tenant"], retired = _without_retired_keys(body["tenant"], ("tenant",), stack)
+        problems.extend(retired)
     parsed: TenantStackConfig | None = None
     try:
         parsed = TenantStackConfig.model_validate(body)

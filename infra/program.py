@@ -94,6 +94,7 @@ def build(config: PlatformConfig) -> RegionalPlatform | SingleVm:
     pulumi.export("grafana_url", platform.grafana.public_url)
     pulumi.export("ca_cert_pem", platform.ca.cert_pem)
     pulumi.export("provisioning_url", platform.provisioning.public_url)
+    pulumi.export("api_url", platform.api.public_url)
     # For the tenant stacks (StackReference): in-cluster endpoints and the admin credentials their
     # providers use. The secret ones stay encrypted in state and in the reference.
     pulumi.export("influxdb_url", platform.influxdb.url)
@@ -101,6 +102,7 @@ def build(config: PlatformConfig) -> RegionalPlatform | SingleVm:
     pulumi.export("grafana_internal_url", platform.grafana.url)
     pulumi.export("grafana_admin_password", pulumi.Output.secret(platform.grafana.admin_password))
     pulumi.export("registry_dsn", pulumi.Output.secret(platform.postgres.dsn))
+    pulumi.export("api_webhook_url", platform.api.webhook_url)
     if platform.substrate is not None:
         export_substrate(platform.substrate)
     if platform.backups is not None:
@@ -226,6 +228,7 @@ def build_tenant(platform: PlatformConfig, stack: TenantStackConfig) -> Tenant:
             k8s_provider=kubernetes,
             placement=placement,
             backup=tenant_backup_target(platform, stack, required),
+            alert_webhook_url=required("api_webhook_url"),
         ),
         pulumi.ResourceOptions(aliases=[legacy["tenant"]]),
     )

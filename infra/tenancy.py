@@ -191,7 +191,6 @@ class GrafanaNames:
     datasource_uid: str
     datasource_name: str
     rule_group: str
-    contact_point: str
 
 
 def grafana_names(config: PlatformConfig, tenant: Tenant) -> GrafanaNames:
@@ -207,7 +206,6 @@ def grafana_names(config: PlatformConfig, tenant: Tenant) -> GrafanaNames:
         datasource_uid=grafana_uid(tenant.id, "influxdb"),
         datasource_name=f"InfluxDB {tenant.id}",
         rule_group=f"{tenant.id}-telemetry",
-        contact_point=f"{tenant.id}-operations",
     )
 
 

@@ -51,6 +51,9 @@ class MachineType:
         }
 
 
+GATEWAY_MACHINE_TYPE = "edge_gateway"
+"""The type an edge gateway is enrolled as, to publish its own health (``edge/health.py``)."""
+
 MACHINE_TYPES: dict[str, MachineType] = {
     machine_type.name: machine_type
     for machine_type in (
@@ -107,6 +110,30 @@ MACHINE_TYPES: dict[str, MachineType] = {
                 Metric("belt_speed_m_s", "m/s", 0, 10, 1.5, ("V_BELT", "beltSpeed")),
                 Metric("motor_temp_c", "degC", -20, 130, 55, ("T_MOTOR", "motorTemp")),
                 Metric("motor_current_a", "A", 0, 200, 12, ("I_MOTOR", "motorCurrent")),
+            ),
+        ),
+        # The edge agent's own health (``edge/health.py``): a gateway is enrolled as a machine of
+        # this type and publishes these numbers on its own telemetry topic, like any machine.
+        # Counts of drops are since the agent started; source and uplink counts are of the
+        # gateway's machines (at most ``edge.config.MAX_MACHINES``, 1000).
+        MachineType(
+            name=GATEWAY_MACHINE_TYPE,
+            description="Edge gateway",
+            metrics=(
+                Metric("backlog_messages", "count", 0, 1e12, 0),
+                Metric("backlog_bytes", "B", 0, 2.0**41, 0),
+                Metric("store_bytes", "B", 0, 2.0**41, 1e6),
+                Metric("oldest_unsent_age_s", "s", 0, 1e9, 0),
+                Metric("dropped_max_bytes", "count", 0, 1e12, 0),
+                Metric("dropped_disk_headroom", "count", 0, 1e12, 0),
+                Metric("dropped_max_age", "count", 0, 1e12, 0),
+                Metric("rejected_readings", "count", 0, 1e12, 0),
+                Metric("sources_up", "count", 0, 1000, 2),
+                Metric("sources_retrying", "count", 0, 1000, 0),
+                Metric("sources_down", "count", 0, 1000, 0),
+                Metric("uplinks_connected", "count", 0, 1000, 2),
+                Metric("uplinks_disconnected", "count", 0, 1000, 0),
+                Metric("identities_missing", "count", 0, 1000, 0),
             ),
         ),
     )

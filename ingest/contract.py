@@ -10,6 +10,16 @@ so the rest of the platform only ever sees a :class:`TelemetryV2`:
   ``metrics`` uses the catalog's canonical names only, within the catalog's bounds.
 - **v3** is v2 with the gateway's sequence id ``seq`` (gateway, boot, n): the worker confirms what
   it stored on the machine's receipts topic, so a gateway forgets a reading only once it is stored.
+- **v4** is v3 with an optional ``historical: true`` (a reading backfilled from a gateway's history
+  lane, stored as such so dashboards and alerts can tell it from live data), and a second document
+  kind, the **gap record** (``"kind": "gap"``, :class:`GapRecordV4`): readings a gateway had to drop
+  before they were confirmed (machine, time range, count, reason, seq range), stored in the
+  registry's ``telemetry_gaps`` and confirmed on the receipts topic like readings.
+- A **batch** (:func:`unpack`) carries several v4 documents of one machine in one MQTT message:
+  :data:`BATCH_MAGIC`, then a zlib (deflate) stream of the documents, one JSON text per line. It is
+  marked in the payload, not by an MQTT property, so it stays a batch wherever the payload goes
+  (the worker's spool, a dead letter and its replay). Every line is decoded on its own, as if it had
+  come alone: one bad line is dead-lettered, the others are stored.
 
 :func:`decode` never raises on input: it answers :class:`Accepted` or :class:`Rejected` with a
 machine-readable :class:`Reason`, which the worker puts on the dead-letter topic. The JSON Schema
@@ -19,6 +29,7 @@ files in ``ingest/schemas/`` are generated from these models (``python -m ingest
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -35,6 +46,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -42,10 +54,17 @@ from infra.config import DNS_LABEL_PATTERN, MachineTypeName
 from infra.tenancy import TELEMETRY_LEAF, TOPIC_ROOT
 from ingest.catalog import MACHINE_TYPES, MachineType, Metric
 
-CURRENT_SCHEMA_VERSION = 3
-SCHEMA_VERSIONS = (1, 2, 3)
+CURRENT_SCHEMA_VERSION = 4
+SCHEMA_VERSIONS = (1, 2, 3, 4)
 # A telemetry message is a few hundred bytes; anything far larger is a broken or hostile sender.
+# A compressed batch counts its compressed bytes here; what it decompresses to is bounded apart.
 DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024
+BATCH_MAGIC = b"ironlink.batch.v4+zlib\n"
+# Bounds of one batch once decompressed: a zip bomb stops at the first byte past them.
+DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
+DEFAULT_MAX_BATCH_DOCUMENTS = 2000
+# Why a gateway dropped readings (its store's caps: edge/store.py DROP_REASONS).
+GapReason = Literal["max_bytes", "disk_headroom", "max_age"]
 # ``ts`` is epoch *seconds*: this range refuses milliseconds (13 digits) and nonsense dates.
 EPOCH_MIN = 946_684_800  # 2000-01-01T00:00:00Z
 EPOCH_MAX = 4_102_444_800  # 2100-01-01T00:00:00Z
@@ -60,6 +79,7 @@ class Reason(StrEnum):
     OVERSIZED = "oversized"
     MALFORMED = "malformed"
     UNKNOWN_SCHEMA_VERSION = "unknown_schema_version"
+    BATCH_TOO_LARGE = "batch_too_large"
     MISSING_FIELD = "missing_field"
     WRONG_TYPE = "wrong_type"
     INVALID_VALUE = "invalid_value"
@@ -74,6 +94,7 @@ class Reason(StrEnum):
     TS_IN_FUTURE = "ts_in_future"
     TS_TOO_OLD = "ts_too_old"
     QUOTA_EXCEEDED = "quota_exceeded"
+    MONTHLY_QUOTA_EXCEEDED = "monthly_quota_exceeded"  # the tier's messages per month (ingest/usage.py)
     STORE_REJECTED = "store_rejected"
     STORE_UNAVAILABLE = "store_unavailable"
     INTERNAL_ERROR = "internal_error"
@@ -152,8 +173,8 @@ _MACHINE_TYPE_NAMES: list[JsonValue] = [*sorted(MACHINE_TYPES)]
 _VERSION_DESCRIPTION = 'Payload version: a JSON integer (2.0, true or "2" are refused by the worker).'
 
 
-class _Payload(BaseModel):
-    """What every version shares. Strict (no "12" for 12, no extra keys): the contract is the moat,
+class _Document(BaseModel):
+    """What every document shares. Strict (no "12" for 12, no extra keys): the contract is the moat,
     and a field nobody validates today is a field nobody can rely on tomorrow. Ids follow the stack
     config's rules (``infra.config.TenantId`` & co.), checked in pydantic-core rather than Python
     because every message pays for them; they also keep tags safe to write unescaped."""
@@ -173,6 +194,11 @@ class _Payload(BaseModel):
         max_length=48,
         description="Machine id; must equal the topic's machine level.",
     )
+
+
+class _Payload(_Document):
+    """What every reading shares: its machine's ids and state."""
+
     status: Status = Field(description="Operating state of the machine at `ts`.")
 
 
@@ -233,6 +259,59 @@ class TelemetryV3(TelemetryV2):
     seq: SequenceId
 
 
+class TelemetryV4(TelemetryV3):
+    """Version 4 (a reading): version 3 and ``historical``, true for a reading a gateway backfills
+    from its history lane rather than sending it live. Stored as the field ``historical=1`` of the
+    same point (:mod:`ingest.points`); absent or false, the reading is live."""
+
+    schema_version: Literal[4] = Field(description=_VERSION_DESCRIPTION)  # type: ignore[assignment]
+    historical: bool = Field(
+        default=False, description="True: backfilled by the gateway after an outage, not live."
+    )
+
+
+class GapSequence(BaseModel):
+    """The seq range of a gap, within one boot of its gateway: the dropped readings' ``n`` lie in
+    ``first_n..last_n`` (a range that may hold other machines' readings, never fewer than ``count``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    gateway: str = Field(pattern=DNS_LABEL_PATTERN, max_length=63, description="The gateway's id.")
+    boot: int = Field(ge=0, lt=2**32, description="The boot epoch of the dropped readings.")
+    first_n: int = Field(ge=0, lt=2**53, description="Seq counter of the first dropped reading.")
+    last_n: int = Field(ge=0, lt=2**53, description="Seq counter of the last dropped reading.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GapSequence:
+        if self.first_n > self.last_n:
+            raise ValueError(f"first_n {self.first_n} is after last_n {self.last_n}")
+        return self
+
+
+class GapRecordV4(_Document):
+    """A gap record (v4, ``"kind": "gap"``): readings of one machine a gateway dropped before the
+    platform confirmed them, so that a loss is visible rather than silent. The gateway keeps
+    sending it, its ``count`` growing while it drops more, until the worker confirms it stored
+    (``telemetry_gaps`` in the registry, one row per gateway, boot, first seq and reason)."""
+
+    schema_version: Literal[4] = Field(description=_VERSION_DESCRIPTION)
+    kind: Literal["gap"] = Field(description="This document is a gap record, not a reading.")
+    reason: GapReason = Field(description="The gateway's cap that dropped the readings.")
+    count: int = Field(ge=1, lt=2**53, description="Readings dropped.")
+    first_ts: float = Field(ge=EPOCH_MIN, lt=EPOCH_MAX, description="Oldest dropped reading, epoch s.")
+    last_ts: float = Field(ge=EPOCH_MIN, lt=EPOCH_MAX, description="Newest dropped reading, epoch s.")
+    seq: GapSequence
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GapRecordV4:
+        if self.first_ts > self.last_ts:
+            raise ValueError(f"first_ts {self.first_ts} is after last_ts {self.last_ts}")
+        span = self.seq.last_n - self.seq.first_n + 1
+        if self.count > span:
+            raise ValueError(f"count {self.count} is more than the {span} seqs of first_n..last_n")
+        return self
+
+
 class TelemetryV1(_Payload):
     """Version 1, the PoC gateway format: vendor signal names, whole seconds, no machine type."""
 
@@ -273,20 +352,35 @@ class TelemetryV1(_Payload):
         )
 
 
+_GAP_TAG = "4-gap"
+
+
 def _version_tag(value: Any) -> str | None:
     """The union's tag: ``schema_version`` only when it is a JSON integer. A ``Literal`` tag would
     look it up by Python equality, where ``True == 1.0 == 1``, and take ``true`` or ``1.0`` for
-    version 1. None (no such tag) for a missing or non-integer version or a payload not an object."""
+    version 1. None (no such tag) for a missing or non-integer version or a payload not an object.
+    A v4 document with ``"kind": "gap"`` is a gap record; any other v4 document is read as a reading
+    (so a ``kind`` of another value is an unknown field of it)."""
     version = value.get("schema_version") if isinstance(value, dict) else None
-    return str(version) if type(version) is int else None
+    if type(version) is not int:
+        return None
+    return _GAP_TAG if version == 4 and value.get("kind") == "gap" else str(version)
 
 
 Telemetry = Annotated[
-    Annotated[TelemetryV1, Tag("1")] | Annotated[TelemetryV2, Tag("2")] | Annotated[TelemetryV3, Tag("3")],
+    Annotated[TelemetryV1, Tag("1")]
+    | Annotated[TelemetryV2, Tag("2")]
+    | Annotated[TelemetryV3, Tag("3")]
+    | Annotated[TelemetryV4, Tag("4")]
+    | Annotated[GapRecordV4, Tag(_GAP_TAG)],
     Discriminator(_version_tag),
 ]
-_TELEMETRY: TypeAdapter[TelemetryV1 | TelemetryV2 | TelemetryV3] = TypeAdapter(Telemetry)
-MODELS: dict[int, type[_Payload]] = {1: TelemetryV1, 2: TelemetryV2, 3: TelemetryV3}
+_TELEMETRY: TypeAdapter[TelemetryV1 | TelemetryV2 | TelemetryV3 | TelemetryV4 | GapRecordV4] = TypeAdapter(
+    Telemetry
+)
+# The reading of each version, and the other document kinds (their JSON Schema files).
+MODELS: dict[int, type[_Payload]] = {1: TelemetryV1, 2: TelemetryV2, 3: TelemetryV3, 4: TelemetryV4}
+DOCUMENT_KINDS: dict[str, type[_Document]] = {"gap-v4": GapRecordV4}
 
 
 # ------------------------------------------------------------------------------------- decode
@@ -297,6 +391,14 @@ class Accepted:
     telemetry: TelemetryV2
     schema_version: int
     seq: SequenceId | None = None
+    historical: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedGap:
+    """A valid gap record."""
+
+    gap: GapRecordV4
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,11 +423,12 @@ def decode(
     *,
     machine_types: Mapping[MachineKey, str] | None = None,
     max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-) -> Accepted | Rejected:
-    """Validate one message against the contract and map it forward to :class:`TelemetryV2`.
+) -> Accepted | AcceptedGap | Rejected:
+    """Validate one document against the contract and map a reading forward to :class:`TelemetryV2`.
 
     ``machine_types`` is the registry's view (machine → type): v1 payloads need it to resolve
-    their type, and a v2 payload's declared type must agree with it. Never raises on input.
+    their type, and a v2 payload's declared type must agree with it. A batch is not one document:
+    :func:`unpack` it first. Never raises on input.
     """
     if len(payload) > max_bytes:
         return Rejected(Reason.OVERSIZED, f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
@@ -341,6 +444,8 @@ def decode(
     mismatch = _topic_mismatch(key, message)
     if mismatch:
         return Rejected(Reason.TOPIC_MISMATCH, mismatch)
+    if isinstance(message, GapRecordV4):
+        return AcceptedGap(message)
     known = machine_types.get(key) if machine_types is not None else None
     if isinstance(message, TelemetryV2):
         if known is not None and known != message.machine_type:
@@ -349,7 +454,8 @@ def decode(
                 f"machine_type: {message.machine_type!r} but the registry has {known!r} for this machine",
             )
         seq = message.seq if isinstance(message, TelemetryV3) else None
-        return Accepted(message, message.schema_version, seq)
+        historical = isinstance(message, TelemetryV4) and message.historical
+        return Accepted(message, message.schema_version, seq, historical)
     if known is None:
         return Rejected(
             Reason.UNKNOWN_MACHINE, f"machine {'/'.join(key)!r} is not registered (v1 needs its type)"
@@ -362,7 +468,56 @@ def decode(
         return _rejection(error, tagged=False)
 
 
-def _topic_mismatch(key: MachineKey, message: TelemetryV1 | TelemetryV2) -> str | None:
+def unpack(
+    topic: str,
+    payload: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    max_batch_documents: int = DEFAULT_MAX_BATCH_DOCUMENTS,
+) -> list[bytes] | Rejected:
+    """The documents of one MQTT message, each to :func:`decode` on its own: the payload itself, or
+    a batch's lines. A batch is refused whole only when it cannot be read (too large compressed,
+    past ``max_batch_bytes`` or ``max_batch_documents`` once decompressed, not a zlib stream, on a
+    topic outside the contract); then it is one dead letter. Never raises on input."""
+    if not payload.startswith(BATCH_MAGIC):
+        return [payload]
+    if len(payload) > max_bytes:
+        return Rejected(Reason.OVERSIZED, f"batch of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    if parse_topic(topic) is None:
+        return Rejected(
+            Reason.BAD_TOPIC, f"topic {topic[:200]!r} is not {TOPIC_ROOT}/<tenant>/<site>/<machine>/telemetry"
+        )
+    inflater = zlib.decompressobj()
+    try:
+        body = inflater.decompress(payload[len(BATCH_MAGIC) :], max_batch_bytes + 1)
+    except zlib.error as error:
+        return Rejected(Reason.MALFORMED, f"batch: not a zlib (deflate) stream after its marker: {error}")
+    if len(body) > max_batch_bytes:
+        return Rejected(
+            Reason.BATCH_TOO_LARGE, f"batch: decompresses to more than the limit of {max_batch_bytes} bytes"
+        )
+    if not inflater.eof:
+        return Rejected(Reason.MALFORMED, "batch: the zlib stream is truncated")
+    if inflater.unused_data:
+        return Rejected(Reason.MALFORMED, f"batch: {len(inflater.unused_data)} bytes after its zlib stream")
+    documents = body.removesuffix(b"\n").split(b"\n") if body else []
+    if not documents:
+        return Rejected(Reason.MALFORMED, "batch: holds no document")
+    if len(documents) > max_batch_documents:
+        return Rejected(
+            Reason.BATCH_TOO_LARGE,
+            f"batch: {len(documents)} documents, more than the limit of {max_batch_documents}",
+        )
+    return documents
+
+
+def pack(documents: list[bytes]) -> bytes:
+    """A batch of v4 documents (each a JSON text without a newline), as :func:`unpack` reads it."""
+    return BATCH_MAGIC + zlib.compress(b"\n".join(documents))
+
+
+def _topic_mismatch(key: MachineKey, message: _Document) -> str | None:
     """A device may only speak for the machine its topic (and so its broker identity) names."""
     if (message.tenant_id, message.site_id, message.machine_id) == key:
         return None

@@ -1,8 +1,8 @@
 """The worker's Prometheus metrics, in a registry of its own (``/metrics``).
 
-Per tenant where an operator asks "whose data?": received, written, rejected (by reason) and
-store write errors. Batch size, write latency and lag (payload ``ts`` to stored, i.e. device
-to database) are fleet-wide histograms.
+Per tenant where an operator asks "whose data?": received, written, rejected (by reason),
+deferred (by reason) and store write errors. Batch size, write latency and lag (payload ``ts``
+to stored, i.e. device to database) are fleet-wide histograms.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ class WorkerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.received = Counter(
-            "ironlink_ingest_messages_received", "Messages delivered by the broker", ["tenant"], registry=r
+            "ironlink_ingest_messages_received",
+            "Messages delivered by the broker (each document of a batch counts as one)",
+            ["tenant"],
+            registry=r,
         )
         self.written = Counter(
             "ironlink_ingest_points_written",
@@ -33,6 +36,25 @@ class WorkerMetrics:
         self.rejected = Counter(
             "ironlink_ingest_messages_rejected",
             "Messages dead-lettered, by reason",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.deferred = Counter(
+            "ironlink_ingest_deferred",
+            "Sequenced readings neither stored nor dead-lettered but left unreceipted for their "
+            "gateway to send again, by reason (quota: the tenant's messages/s)",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.gap_records = Counter(
+            "ironlink_ingest_gap_records_stored",
+            "Gap records (readings a gateway dropped) stored in the registry and confirmed",
+            ["tenant"],
+            registry=r,
+        )
+        self.gap_readings = Counter(
+            "ironlink_ingest_gap_readings",
+            "Readings gateways reported dropped, by their cap; a resent gap adds only its growth",
             ["tenant", "reason"],
             registry=r,
         )

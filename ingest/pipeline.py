@@ -1,9 +1,13 @@
 """From one MQTT message to either a point for the store or a dead letter: no I/O here.
 
-The worker feeds every delivery through :meth:`Pipeline.process`; the order of checks is the
+The worker feeds every delivery through :meth:`Pipeline.process_message`, which unpacks a batch
+(:func:`ingest.contract.unpack`) and takes each of its documents through :meth:`Pipeline.process`
+on its own, as if it had come alone. The order of checks is the
 contract (:func:`ingest.contract.decode`), the tenant's route, ``ts`` against the arrival time
 (neither further ahead than the clock skew allowed nor older than the tenant's tier keeps), the
-tenant's quota, then the derived metrics and the line protocol. Nothing that a message contains
+tenant's quota (each reading of a batch counts), then the derived metrics and the line protocol.
+A gap record is checked for its tenant and machine and becomes a :class:`GapRecord` for the
+registry. Nothing that a message contains
 can make it raise: an unforeseen error becomes a dead letter with reason ``internal_error``,
 because an exception here would leave the message unacknowledged, redelivered, and failing again
 forever.
@@ -18,10 +22,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ingest.contract import Accepted, MachineKey, Reason, Rejected, decode, parse_topic
+from ingest.contract import (
+    Accepted,
+    AcceptedGap,
+    MachineKey,
+    Reason,
+    Rejected,
+    decode,
+    parse_topic,
+    unpack,
+)
 from ingest.derive import DerivedMetrics
 from ingest.points import to_line
 from ingest.settings import WorkerSettings
+from registry.gaps import GapRow, epoch
 from registry.tenant_routes import TenantStoreRoute
 
 UNKNOWN_TENANT_LABEL = "_unknown"
@@ -37,6 +51,32 @@ class Point:
     ts: float
     seq: Sequence | None = None
     """(gateway, boot, n) of a v3 message: what the worker's receipts confirm once stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class GapRecord:
+    """An accepted gap record as the registry row the worker stores (and then confirms)."""
+
+    tenant_id: str
+    row: GapRow
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A sequenced reading (v3, v4) refused *for now*: not stored, not dead-lettered, and so not
+    in any receipt. Its gateway keeps every reading until a receipt covers it and sends it again
+    later, so a backfill faster than the tenant's quota is slowed down to it, instead of being
+    dead-lettered, resent and dead-lettered again. Counted ``ironlink_ingest_deferred_total``."""
+
+    tenant_id: str
+    reason: str
+    """Why, as the metric's label: :data:`DEFERRED_QUOTA`."""
+    detail: str
+    seq: Sequence
+
+
+DEFERRED_QUOTA = "quota"
+"""The per-second quota's bucket was empty (:class:`TenantQuota`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +118,9 @@ class TenantQuota:
     Arrival, on the worker's monotonic clock, because the payload's ``ts`` is the sender's to
     choose: counted on it, a flood spread over made-up timestamps passed. The bucket starts full
     and holds ``burst_s`` seconds of the rate, so a backlog the broker queued during a worker
-    restart (tens of seconds) or a short burst passes; a longer one is dead-lettered
-    ``quota_exceeded``, counted and replayable, never dropped.
+    restart (tens of seconds) or a short burst passes. Beyond it, an unsequenced message is
+    dead-lettered ``quota_exceeded``, counted and replayable, never dropped; a sequenced reading
+    is :class:`Deferred` (its gateway holds it and sends it again).
     """
 
     def __init__(
@@ -164,23 +205,51 @@ class Pipeline:
         key = parse_topic(topic)
         return key[0] if key is not None and key[0] in self._tenants else UNKNOWN_TENANT_LABEL
 
-    def process(self, topic: str, payload: bytes, received_at: float) -> Point | DeadLetter:
+    def process_message(
+        self, topic: str, payload: bytes, received_at: float
+    ) -> list[tuple[bytes, Point | GapRecord | Deferred | DeadLetter]]:
+        """Each document of one MQTT message (one, or a batch's) with its outcome. A batch that
+        cannot be read is one dead letter of the whole payload; otherwise a document dead-lettered
+        keeps its own bytes, so its replay is that document alone."""
+        s = self.settings
+        documents = unpack(
+            topic,
+            payload,
+            max_bytes=s.max_payload_bytes,
+            max_batch_bytes=s.max_batch_bytes,
+            max_batch_documents=s.max_batch_documents,
+        )
+        if isinstance(documents, Rejected):
+            return [(payload, self._dead_letter(documents, topic, payload, received_at))]
+        return [(document, self.process(topic, document, received_at)) for document in documents]
+
+    def process(
+        self, topic: str, payload: bytes, received_at: float
+    ) -> Point | GapRecord | Deferred | DeadLetter:
+        """One document (not a batch: :meth:`process_message` unpacks those)."""
         try:
             outcome = self._process(topic, payload, received_at)
         except Exception as error:  # a bug must not become a poison message: see module docstring
             outcome = Rejected(Reason.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
-        if isinstance(outcome, Point):
+        if isinstance(outcome, Point | GapRecord | Deferred):
             return outcome
-        document = dead_letter_document(
-            outcome, topic, payload, received_at, self.settings.dead_letter_payload_bytes
-        )
-        return DeadLetter(self.tenant_label(topic), outcome.reason, outcome.detail, document)
+        return self._dead_letter(outcome, topic, payload, received_at)
 
-    def _process(self, topic: str, payload: bytes, received_at: float) -> Point | Rejected:
+    def _dead_letter(self, rejected: Rejected, topic: str, payload: bytes, received_at: float) -> DeadLetter:
+        document = dead_letter_document(
+            rejected, topic, payload, received_at, self.settings.dead_letter_payload_bytes
+        )
+        return DeadLetter(self.tenant_label(topic), rejected.reason, rejected.detail, document)
+
+    def _process(
+        self, topic: str, payload: bytes, received_at: float
+    ) -> Point | GapRecord | Deferred | Rejected:
         machine_types = self._machine_types  # one reading: the fleet thread may swap it meanwhile
         result = decode(
             topic, payload, machine_types=machine_types, max_bytes=self.settings.max_payload_bytes
         )
+        if isinstance(result, AcceptedGap):
+            return self._gap(result, machine_types, received_at)
         if not isinstance(result, Accepted):
             return result
         sample = result.telemetry
@@ -196,16 +265,46 @@ class Pipeline:
         if out_of_time is not None:
             return out_of_time
         quota = tenant.quota
+        seq = (result.seq.gateway, result.seq.boot, result.seq.n) if result.seq else None
         if quota is not None and not quota.admit():
-            return Rejected(
-                Reason.QUOTA_EXCEEDED,
+            detail = (
                 f"tenant {sample.tenant_id!r} is over its quota of "
                 f"{tenant.route.messages_per_second:g} messages/s: this replica "
                 f"admits {quota.rate:g}/s (one of {self.settings.quota_share_replicas} sharing it) "
-                f"with a burst of {quota.capacity:g} messages",
+                f"with a burst of {quota.capacity:g} messages"
             )
-        seq = (result.seq.gateway, result.seq.boot, result.seq.n) if result.seq else None
-        return Point(sample.tenant_id, to_line(sample, self.derived.update(sample)), sample.ts, seq)
+            if seq is not None:  # its gateway holds it until a receipt covers it
+                return Deferred(sample.tenant_id, DEFERRED_QUOTA, detail, seq)
+            return Rejected(Reason.QUOTA_EXCEEDED, detail)
+        line = to_line(sample, self.derived.update(sample), historical=result.historical)
+        return Point(sample.tenant_id, line, sample.ts, seq)
+
+    def _gap(
+        self, result: AcceptedGap, machine_types: Mapping[MachineKey, str], received_at: float
+    ) -> GapRecord | Rejected:
+        """A gap record of a known tenant's registered machine. Its times are not checked against
+        the arrival (a gap is old news by nature: the readings it counts were dropped for age)."""
+        gap, seq = result.gap, result.gap.seq
+        if gap.tenant_id not in self._tenants:
+            return Rejected(
+                Reason.UNKNOWN_TENANT, f"tenant_id: {gap.tenant_id!r} is not a tenant of this platform"
+            )
+        machine = (gap.tenant_id, gap.site_id, gap.machine_id)
+        if self._registry_fleet and machine not in machine_types:
+            return Rejected(Reason.UNKNOWN_MACHINE, f"machine {'/'.join(machine)!r} is not registered")
+        row = GapRow(
+            *machine,
+            gateway=seq.gateway,
+            boot=seq.boot,
+            first_n=seq.first_n,
+            last_n=seq.last_n,
+            reason=gap.reason,
+            count=gap.count,
+            first_ts=epoch(gap.first_ts),
+            last_ts=epoch(gap.last_ts),
+            received_at=epoch(received_at),
+        )
+        return GapRecord(gap.tenant_id, row)
 
     def _ts_problem(
         self, ts: float, received_at: float, tenant_id: str, max_age_s: int | None

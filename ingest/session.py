@@ -57,7 +57,10 @@ def persistent_client(settings: BrokerSettings) -> mqtt.Client:
             keyfile=str(settings.mqtt_key_file) if settings.mqtt_key_file else None,
             tls_version=ssl.PROTOCOL_TLS_CLIENT,
         )
-    client.reconnect_delay_set(1, 10)
+    # At most 2 s between attempts: a handful of replicas cannot storm a broker, and every second
+    # the worker stays away after a broker outage is a second of every gateway's live data waiting
+    # behind its backlog (bench/edge.py: 3.5 s of a 4.2 s live p99 with a 10 s maximum).
+    client.reconnect_delay_set(1, 2)
     return client
 
 

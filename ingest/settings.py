@@ -38,7 +38,12 @@ from infra.tenancy import (
     ingest_subscription,
     replay_subscription,
 )
-from ingest.contract import DEFAULT_MAX_PAYLOAD_BYTES, MachineKey
+from ingest.contract import (
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_DOCUMENTS,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    MachineKey,
+)
 from registry.tenant_routes import (
     STORE_URL_PATTERN,
     TOKEN_MAX_CHARS,
@@ -132,7 +137,9 @@ class WorkerSettings(BaseModel):
     # The registry (ingest/fleet.py): with it, tenants (routes, URLs, tokens, quotas) and machines
     # come from it and follow its changes; store_urls, tenants and the tokens file are then ignored.
     registry_dsn: SecretStr | None = Field(
-        default=None, description="From IRONLINK_REGISTRY_DSN only; read-only access suffices."
+        default=None,
+        description="From IRONLINK_REGISTRY_DSN only; read access suffices, and writes to the usage_*"
+        " tables with usage_metering, and INSERT/UPDATE on telemetry_gaps for gateways' gap records.",
     )
     fleet_poll_s: float = Field(
         default=60.0,
@@ -181,6 +188,18 @@ class WorkerSettings(BaseModel):
 
     # Contract, quota and derived metrics.
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=256)
+    max_batch_bytes: int = Field(
+        default=DEFAULT_MAX_BATCH_BYTES,
+        ge=1024,
+        le=64 * 2**20,
+        description="What one compressed batch may decompress to (contract v4); beyond: batch_too_large.",
+    )
+    max_batch_documents: int = Field(
+        default=DEFAULT_MAX_BATCH_DOCUMENTS,
+        ge=1,
+        le=100_000,
+        description="Documents (readings, gap records) in one batch; beyond: batch_too_large.",
+    )
     max_clock_skew_s: int = Field(
         default=300,
         ge=0,
@@ -208,6 +227,26 @@ class WorkerSettings(BaseModel):
     derived_window_s: int = Field(default=900, ge=10, description="Window of duty cycle and uptime %.")
     derived_max_gap_s: int = Field(
         default=60, ge=1, description="Longest silence credited to the last status."
+    )
+
+    # Usage metering (ingest/usage.py), with a registry: idempotent events, hourly rollups, quota.
+    usage_metering: bool = Field(
+        default=True,
+        description="Count usage per tenant in the registry (writes to its usage_* tables).",
+    )
+    usage_flush_s: float = Field(
+        default=5.0, ge=0.1, le=300, description="How often counted usage is written to the registry."
+    )
+    usage_dedupe_hours: int = Field(
+        default=24,
+        ge=1,
+        le=24 * 40,
+        description="How long a point's identity is remembered: a copy arriving later counts again.",
+    )
+    usage_journal_max_bytes: int = Field(
+        default=64 * 2**20,
+        ge=2**16,
+        description="Usage not yet in the registry, journalled in spool_dir/usage; beyond: counted as lost.",
     )
 
     # Operations.

@@ -27,7 +27,12 @@ At least once, and no tenant waits for another:
   subscription (one replica) the session is kept for the next start;
 - delivery ids belong to one connection: after a reconnect, deliveries of the old one are written
   but not acknowledged (the broker redelivers them if it kept the session), so an old id can
-  never acknowledge a new message.
+  never acknowledge a new message;
+- a batch (contract v4) is taken apart into its documents, each stored or dead-lettered on its
+  own; gap records go to the registry's ``telemetry_gaps`` (``registry/gaps.py``) before the
+  batch is acknowledged, and are confirmed on the receipts topic like stored readings. A gap the
+  registry cannot take (none configured, or it fails) is dead-lettered ``store_unavailable`` and,
+  unconfirmed, sent again by its gateway.
 """
 
 from __future__ import annotations
@@ -38,10 +43,11 @@ import queue
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import psycopg
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -49,21 +55,24 @@ from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import CollectorRegistry, Counter
 
 from infra.tenancy import REPLAY_ROOT, dead_letter_topic, drain_topic, original_topic, receipts_topic
-from ingest.contract import Reason, Rejected, parse_topic
+from ingest.contract import MachineKey, Reason, Rejected, parse_topic
 from ingest.fleet import Fleet
 from ingest.health import HealthServer
 from ingest.metrics import WorkerMetrics
 from ingest.mqtt_fast import accelerate, ack_many
-from ingest.pipeline import DeadLetter, Pipeline, Point, dead_letter_document
+from ingest.pipeline import DeadLetter, Deferred, GapRecord, Pipeline, Point, dead_letter_document
 from ingest.session import connect_persistent, persistent_client
 from ingest.settings import WorkerSettings
 from ingest.spool import Spool, SpooledPoint, SpoolEntry, SpoolError
 from ingest.store import Store, store_answer
+from ingest.usage import meter_for
+from registry.gaps import upsert_gaps
 from registry.tenant_routes import TenantStoreRoutes
 
 log = structlog.get_logger("ingest")
 _NO_SEQ = (None, None, None)
 IDLE_WAIT_S = 0.5
+REGISTRY_TIMEOUT_S = 5  # connecting to the registry, and each gap record's statement
 _REPLAY_PREFIX = f"{REPLAY_ROOT}/"
 
 
@@ -84,7 +93,9 @@ class Batch:
     started: float = field(default_factory=time.monotonic)
     deliveries: list[Delivery] = field(default_factory=list)
     points: dict[str, list[tuple[Point, Delivery]]] = field(default_factory=dict)
+    gaps: list[tuple[GapRecord, Delivery]] = field(default_factory=list)
     dead_letters: list[SentLetter] = field(default_factory=list)
+    documents: int = 0  # what the deliveries held: a v4 batch is many
 
     def __len__(self) -> int:
         return len(self.deliveries)
@@ -122,6 +133,7 @@ class Worker:
         self._received: dict[str, Counter] = {}
         # Tenants: from the settings, or from the registry (none until its first copy).
         self.store = Store(settings.store_timeout_ms, {})
+        self.usage = meter_for(settings, self.metrics.registry)  # before the tenants: their quotas
         if settings.registry_dsn is not None:
             self.fleet: Fleet | None = Fleet(
                 settings.registry_dsn.get_secret_value(),
@@ -168,6 +180,7 @@ class Worker:
             self._hold(tenant, "points spooled by a previous run")
         self.metrics.unacked.set_function(lambda: self.unacked)
         self.metrics.store_ok.set_function(lambda: 0 if self._holds else 1)
+        self._gap_registry: psycopg.Connection | None = None  # opened at the first gap record
         self.client = self._client()
 
     def use_tenants(self, routes: TenantStoreRoutes) -> None:
@@ -175,6 +188,8 @@ class Worker:
         for a new tenant finds its writer; metric labels for the tenants that appeared."""
         self.store.use_tenants(routes)
         self.pipeline.use_tenants(routes)
+        if self.usage is not None:
+            self.usage.use_tenants(routes)
         received = self.metrics.received
         self._received = {tenant: self._received.get(tenant) or received.labels(tenant) for tenant in routes}
 
@@ -301,6 +316,8 @@ class Worker:
             self.fleet.start()
             while not self.fleet.wait_loaded(IDLE_WAIT_S) and not self._stop.is_set():
                 self.heartbeat = time.monotonic()
+        if self.usage is not None:  # a previous run's journal first, and the month so far
+            self.usage.start()
         connect_persistent(self.client, s, s.receive_maximum)
         self.client.loop_start()
         self._drainer.start()
@@ -324,7 +341,7 @@ class Worker:
                     pass
                 else:
                     self._take_arrived(batch)
-                if batch and (len(batch) >= self._batch_limit or self._due(batch)):
+                if batch and (self._full(batch) or self._due(batch)):
                     self._flush(batch)
                     batch = Batch()
             handed_over = self._finish(batch)
@@ -336,6 +353,9 @@ class Worker:
             self._writers.shutdown(wait=False, cancel_futures=True)
             self.store.close()
             self.spool.close()
+            self._drop_gap_registry()
+            if self.usage is not None:
+                self.usage.stop()
             if self.fleet is not None:
                 self.fleet.stop()
             health.stop()
@@ -343,11 +363,16 @@ class Worker:
 
     def _take_arrived(self, batch: Batch) -> None:
         """Whatever else has arrived, up to the batch's room: one wake-up serves a burst."""
-        while len(batch) < self._batch_limit:
+        while not self._full(batch):
             try:
                 self._handle(self._inbox.get_nowait(), batch)
             except queue.Empty:
                 return
+
+    def _full(self, batch: Batch) -> bool:
+        """``batch_size`` deliveries, or as many documents (a store write stays one batch's size
+        however many readings each delivery packs)."""
+        return len(batch) >= self._batch_limit or batch.documents >= self.settings.batch_size
 
     def _due(self, batch: Batch) -> bool:
         return time.monotonic() - batch.started >= self.settings.flush_interval_ms / 1000
@@ -376,7 +401,7 @@ class Worker:
                         self._flush(batch)
                         batch = Batch()
                     continue
-                if len(batch) >= self._batch_limit:
+                if self._full(batch):
                     self._flush(batch)
                     batch = Batch()
             drained = self._drain_marker is None
@@ -414,14 +439,56 @@ class Worker:
             if delivery.payload == self._drain_marker:
                 self._drain_marker = None
             return
-        outcome = self.pipeline.process(delivery.topic, delivery.payload, delivery.received_at)
-        if isinstance(outcome, Point):
+        outcomes = self.pipeline.process_message(delivery.topic, delivery.payload, delivery.received_at)
+        batch.documents += len(outcomes)
+        deferred: list[Deferred] = []
+        for document, outcome in outcomes:
+            # A batch's document stands for itself from here on: spooled, dead-lettered, replayed.
+            source = delivery if document is delivery.payload else replace(delivery, payload=document)
+            if isinstance(outcome, DeadLetter):
+                self.metrics.received.labels(outcome.tenant_label).inc()
+                batch.dead_letters.append(self._dead_letter(delivery.topic, outcome))
+                continue
             counter = self._received.get(outcome.tenant_id)
             (counter or self.metrics.received.labels(outcome.tenant_id)).inc()
-            batch.points.setdefault(outcome.tenant_id, []).append((outcome, delivery))
-        else:
-            self.metrics.received.labels(outcome.tenant_label).inc()
-            batch.dead_letters.append(self._dead_letter(delivery.topic, outcome))
+            if isinstance(outcome, Deferred):
+                deferred.append(outcome)
+                continue
+            if isinstance(outcome, GapRecord):
+                batch.gaps.append((outcome, source))
+                continue
+            over_quota = self.usage.admit(outcome.tenant_id) if self.usage is not None else None
+            if over_quota is not None:
+                batch.dead_letters += self._dead_letter_refused(
+                    outcome.tenant_id, {0: over_quota}, [source], Reason.MONTHLY_QUOTA_EXCEEDED
+                )
+                continue
+            batch.points.setdefault(outcome.tenant_id, []).append((outcome, source))
+        if deferred:
+            self._defer(delivery.topic, deferred)
+
+    def _defer(self, topic: str, deferred: Sequence[Deferred]) -> None:
+        """Sequenced readings refused for now: acknowledged with their batch, never receipted, so
+        their gateway sends them again; counted, and logged once per message with their range."""
+        by_cause: dict[tuple[str, str, str, int], list[Deferred]] = {}
+        for reading in deferred:
+            gateway, boot, _ = reading.seq
+            by_cause.setdefault((reading.tenant_id, reading.reason, gateway, boot), []).append(reading)
+        for (tenant, reason, gateway, boot), readings in by_cause.items():
+            self.metrics.deferred.labels(tenant, reason).inc(len(readings))
+            numbers = [reading.seq[2] for reading in readings]
+            log.warning(
+                "deferred",
+                topic=topic,
+                reason=reason,
+                readings=len(readings),
+                gateway=gateway,
+                boot=boot,
+                first_n=min(numbers),
+                last_n=max(numbers),
+                detail=readings[0].detail,
+                note="not receipted: the gateway sends these again",
+            )
 
     def _dead_letter(self, topic: str, letter: DeadLetter) -> SentLetter:
         """Publish a dead letter (QoS 1), to be confirmed by the broker before anything is acked."""
@@ -457,6 +524,8 @@ class Worker:
         """Make every point safe (stored, spooled or dead-lettered), confirm the dead letters,
         then acknowledge every delivery of the batch in arrival order."""
         self._store_batch(batch)
+        if batch.gaps:
+            self._store_gaps(batch)
         if not self._confirm(batch.dead_letters):
             log.warning("batch_abandoned", messages=len(batch), note="left unacknowledged for redelivery")
             return
@@ -498,6 +567,55 @@ class Worker:
                 continue
             self._stored(tenant, entries, write.result(), batch.dead_letters)
 
+    def _store_gaps(self, batch: Batch) -> None:
+        """Gap records into the registry, each in its own transaction, then confirmed to their
+        gateways; one the registry refuses is dead-lettered ``store_rejected``, and the rest
+        ``store_unavailable`` once the registry fails or while there is none to take them."""
+        stored: list[GapRecord] = []
+        for index, (record, source) in enumerate(batch.gaps):
+            try:
+                connection = self._registry_for_gaps()
+                with connection.transaction():
+                    added = upsert_gaps(connection, [record.row])[0]
+            except (psycopg.IntegrityError, psycopg.DataError) as error:
+                batch.dead_letters += self._dead_letter_refused(
+                    record.tenant_id, {0: f"registry: {error}"}, [source], Reason.STORE_REJECTED
+                )
+                continue
+            except (psycopg.Error, _NoRegistry) as error:
+                self._drop_gap_registry()
+                why = str(error) if isinstance(error, _NoRegistry) else f"registry: {error}"
+                for tenant, sources in _by_tenant(batch.gaps[index:]).items():
+                    refused = dict.fromkeys(range(len(sources)), why)
+                    batch.dead_letters += self._dead_letter_refused(
+                        tenant, refused, sources, Reason.STORE_UNAVAILABLE
+                    )
+                break
+            stored.append(record)
+            self.metrics.gap_records.labels(record.tenant_id).inc()
+            self.metrics.gap_readings.labels(record.tenant_id, record.row.reason).inc(added)
+            log.warning("gap_record_stored", added=added, **vars(record.row))
+        if stored:
+            self._publish_receipts([], stored)
+
+    def _registry_for_gaps(self) -> psycopg.Connection:
+        if self._gap_registry is None or self._gap_registry.closed:
+            dsn = self.settings.registry_dsn
+            if dsn is None:
+                raise _NoRegistry("no registry to store gap records in (IRONLINK_REGISTRY_DSN is not set)")
+            self._gap_registry = psycopg.connect(  # bounded: the main loop waits for it
+                dsn.get_secret_value(),
+                connect_timeout=REGISTRY_TIMEOUT_S,
+                options=f"-c statement_timeout={REGISTRY_TIMEOUT_S * 1000}",
+                autocommit=True,
+            )
+        return self._gap_registry
+
+    def _drop_gap_registry(self) -> None:
+        if self._gap_registry is not None:
+            self._gap_registry.close()
+            self._gap_registry = None
+
     def _stored(
         self,
         tenant: str,
@@ -509,6 +627,8 @@ class Worker:
         mids += self._dead_letter_refused(
             tenant, refused, [source for _, source in entries], Reason.STORE_REJECTED
         )
+        if self.usage is not None:  # journalled before the batch is acknowledged
+            self.usage.record(tenant, entries, refused)
         now = time.time()
         sequenced: list[tuple[str, tuple[str, int, int]]] = []
         for index, (point, source) in enumerate(entries):
@@ -520,22 +640,33 @@ class Worker:
         if sequenced:
             self._publish_receipts(sequenced)
 
-    def _publish_receipts(self, stored: list[tuple[str, tuple[str, int, int]]]) -> None:
-        """Per machine and gateway, the ranges of ``n`` per boot now in the store, on the machine's
-        receipts topic. QoS 1 but not awaited: a receipt lost on the way only makes the gateway
-        send those readings again, which rewrites the same points."""
-        ranges: dict[tuple[str, str], dict[int, list[int]]] = {}
+    def _publish_receipts(
+        self, stored: list[tuple[str, tuple[str, int, int]]], gaps: Sequence[GapRecord] = ()
+    ) -> None:
+        """Per machine and gateway, the ranges of ``n`` per boot now in the store, and the gap
+        records now in the registry (with the count stored: a gap that grew since is not done), on
+        the machine's receipts topic. QoS 1 but not awaited: a receipt lost on the way only makes
+        the gateway send those readings again, which rewrites the same points."""
+        ranges: dict[tuple[MachineKey, str], dict[int, list[int]]] = {}
         for topic, (gateway, boot, n) in stored:
-            ranges.setdefault((topic, gateway), {}).setdefault(boot, []).append(n)
-        mids = []
-        for (topic, gateway), boots in ranges.items():
             key = parse_topic(topic)
-            if key is None:
-                continue
-            body = {
+            if key is not None:
+                ranges.setdefault((key, gateway), {}).setdefault(boot, []).append(n)
+        gap_receipts: dict[tuple[MachineKey, str], list[dict[str, Any]]] = {}
+        for record in gaps:
+            row = record.row
+            gap_receipts.setdefault(((row.tenant_id, row.site_id, row.machine_id), row.gateway), []).append(
+                {"reason": row.reason, "boot": row.boot, "first_n": row.first_n, "count": row.count}
+            )
+        mids = []
+        for key, gateway in ranges.keys() | gap_receipts.keys():
+            boots = ranges.get((key, gateway), {})
+            body: dict[str, Any] = {
                 "gateway": gateway,
                 "stored": [[boot, *run] for boot, ns in sorted(boots.items()) for run in _runs(ns)],
             }
+            if (key, gateway) in gap_receipts:
+                body["gaps"] = gap_receipts[(key, gateway)]
             mids.append(self.client.publish(receipts_topic(*key), json.dumps(body), qos=1).mid)
         with self._confirmations:
             # Their confirmations are not waited for: forget them as they come, or they pile up.
@@ -715,6 +846,17 @@ class Worker:
                 return False
             time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
         return True
+
+
+class _NoRegistry(Exception):
+    """Gap records arrived at a worker that has no registry to keep them."""
+
+
+def _by_tenant(entries: Sequence[tuple[GapRecord, Delivery]]) -> dict[str, list[Delivery]]:
+    grouped: dict[str, list[Delivery]] = {}
+    for record, source in entries:
+        grouped.setdefault(record.tenant_id, []).append(source)
+    return grouped
 
 
 def _runs(numbers: list[int]) -> list[tuple[int, int]]:

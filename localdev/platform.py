@@ -18,6 +18,8 @@ dead-letters  the dead-letter consumer (``python -m ingest.deadletters``)  ironl
 provisioning  the provisioning API (``python -m provisioning``), HTTPS on   ironlink, or nobody
               loopback with the dev CA's certificate, its own issuing CAs;
               drives the broker's plugin as ``admin.dynsec``
+api           the Ironlink API (``python -m api``), HTTP on loopback: the  ironlink, or nobody
+              registry over its socket, VictoriaMetrics as the store
 ============  ==========================================================  ===================
 
 ``up`` converges: a running process whose command line, environment and config files are
@@ -49,6 +51,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from api.settings import ApiSettings
 from components.render.mosquitto import (
     DYNSEC_ADMIN,
     BrokerAccount,
@@ -87,6 +90,7 @@ from provisioning.settings import ProvisioningSettings
 from registry import store as registry
 from registry.access import service_usernames
 from registry.fleet_import import import_fleet
+from registry.roles import INGEST_ROLE, role_exists
 from registry.tenant_routes import tenant_route_for, upsert_tenant_route
 
 LOOPBACK = "127.0.0.1"
@@ -94,11 +98,13 @@ LOOPBACK = "127.0.0.1"
 # ``admin.dynsec``, whose session a second login under that username (the client id) would take over.
 DEVICE_SYNC_ADMIN = "admin.devsync"
 # Start order: what the worker needs comes first; ``down`` goes the other way.
-PROCESSES = ("postgres", "victoria-metrics", "mosquitto", "provisioning", "ingest", "dead-letters")
+PROCESSES = ("postgres", "victoria-metrics", "mosquitto", "provisioning", "ingest", "dead-letters", "api")
 # What ``up`` does between starting processes, reported like them: the registry's sync after
 # PostgreSQL, the tenants' store routes once the store's port is final, the demo devices after
 # Mosquitto, the issuing CAs after the provisioning service.
 STEPS = ("registry", "store-routes", "devices", "device-cas")
+# This project's own Python processes, not Debian servers: they run as the worker's account.
+OWN_PYTHON = ("ingest", "dead-letters", "provisioning", "api")
 # The accounts servers run as when ``ironlink dev`` runs as root (unused otherwise).
 ACCOUNTS = {
     "postgres": "postgres",
@@ -107,6 +113,7 @@ ACCOUNTS = {
     "ingest": "ironlink",
     "dead-letters": "ironlink",
     "provisioning": "ironlink",
+    "api": "ironlink",
 }
 # How each server shuts down cleanly: PostgreSQL's "fast" shutdown is SIGINT (SIGTERM waits for
 # every client to disconnect).
@@ -117,6 +124,7 @@ STOP_SIGNALS = {
     "ingest": signal.SIGTERM,
     "dead-letters": signal.SIGTERM,
     "provisioning": signal.SIGTERM,
+    "api": signal.SIGTERM,
 }
 PORT_FIELDS = {
     "postgres": "postgres",
@@ -125,6 +133,7 @@ PORT_FIELDS = {
     "ingest": "worker",
     "dead-letters": "dead_letters",
     "provisioning": "provisioning",
+    "api": "api",
 }
 Notify = Callable[[str, str], None]
 
@@ -227,7 +236,7 @@ class DevPlatform:
     # ------------------------------------------------------------------------------ accounts
     def account(self, process: str) -> str | None:
         """The unprivileged account ``process`` runs as; None when we are not root (then: as us)."""
-        if process in ("ingest", "dead-letters", "provisioning"):  # our own Python, not a Debian server
+        if process in OWN_PYTHON:
             return self.ingest_account
         return servers.service_user(ACCOUNTS[process])
 
@@ -276,9 +285,10 @@ class DevPlatform:
     def ca_file(self) -> Path:
         return self.layout.ca_cert
 
-    def registry_dsn(self, dbname: str | None = None) -> str:
+    def registry_dsn(self, dbname: str | None = None, user: str = "postgres") -> str:
+        """Over the local socket (trust): the superuser by default, or a service's own role."""
         return (
-            f"host={self.layout.postgres_sockets} port={self.ports.postgres} user=postgres "
+            f"host={self.layout.postgres_sockets} port={self.ports.postgres} user={user} "
             f"dbname={dbname or self.config.postgres.database}"
         )
 
@@ -423,6 +433,7 @@ class DevPlatform:
             "ingest": self._ingest_spec,
             "dead-letters": self._dead_letters_spec,
             "provisioning": self._provisioning_spec,
+            "api": self._api_spec,
         }[name]()
 
     def _postgres_spec(self) -> _Spec:
@@ -469,7 +480,7 @@ class DevPlatform:
         # environment: the registry's are followed (sync_store_routes writes the routes).
         secrets_env = {
             "IRONLINK_MQTT_PASSWORD": self._service_password(INGEST_SERVICE),
-            "IRONLINK_REGISTRY_DSN": self.registry_dsn(),
+            "IRONLINK_REGISTRY_DSN": self.registry_dsn(user=INGEST_ROLE),  # as in a cluster
         }
         server = servers.Server(
             name="ingest",
@@ -553,6 +564,33 @@ class DevPlatform:
             cwd=layout.provisioning,
         )
         return _Spec(ports.provisioning, server, [ca_file, layout.provisioning_cert, layout.provisioning_key])
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports.api}"
+
+    def _api_spec(self) -> _Spec:
+        """The API on loopback, the registry over its Unix socket, VictoriaMetrics as the store:
+        each tenant's series bound by the label filter the API adds (``api/stores.py``)."""
+        ports = self.ports
+        settings = ApiSettings.model_validate(
+            {
+                "store_kind": "victoriametrics",
+                "store_url": f"http://{LOOPBACK}:{ports.victoria_metrics}",
+                "host": LOOPBACK,
+                "port": ports.api,
+            }
+        )
+        server = servers.Server(
+            name="api",
+            argv=[python(), "-m", "api"],
+            ready=lambda: servers.http_ok(f"http://{LOOPBACK}:{ports.api}/readyz"),
+            log_path=self.layout.log("api"),
+            user=self.account("api"),
+            env={**settings.to_env(), "IRONLINK_API_REGISTRY_DSN": self.registry_dsn()},
+            cwd=self.layout.root,
+        )
+        return _Spec(ports.api, server)
 
     def _before_start(self, name: str) -> None:
         """Give each server its folders (as root: to its account) just before it starts."""
@@ -646,6 +684,8 @@ class DevPlatform:
         with psycopg.connect(self.registry_dsn("postgres"), autocommit=True) as admin:
             if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is None:
                 admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+            if not role_exists(admin, INGEST_ROLE):  # its privileges: the migration run below
+                admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(INGEST_ROLE)))
         credentials = self.credentials
         config, fleet = self.config, with_device_credentials(self.fleet, credentials)
         actor = registry.default_actor()

@@ -78,6 +78,14 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     raise TimeoutError(f"{what} was not ready after {timeout:.0f}s")
 
 
+def peak_rss_mb(pid: int) -> float:
+    """``VmHWM`` (peak resident set) of a running process, in MB (what the benches report)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
 def service_user(name: str) -> str | None:
     """The unprivileged account a server runs as when we are root; None when we are not root."""
     if os.geteuid() != 0:

@@ -223,6 +223,8 @@ class Ports(BaseModel):
     """The provisioning service's HTTPS API and probes; 0 in a state folder older than it."""
     mqtt_certificates: int = 0
     """The broker's certificate listener (CN = identity); 0 in a state folder older than it."""
+    api: int = 0
+    """The Ironlink API's HTTP port; 0 in a state folder older than it."""
 
     @classmethod
     def load_or_choose(cls, layout: Layout) -> Ports:
@@ -245,7 +247,7 @@ class Ports(BaseModel):
         write_public(layout.state_file, self.model_dump_json(indent=2) + "\n")
 
 
-_ADDED_LATER = ("dead_letters", "provisioning", "mqtt_certificates")
+_ADDED_LATER = ("dead_letters", "provisioning", "mqtt_certificates", "api")
 """Ports a state folder made before their process existed lacks (0): chosen on the next ``up``."""
 
 

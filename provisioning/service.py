@@ -23,10 +23,10 @@ from prometheus_client import CollectorRegistry, Counter
 from psycopg_pool import ConnectionPool
 
 from infra.tenancy import device_username
+from ingest.buckets import KeyedBuckets
 from provisioning import broker_log, models
 from provisioning.brokers import BrokerDirectory, BrokerError
 from provisioning.ca import Authorities, IssuingCA, common_name, parse_csr, public_key_digest
-from provisioning.ratelimit import KeyedBuckets
 from provisioning.settings import ProvisioningSettings
 from registry import provisioning as reg
 from registry.credentials import generate_password, hash_password

@@ -10,30 +10,28 @@ password from ``IRONLINK_PROV_MOSQUITTO_PASSWORD`` and the broker-log token from
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from infra.config import RegionName
-from ingest.settings import SettingsError, settings_env, settings_from_env
+from ingest.service_settings import ServiceSettings
 
 if TYPE_CHECKING:
     from provisioning.brokers import BrokerDirectory
 
 ENV_PREFIX = "IRONLINK_PROV_"
-SETTINGS_FILE_VAR = "IRONLINK_PROV_SETTINGS_FILE"
-_SECRETS = {"registry_dsn", "mosquitto_password", "broker_log_token"}
 HTTP_PORT = 8443
-WHAT = "provisioning service"
 
 
-class ProvisioningSettings(BaseModel):
+class ProvisioningSettings(ServiceSettings):
     """Everything ``python -m provisioning`` needs; defaults suit a Phase A stack."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    ENV_PREFIX = ENV_PREFIX
+    SETTINGS_FILE_VAR = "IRONLINK_PROV_SETTINGS_FILE"
+    SECRETS = frozenset({"registry_dsn", "mosquitto_password", "broker_log_token"})
+    WHAT = "provisioning service"
 
     # Registry.
     registry_dsn: SecretStr | None = Field(default=None, description="From IRONLINK_PROV_REGISTRY_DSN only.")
@@ -120,12 +118,6 @@ class ProvisioningSettings(BaseModel):
             )
         return self
 
-    def dsn(self) -> str:
-        """The registry DSN; :class:`SettingsError` naming the variable when it is missing."""
-        if self.registry_dsn is None or not self.registry_dsn.get_secret_value():
-            raise SettingsError([f"{ENV_PREFIX}REGISTRY_DSN: is required"], WHAT)
-        return self.registry_dsn.get_secret_value()
-
     def broker_directory(self) -> BrokerDirectory:
         """Where registry changes are pushed: nothing for EMQX (it reads the registry), Mosquitto's
         dynamic-security plugin otherwise (connected; :class:`provisioning.brokers.BrokerError` if
@@ -139,18 +131,3 @@ class ProvisioningSettings(BaseModel):
         return MosquittoDynamicSecurity(
             self.mosquitto_host, self.mosquitto_port, self.mosquitto_username, password, ca_file=ca_file
         ).connect()
-
-    def to_env(self) -> dict[str, str]:
-        """The non-secret settings as ``IRONLINK_PROV_*`` variables (what a Deployment sets)."""
-        return settings_env(self, prefix=ENV_PREFIX, json_fields=(), secrets=_SECRETS)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ProvisioningSettings:
-        return settings_from_env(
-            cls,
-            os.environ if environ is None else environ,
-            prefix=ENV_PREFIX,
-            json_fields=(),
-            file_var=SETTINGS_FILE_VAR,
-            what=WHAT,
-        )

@@ -4,7 +4,8 @@ Migrations are the files ``registry/migrations/NNNN_<name>.sql``, applied in ver
 its own transaction together with its row in ``schema_migrations``; a failing migration leaves
 nothing behind. Applying is idempotent and safe to run concurrently (the CLI, ``ironlink dev`` and
 the Pulumi provider all call it before use): an advisory lock serialises appliers, and a migration
-whose file changed after it was applied is reported instead of silently skipped.
+whose file changed after it was applied is reported instead of silently skipped. Every run ends
+by giving the service roles exactly their privileges (:mod:`registry.roles`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 import psycopg
+
+from registry.roles import converge_privileges
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # An arbitrary constant naming "the Ironlink registry migration lock" for pg_advisory_xact_lock.
@@ -91,6 +94,9 @@ def apply_migrations(conn: psycopg.Connection) -> list[int]:
                 (migration.version, migration.name, migration.checksum),
             )
             applied_now.append(migration.version)
+    with conn.transaction():  # concurrent GRANTs on one table fail: under the same lock
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        converge_privileges(conn)
     return applied_now
 
 

@@ -50,6 +50,11 @@ class TenantStoreRoute(BaseModel):
         max_length=TOKEN_MAX_CHARS,
         description="Write-only token; '' for a store without.",
     )
+    read_token: SecretStr = Field(
+        default=SecretStr(""),
+        max_length=TOKEN_MAX_CHARS,
+        description="Read-only token the API queries with (api/stores.py); '' for a store without.",
+    )
     messages_per_second: float | None = Field(
         default=None,
         gt=0,
@@ -61,6 +66,11 @@ class TenantStoreRoute(BaseModel):
     )
     dead_letter_retention_s: int | None = Field(
         default=None, ge=0, description="Seconds its dead letters are kept (0: forever); None: the default."
+    )
+    messages_per_month: int | None = Field(
+        default=None,
+        ge=1,
+        description="Hard monthly message quota (its tier's), metered by ingest/usage.py; None = none.",
     )
 
 
@@ -79,6 +89,7 @@ def tenant_route_for(config: PlatformConfig, tenant: Tenant, store_url: str, tok
         messages_per_second=config.quota_of(tenant).messages_per_second,
         max_age_s=tier.max_age_seconds,
         dead_letter_retention_s=tier.dead_letter_seconds,
+        messages_per_month=config.monthly_messages_of(tenant),
     )
 
 
@@ -88,9 +99,11 @@ _COLUMNS = (
     "org",
     "bucket",
     "token",
+    "read_token",
     "messages_per_second",
     "max_age_s",
     "dead_letter_retention_s",
+    "messages_per_month",
 )
 _SELECT = sql.SQL("SELECT tenant_id, {} FROM tenant_store_routes").format(
     sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))
@@ -105,8 +118,15 @@ _UPSERT = sql.SQL(
 )
 
 
+_TOKENS = {"token", "read_token"}
+
+
 def _row(route: TenantStoreRoute) -> dict[str, Any]:
-    return {**route.model_dump(exclude={"token"}), "token": route.token.get_secret_value()}
+    return {
+        **route.model_dump(exclude=_TOKENS),
+        "token": route.token.get_secret_value(),
+        "read_token": route.read_token.get_secret_value(),
+    }
 
 
 def _route(row: tuple[Any, ...]) -> TenantStoreRoute:
@@ -134,8 +154,8 @@ def listen(conn: psycopg.Connection) -> None:
 
 
 def _audited(route: TenantStoreRoute) -> dict[str, Any]:
-    """A route as the audit trail keeps it: everything but the token."""
-    return route.model_dump(mode="json", exclude={"token"})
+    """A route as the audit trail keeps it: everything but the tokens."""
+    return route.model_dump(mode="json", exclude=_TOKENS)
 
 
 def upsert_tenant_route(
@@ -143,8 +163,8 @@ def upsert_tenant_route(
 ) -> bool:
     """Make the registry hold ``route`` for ``tenant_id``; False when it already did (nothing is
     written, recorded or notified). Audited as ``store_route.created`` or ``store_route.updated``
-    (with what changed, a new token only as ``token_rotated``). The tenant must be in the registry
-    (``registry.store.sync_tenant`` first)."""
+    (with what changed, a new token only as ``token_rotated`` or ``read_token_rotated``). The
+    tenant must be in the registry (``registry.store.sync_tenant`` first)."""
     from registry.store import RegistryError, record_event
 
     where = f"tenant_routes[{tenant_id}]"
@@ -172,6 +192,7 @@ def upsert_tenant_route(
                 "before": {k: v for k, v in old.items() if new[k] != v},
                 "after": {k: v for k, v in new.items() if old[k] != v},
                 "token_rotated": before.token != route.token,
+                "read_token_rotated": before.read_token != route.read_token,
             }
             action = "store_route.updated"
         record_event(

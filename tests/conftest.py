@@ -6,6 +6,7 @@ temporary folder on a free port and stopped at the end. See ``localdev/servers.p
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -21,6 +22,16 @@ from _pytest.nodeid import NodeId
 from infra.config import load_stack
 from localdev import servers
 from localdev.platform import DevPlatform
+
+
+@pytest.fixture(autouse=True)
+def _a_current_event_loop() -> None:
+    """``asyncio.run()`` in an earlier test of the same process leaves the main thread with no
+    current loop, and the Pulumi SDK's mocks create their futures on the current one."""
+    try:
+        asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:
+        asyncio.set_event_loop(asyncio.new_event_loop())
 
 
 @pytest.hookimpl(trylast=True)

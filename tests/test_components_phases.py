@@ -14,6 +14,7 @@ from pyhocon import ConfigFactory
 from components.influxdb import influxdb_url
 from components.render import emqx
 from components.render.kubernetes import (
+    ROLE_API,
     ROLE_BACKUP,
     ROLE_BROKER,
     ROLE_DEAD_LETTERS,
@@ -28,6 +29,7 @@ from components.render.mosquitto import DYNSEC_ADMIN, dynsec_password
 from infra.plan import SECRET, Plan, PlannedResource
 from infra.tenancy import DEAD_LETTER_SERVICE, INGEST_SERVICE, influxdb_instance, store_route
 from ingest.settings import WorkerSettings
+from registry.roles import INGEST_PRIVILEGES, INGEST_ROLE
 from tests.pulumi_mocks import (
     PLANS,
     STACKS,
@@ -422,6 +424,7 @@ def test_only_the_worker_grafana_broker_and_backups_reach_the_databases(stack: s
         ROLE_BACKUP,
         ROLE_DEAD_LETTERS,
         ROLE_PROVISIONING,
+        ROLE_API,
         ROLE_RUNNER,
     }
     databases = ["postgres"] if registry_in_cluster(stack) else []
@@ -506,6 +509,7 @@ def test_requests_and_limits_come_from_the_config(stack: str) -> None:
         **{name: getattr(config, name) for name in in_cluster_databases(stack)},
         "grafana": config.grafana,
         "ingest": config.ingest,
+        "api": config.api,
         broker(plan).name: config.broker,
     }
     for name, section in sections.items():
@@ -688,6 +692,22 @@ def test_only_emqx_stacks_register_the_workers_broker_identity(stack: str) -> No
         assert _sync_await(plan.platform.ingest_credential.password_hash.future()).startswith("$7$")
     else:
         assert accounts == [], f"{stack}: Mosquitto reads its password file, not the registry"
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_worker_logs_into_the_registry_as_its_own_role_never_the_owner(stack: str) -> None:
+    """In-cluster and on RDS: role ``ingest`` (registry.roles) is written once the database runs,
+    with its privilege list as an input (a new list re-converges it), and the worker's DSN names it."""
+    plan = stack_plan(stack)
+    (role,) = plan.find("pulumi-python:dynamic/registry:ServiceRole")
+    assert (role.inputs["role"], role.inputs["password"], role.inputs["dsn"]) == (INGEST_ROLE, SECRET, SECRET)
+    assert role.inputs["privileges"] == {table: sorted(grants) for table, grants in INGEST_PRIVILEGES.items()}
+    dsn = _sync_await(plan.platform.postgres.ingest_dsn.future())
+    owner = _sync_await(plan.platform.postgres.dsn.future())
+    assert dsn.startswith(f"postgresql://{INGEST_ROLE}:") and not owner.startswith(
+        f"postgresql://{INGEST_ROLE}:"
+    )
+    assert dsn.rsplit("@", 1)[1] == owner.rsplit("@", 1)[1], "the same database"
 
 
 @pytest.mark.parametrize("stack", PHASE_A)

@@ -149,6 +149,14 @@ RULES = [
         id="old-style-fleet",
     ),
     pytest.param(
+        {"tenants": [tenant(alert_emails=["ops@acme.example", "noc@acme.example"])]},
+        "ironlink:tenants[0].alert_emails",
+        "alert recipients are registry routes now; remove it and run "
+        "'ironlink alerts route add --tenant acme --name operations --channel email "
+        "--target ops@acme.example,noc@acme.example --registry DSN'",
+        id="old-style-alert-emails",
+    ),
+    pytest.param(
         {"tenants": [tenant(machine_types=["toaster"])]},
         "ironlink:tenants[0].machine_types[0]",
         "'toaster' is not a known machine type",
@@ -305,6 +313,22 @@ def test_a_tenant_stack_is_checked_against_its_platform_naming_every_problem() -
     assert "ironlink:tenant.isolation: 3 is not available in phase B" in text
     assert "ironlink:extra: unknown setting of a tenant stack" in text
     assert "belongs in stack 'mvp-eu.acme', not 'mvp-eu.initech'" in text
+
+
+def test_a_tenant_stack_setting_alert_emails_is_refused_naming_the_route_command() -> None:
+    platform = load_platform("mvp-eu")
+    settings = {
+        "platform": "mvp-eu",
+        "tenant": tenant("acme", tier="gold", alert_emails=["ops@acme.example"]),
+    }
+    with pytest.raises(StackConfigError) as caught:
+        parse_tenant_stack(settings, "mvp-eu.acme", platform)
+    assert [str(problem) for problem in caught.value.problems] == [
+        "ironlink:tenant.alert_emails: alert recipients are registry routes now; remove it and run "
+        "'ironlink alerts route add --tenant acme --name operations --channel email "
+        "--target ops@acme.example --registry DSN'",
+        "ironlink:tenant.tier: 'gold' is not a retention tier (known: basic, premium, standard)",
+    ], "the retired setting is named, and the rest of the tenant is still checked"
 
 
 def test_an_old_style_platform_file_with_tenants_is_refused_naming_the_migration() -> None:

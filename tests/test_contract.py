@@ -13,6 +13,7 @@ from ingest.contract import (
     CURRENT_SCHEMA_VERSION,
     MODELS,
     Accepted,
+    AcceptedGap,
     Reason,
     Rejected,
     TelemetryV2,
@@ -53,14 +54,16 @@ def v1(**changes: Any) -> dict[str, Any]:
     return body
 
 
-def run(body: dict[str, Any] | bytes, topic: str = TOPIC, registry: Any = REGISTRY) -> Accepted | Rejected:
+def run(
+    body: dict[str, Any] | bytes, topic: str = TOPIC, registry: Any = REGISTRY
+) -> Accepted | AcceptedGap | Rejected:
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
     return decode(topic, payload, machine_types=registry)
 
 
 def test_the_newest_version_is_the_canonical_model() -> None:
     assert max(MODELS) == CURRENT_SCHEMA_VERSION
-    assert issubclass(MODELS[CURRENT_SCHEMA_VERSION], TelemetryV2), "v3 is read downstream as v2"
+    assert issubclass(MODELS[CURRENT_SCHEMA_VERSION], TelemetryV2), "v4 is read downstream as v2"
 
 
 def test_v3_is_v2_with_the_gateways_sequence_id() -> None:
@@ -93,7 +96,7 @@ REJECTIONS = [
     (b"[1, 2]", Reason.MALFORMED, "object"),
     (b"\xff\xfe", Reason.MALFORMED, "payload"),
     (b"x" * 20_000, Reason.OVERSIZED, "20000 bytes"),
-    (v2(schema_version=4), Reason.UNKNOWN_SCHEMA_VERSION, "schema_version: 4 is not supported"),
+    (v2(schema_version=5), Reason.UNKNOWN_SCHEMA_VERSION, "schema_version: 5 is not supported"),
     (v2(schema_version=3), Reason.MISSING_FIELD, "seq: Field required"),
     (v2(schema_version=3, seq={"gateway": "gw-1", "boot": -1, "n": 0}), Reason.INVALID_VALUE, "seq.boot"),
     (v2(schema_version="2"), Reason.UNKNOWN_SCHEMA_VERSION, 'schema_version: "2" is not supported'),
@@ -160,7 +163,7 @@ def test_only_a_json_integer_is_a_schema_version(body: Any, version: object, sho
     assert isinstance(result, Rejected) and result.reason is Reason.UNKNOWN_SCHEMA_VERSION, result
     assert result.detail == (
         f"schema_version: {shown} is not supported "
-        f"(supported: 1, 2, 3; a version is a JSON integer, not {kind})"
+        f"(supported: 1, 2, 3, 4; a version is a JSON integer, not {kind})"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -9,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from edge.agent import Agent
 from edge.config import EdgeConfigError, Gateway, parse_config
 from edge.normalize import Normalized, Normalizer, Reading
-from edge.store import EdgeStore
+from edge.store import EdgeStore, StoreClosed
 from infra.tenancy import telemetry_topic
-from ingest.contract import Reason, Rejected, decode
+from ingest.contract import Reason, Rejected, decode, unpack
 
 GATEWAY = Gateway(id="gw-1", tenant="acme", site="plant-1")
 
@@ -103,5 +105,96 @@ def test_vendor_names_become_canonical_and_the_seq_counts_within_a_new_boot_per_
     store.close()
     again = EdgeStore(tmp_path / "s.db", gateway="gw-1")
     assert again.boot == 1 and again.backlog()["messages"] == 2, "a restart keeps what is unconfirmed"
-    assert again.confirm("press-01", [(0, 0, 1)]) == 2
+    assert again.confirm("press-01", [(0, 0, 1)]).result(timeout=10) == 2
     assert again.backlog()["messages"] == 0
+
+
+class _Link:
+    """The transport side of a session, recorded (no broker): the bound lives in the agent."""
+
+    def __init__(self) -> None:
+        self.connected = True
+        self.sent: list[bytes] = []
+
+    def room(self, window: int) -> int:
+        return window  # the broker acknowledges at once: only receipts may hold the history back
+
+    def publish(self, payload: bytes, *, watch: bool = False) -> int:
+        self.sent.append(payload)
+        return len(self.sent)
+
+
+def _history_seqs(link: _Link) -> list[int]:
+    """The seq ``n`` of every history reading the link was handed, in order."""
+    topic = telemetry_topic("acme", "plant-1", "press-01")
+    found = []
+    for payload in link.sent:
+        documents = unpack(topic, payload)
+        assert isinstance(documents, list)
+        found += [json.loads(document)["seq"]["n"] for document in documents]
+    return found
+
+
+def test_history_in_flight_is_bounded_by_receipts_and_a_resend_pass_still_comes_without_them(
+    tmp_path: Path,
+) -> None:
+    raw = _config()
+    raw["store"] = {"path": str(tmp_path / "s.db")}
+    raw["uplink"] = {"host": "127.0.0.1", "history_in_flight": 500, "resend_after_s": 1}
+    agent = Agent(parse_config(raw))
+    machine = agent.config.machines[0]
+    normalizer = Normalizer(GATEWAY, machine)
+    readings = [
+        normalizer.normalize(Reading(1_800_000_000 + i, "running", {"T_OIL": 50.0})) for i in range(2000)
+    ]
+    agent.store.add([reading for reading in readings if isinstance(reading, Normalized)])
+    link = _Link()
+
+    async def sending() -> None:
+        agent.links[machine.id] = link  # type: ignore[assignment]
+        agent.connected(machine.id)  # all 2,000 are history now
+        for _ in range(5):
+            agent._send_machine(machine.id, link, 1000)  # budget for far more than the bound
+        latest, *history = _history_seqs(link)
+        assert latest == 1999, "the latest value goes first"
+        assert history == list(range(500)), "unconfirmed history stops at the bound"
+        link.sent.clear()
+        assert agent.history_in_flight() == 500
+        agent.receipt(machine.id, [(agent.store.boot, 0, 299)])
+        assert agent.history_in_flight() == 200
+        for _ in range(5):
+            agent._send_machine(machine.id, link, 1000)
+        assert _history_seqs(link) == list(range(500, 800)), "receipts make room for the next readings"
+        link.sent.clear()
+        await asyncio.sleep(1.2)  # resend_after_s without a receipt: the broker lost them
+        for _ in range(5):
+            agent._send_machine(machine.id, link, 1000)
+        assert _history_seqs(link)[:3] == [300, 301, 302], "the pass starts again at the oldest unconfirmed"
+        assert agent.history_in_flight() == 500
+
+    asyncio.run(sending())
+    agent.store.flush()
+    assert agent.store.backlog()["messages"] == 1700, "the receipt's 300 were forgotten, nothing else"
+    agent.store.close()
+
+
+def test_a_history_in_flight_below_one_is_named_by_path_and_value() -> None:
+    raw = _config()
+    raw["uplink"] = {"host": "127.0.0.1", "history_in_flight": 0, "resend_after_s": 0}
+    with pytest.raises(EdgeConfigError) as error:
+        parse_config(raw)
+    assert "uplink.history_in_flight: 0 is invalid" in str(error.value)
+    assert "uplink.resend_after_s: 0 is invalid" in str(error.value)
+
+
+def test_a_bounded_close_commits_what_ran_and_counts_what_it_never_reached(tmp_path: Path) -> None:
+    machine = parse_config(_config()).machines[0]
+    reading = Normalizer(GATEWAY, machine).normalize(Reading(1_800_000_000, "running", {"T_OIL": 51.5}))
+    assert isinstance(reading, Normalized)
+    store = EdgeStore(tmp_path / "s.db", gateway="gw-1")
+    assert store.add([reading]) and store.close(timeout=0) == 0, "nothing queued: nothing refused"
+    with pytest.raises(StoreClosed):
+        store.submit([reading])
+    again = EdgeStore(tmp_path / "s.db", gateway="gw-1")
+    assert again.backlog()["messages"] == 1 and again.moved_aside is None, "what was committed stays"
+    again.close()

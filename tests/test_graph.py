@@ -71,6 +71,10 @@ def test_network_policies_become_the_links_they_allow(platform: Drawing) -> None
     assert 'label="5432/TCP"' in platform.edge("StatefulSet / emqx", "StatefulSet / postgres", "allows")
     # An egress rule: the dead-letter consumer may reach the broker and the registry, nothing else.
     assert 'label="8883/TCP"' in platform.edge("Deployment / dead-letters", "StatefulSet / emqx", "allows")
+    # The API: Grafana's webhook in, the registry and the store out.
+    assert 'label="8090/TCP"' in platform.edge("Deployment / grafana", "Deployment / api", "allows")
+    assert 'label="5432/TCP"' in platform.edge("Deployment / api", "StatefulSet / postgres", "allows")
+    assert 'label="8086/TCP"' in platform.edge("Deployment / api", store, "allows")
     # A rule without a peer admits anyone: the devices' TLS port.
     assert 'label="8883/TCP"' in platform.edge("any client", "StatefulSet / emqx", "allows")
     assert not [e for e in platform.edges if e[0] == "any client" and e[1] == store], (
@@ -91,7 +95,8 @@ def test_services_select_their_workloads_and_workloads_dial_services(platform: D
 
 def test_a_tenant_stack_references_its_platform() -> None:
     drawing = Drawing(render_dot(region_plan("mvp-eu").tenants["acme"].to_json()))
-    assert drawing.clusters == ["Tenant acme"]
+    # Its own org's alerts go to the API (components/alerting.py).
+    assert sorted(drawing.clusters) == ["AlertWebhook acme-alerts", "Tenant acme"]
     tenant = next(label for label in drawing.labels.values() if label.startswith("Tenant / "))
     assert "Organization" in tenant and "Dashboard" in tenant
     assert "StackReference" in drawing.edge(tenant, "platform stack / mvp-eu", "reference")
@@ -109,10 +114,15 @@ def test_a_dedicated_store_admits_the_platforms_pods_drawn_as_another_stacks() -
         in_cluster, build_plan(in_cluster, "scale-eu-west-1"), in_cluster.tenant("umbrella")
     )
     drawing = Drawing(render_dot(umbrella.to_json()))
-    assert sorted(drawing.clusters) == ["InfluxDB influxdb-umbrella", "Tenant umbrella"]
+    assert sorted(drawing.clusters) == [
+        "AlertWebhook umbrella-alerts",
+        "InfluxDB influxdb-umbrella",
+        "Tenant umbrella",
+    ]
     store = "StatefulSet / influxdb-umbrella"
     assert "8086/TCP" in drawing.edge("pods of another stack / component=ingest", store, "allows")
     assert "8086/TCP" in drawing.edge("pods of another stack / component=grafana", store, "allows")
+    assert "8086/TCP" in drawing.edge("pods of another stack / component=api", store, "allows")
 
 
 def test_names_are_quoted_so_no_name_can_break_the_dot_text() -> None:

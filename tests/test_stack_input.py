@@ -222,9 +222,10 @@ FIELD_CASES = {
         "tenant", "tier: basic", "tier: " + "t" * 65,
         "ironlink:tenant.tier: is 65 characters long; at most 64",
     ),
-    "email": (
+    "alert-emails-retired": (
         "tenant", "    tier: basic\n", "    tier: basic\n    alert_emails: [" + "o" * 300 + "@example.com]\n",
-        "ironlink:tenant.alert_emails[0]: is 312 characters long; at most 254 are allowed",
+        "ironlink:tenant.alert_emails: alert recipients are registry routes now; remove it and run "
+        "'ironlink alerts route add --tenant acme",  # the 312-character address is cut (the length bound)
     ),
     "id-newline": (
         "tenant", "id: acme", 'id: "acme\\n"', "ironlink:tenant.id: 'acme\\n' is not a valid tenant id",
@@ -301,8 +302,11 @@ def test_oversized_or_malformed_values_are_refused_naming_the_field(
          "ironlink:tenant.id: '" + "i" * 79 + "... (100002 characters) is not a valid tenant id"),
         (["remove", "good", "i" * 100_000],
          "TENANT: '" + "i" * 79 + "... (100002 characters) is not a tenant of 'good' (tenants: acme)"),
+        (["add", "good", "--id", "initech", "--name", "Initech", "--tier", "basic",
+          "--alert-email", "o" * 100_000 + "@example.com"],
+         "--alert-email: String should have at most 2048 characters"),
     ],
-    ids=["add-name", "add-id", "remove-id"],
+    ids=["add-name", "add-id", "remove-id", "add-alert-email"],
 )  # fmt: skip
 def test_tenant_commands_refuse_a_huge_value_before_writing(
     project: Path, args: list[str], complaint: str

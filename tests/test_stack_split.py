@@ -67,9 +67,8 @@ config:
     - id: hooli
       name: Hooli Hardware
       tier: basic
-      machine_types: [conveyor]
-      alert_emails:
-        - ops@hooli.example.com
+      machine_types:
+        - conveyor
     # The worker below is sized for these tenants.
   ironlink:ingest:
     replicas: 4
@@ -209,21 +208,26 @@ def test_a_bad_old_file_is_refused_with_every_problem_and_nothing_is_written(pro
     bad = OLD_STYLE.replace("tier: premium\n      machine_types: [injection_molder]",
                             "tier: gold\n      machine_types: [injection_molder]")  # fmt: skip
     bad = bad.replace(
-        "      alert_emails:\n",
-        "      sites:\n        - id: plant-1\n          machines: []\n      alert_emails:\n",
+        "      machine_types:\n        - conveyor\n",
+        "      machine_types:\n        - conveyor\n"
+        "      sites:\n        - id: plant-1\n          machines: []\n"
+        "      alert_emails: [ops@hooli.example.com, noc@hooli.example.com]\n",
     )
     bad = bad.replace("    nodes: 3\n", "    nodes: 4\n")
-    assert bad.count("tier: gold") == 1 and bad.count("sites:") == 1
+    assert bad.count("tier: gold") == 1 and bad.count("sites:") == 1 and bad.count("alert_emails") == 1
     stack_file(STACK, project).write_text(bad)
     files = snapshot(project)
 
     result = run("stack", "split", STACK)
     assert_refused(
         result,
-        f"stack {STACK!r} has 3 problems",
+        f"stack {STACK!r} has 4 problems",
         "ironlink:tenants[1].tier: 'gold' is not a retention tier (known: basic, premium, standard)",
         f"ironlink:tenants[3].sites: sites and machines live in the registry now, not in a stack file; "
         f"run 'ironlink fleet import {STACK}'",
+        "ironlink:tenants[3].alert_emails: alert recipients are registry routes now; remove it and run "
+        "'ironlink alerts route add --tenant hooli --name operations "
+        "--channel email --target ops@hooli.example.com,noc@hooli.example.com --registry DSN'",
         "ironlink:broker.nodes: 4 is even",
     )
     assert snapshot(project) == files

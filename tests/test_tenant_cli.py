@@ -18,6 +18,7 @@ from infra.cli import tenant as tenant_cli
 from infra.config import load_stack
 from infra.plan import build_plan, build_tenant_plan
 from registry import store
+from registry.alerts import routes_of
 from tests.fixtures.registry import STACK
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +92,13 @@ def test_tenant_add_writes_its_own_stack_and_leaves_every_other_file_alone(proje
             ["--machine-type", "conveyor", "--machine-type", "conveyor"],
             "ironlink:tenant.machine_types[1]: 'conveyor' is listed twice",
         ),
-        (["--alert-email", "ops"], "ironlink:tenant.alert_emails[0]: 'ops' is not a valid email address"),
+        (["--alert-email", "ops"], "--alert-email: 'ops' is not 1 to 10 email addresses ('ops' is not one)"),
+        (
+            ["--alert-email", "ops@initech.example"],
+            "--alert-email: alert recipients are routes in the registry: give --registry DSN (or set "
+            "IRONLINK_REGISTRY_DSN) too, or add them later with 'ironlink alerts route add "
+            "--tenant 'initech' --name operations --channel email --target ...'",
+        ),
     ],
 )  # fmt: skip
 def test_bad_tenant_input_exits_2_naming_field_and_value_and_writes_nothing(
@@ -210,3 +217,38 @@ def test_registry_is_updated_and_audited_and_refusals_write_nothing(project: Pat
     result = run("tenant", "remove", "isolation", "acme", "--registry", "host=/nonexistent dbname=x")
     assert result.exit_code == 1 and "--registry: cannot connect to the registry" in result.output
     assert stack_files(project) == before, "nothing is deleted when the registry is unreachable"
+
+
+@pytest.mark.integration
+def test_alert_emails_become_the_new_tenants_email_route_in_the_registry_never_its_stack_file(
+    project: Path, postgres_dsn: str
+) -> None:
+    addresses = ["ops@initech.example", "noc@initech.example"]
+    emails = ["--alert-email", addresses[0], "--alert-email", addresses[1]]
+    result = run("tenant", "add", "isolation", "--id", "initech", "--name", "Initech", "--tier", "basic",
+                 *emails, "--registry", postgres_dsn)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Alerts emailed to ops@initech.example, noc@initech.example (registry route 'operations'" in (
+        result.output
+    )
+    assert "alert" not in stack_text(project, "isolation.initech"), "recipients never go to a stack file"
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        routes = routes_of(conn, "initech")
+        actions = [event.action for event in store.audit_events(conn, tenant_id="initech")]
+    shown = [(route.spec.name, route.spec.channel, route.spec.recipients(), route.spec.site_id,
+              route.spec.severities, route.spec.hours) for route in routes]  # fmt: skip
+    assert shown == [("operations", "email", addresses, None, None, None)], "any site, severity, hour"
+    assert actions == ["tenant.created", "alert_route.created"]
+
+    # A refused address refuses the whole command: no tenant in the registry, no stack file.
+    before = stack_files(project)
+    emails = ["--alert-email", "ops@hooli.example", "--alert-email", "noc"]
+    result = run("tenant", "add", "isolation", "--id", "hooli", "--name", "Hooli", "--tier", "basic",
+                 *emails, "--registry", postgres_dsn)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--alert-email: 'ops@hooli.example,noc' is not 1 to 10 email addresses ('noc' is not one)" in (
+        result.output
+    )
+    assert stack_files(project) == before
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        assert store.tenant_ids(conn) == ["initech"]

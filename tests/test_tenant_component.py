@@ -22,9 +22,10 @@ from pulumi.runtime import mocks, settings
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
+from components.alerting import CONTACT_POINT, GROUP_BY
 from components.influxdb import influxdb_url
 from components.providers.influxdb import InfluxConnection
-from components.tenant import GROUP_BY, Tenant, TenantArgs, grafana_admin_provider
+from components.tenant import Tenant, TenantArgs, grafana_admin_provider
 from infra.config import PlatformConfig, parse_platform
 from infra.plan import (
     SECRET,
@@ -44,6 +45,12 @@ ORG, BUCKET, TOKEN = (
     "pulumi-python:dynamic/influxdb:Token",
 )
 GRAFANA_ORG = "grafana:oss/organization:Organization"
+CONTACT, POLICY = (
+    "grafana:alerting/contactPoint:ContactPoint",
+    "grafana:alerting/notificationPolicy:NotificationPolicy",
+)
+ALERT_SOURCE = "pulumi-python:dynamic/registry:AlertSource"
+WEBHOOK_URL = "http://api.ironlink.svc.cluster.local:8090/v1/alerts/grafana"
 
 
 CONFIG = parse_platform(
@@ -57,7 +64,6 @@ CONFIG = parse_platform(
                 "name": "Acme",
                 "tier": "basic",
                 "isolation": 1,
-                "alert_emails": ["ops@acme.example"],
                 "machine_types": ["hydraulic_press", "cnc_mill"],
             },
             {"id": "initech", "name": "Initech", "tier": "basic", "isolation": 1},
@@ -66,7 +72,6 @@ CONFIG = parse_platform(
                 "name": "Globex",
                 "tier": "standard",
                 "isolation": 2,
-                "alert_emails": ["noc@globex.example"],
                 "machine_types": ["injection_molder"],
             },
             {
@@ -114,6 +119,7 @@ def _declare(config: PlatformConfig, influxdb: dict[str, InfluxConnection] | Non
                     grafana=grafana,
                     registry_dsn=pulumi.Output.secret("postgresql://ironlink:pw@postgres/ironlink"),
                     k8s_provider=k8s_provider,
+                    alert_webhook_url=WEBHOOK_URL,
                 ),
             )
             for tenant in config.tenants
@@ -172,24 +178,14 @@ def test_level_1_tenants_share_the_org_and_get_a_folder_their_team_alone_may_vie
         assert folder["title"] == f"{CONFIG.tenant(tenant_id).name} ({tenant_id})", "titles must not clash"
 
 
-def test_level_1_tenants_route_their_alerts_per_rule_and_touch_no_shared_policy() -> None:
-    """The shared org's policy tree is one resource of every tenant's; a tenant stack may not own
-    it, so each level-1 rule names its tenant's contact point (Grafana's simplified routing)."""
-    assert declared().plan.find("NotificationPolicy") == [
-        r for r in declared().plan.find("NotificationPolicy") if r.inputs.get("orgId")
-    ], "no notification policy in the shared org"
+def test_level_1_tenants_leave_alert_routing_to_the_shared_orgs_one_policy() -> None:
+    """The shared org's contact point and policy are the platform stack's (one for every tenant:
+    routing is the registry's); a level-1 tenant stack declares none and its rules name none."""
     for tenant_id in ("acme", "initech"):
-        assert owned(tenant_id, "grafana:alerting/notificationPolicy:NotificationPolicy") == [], tenant_id
-    rules = one("acme", "grafana:alerting/ruleGroup:RuleGroup").inputs["rules"]
-    contact = one("acme", "grafana:alerting/contactPoint:ContactPoint").inputs["name"]
-    assert rules and all(
-        rule["notificationSettings"] == {"contactPoint": contact, "groupBies": GROUP_BY} for rule in rules
-    )
-    assert {"alertname", "grafana_folder"} <= set(GROUP_BY), "Grafana's rule routing requires both"
-    own_org = one("globex", "grafana:alerting/ruleGroup:RuleGroup").inputs["rules"]
-    assert own_org and all("notificationSettings" not in rule for rule in own_org), (
-        "a tenant with an org of its own is routed by that org's policy"
-    )
+        for typ in (CONTACT, POLICY, ALERT_SOURCE):
+            assert owned(tenant_id, typ) == [], f"{tenant_id} declares a {typ}"
+    rules = [rule for group in declared().plan.find("RuleGroup") for rule in group.inputs["rules"]]
+    assert rules and all("notificationSettings" not in rule for rule in rules)
 
 
 @pytest.mark.parametrize("tenant_id", ["globex", "umbrella"])
@@ -211,12 +207,32 @@ def _org_id(grafana_org: PlannedResource) -> int:
     return mock_grafana_id(grafana_org.name)
 
 
-def test_a_level_2_tenant_with_alert_emails_owns_its_orgs_notification_policy() -> None:
-    policy = one("globex", "grafana:alerting/notificationPolicy:NotificationPolicy")
-    assert policy.inputs["contactPoint"] == "globex-operations"
-    assert policy.inputs["orgId"] == str(_org_id(one("globex", GRAFANA_ORG)))
-    contact = one("globex", "grafana:alerting/contactPoint:ContactPoint")
-    assert contact.inputs["emails"][0]["addresses"] == ["noc@globex.example"]
+@pytest.mark.parametrize("tenant_id", ["globex", "umbrella"])
+def test_a_tenant_with_its_own_org_sends_every_alert_to_the_api_as_its_own_webhook_source(
+    tenant_id: str,
+) -> None:
+    org_id = str(_org_id(one(tenant_id, GRAFANA_ORG)))
+    contact = one(tenant_id, CONTACT)
+    assert (contact.inputs["name"], contact.inputs["orgId"]) == (CONTACT_POINT, org_id)
+    # The webhook carries the bearer token: the whole setting is a secret in state and plan.
+    assert [set(hook.values()) for hook in contact.inputs["webhooks"]] == [{SECRET}]
+    alerts = declared().tenants[tenant_id].alerts
+    assert alerts is not None
+    webhooks = _sync_await(alerts.contact_point.webhooks.future())
+    assert webhooks is not None
+    (webhook,) = webhooks
+    assert (webhook["url"], webhook["http_method"], webhook["authorization_scheme"]) == (
+        WEBHOOK_URL,
+        "POST",
+        "Bearer",
+    )
+    assert "emails" not in contact.inputs, "who is told is the registry's routing, not Grafana's"
+    policy = one(tenant_id, POLICY)
+    assert (policy.inputs["contactPoint"], policy.inputs["orgId"]) == (CONTACT_POINT, org_id)
+    assert policy.inputs["groupBies"] == GROUP_BY and "routes" not in policy.inputs
+    source = one(tenant_id, ALERT_SOURCE)
+    assert (source.inputs["source_id"], source.inputs["tenant_id"]) == (f"grafana-{tenant_id}", tenant_id)
+    assert source.inputs["token"] == SECRET and source.inputs["dsn"] == SECRET
 
 
 def test_only_the_level_3_tenant_gets_an_influxdb_instance_and_its_store_lives_there() -> None:
@@ -293,6 +309,9 @@ def test_tokens_and_credentials_are_secret(tenant_id: str) -> None:
     assert one(tenant_id, "grafana:oss/dataSource:DataSource").inputs["secureJsonDataEncoded"] == SECRET
     registry = one(tenant_id, "pulumi-python:dynamic/registry:Tenant")
     assert registry.inputs["dsn"] == SECRET
+    # The API's read token for the tenant's store, kept out of the readable route.
+    assert registry.inputs["read_token"] == registry.inputs["write_token"] == SECRET
+    assert not {"token", "read_token"} & set(registry.inputs["route"])
     assert registry.inputs["isolation"] == LEVEL[tenant_id]
 
 
@@ -331,3 +350,13 @@ def test_dashboards_and_rules_read_only_the_tenants_bucket(tenant_id: str) -> No
 def test_a_tenant_without_machines_gets_no_alert_rules_and_one_dashboard() -> None:
     assert owned("initech", "grafana:alerting/ruleGroup:RuleGroup") == []
     assert [d.name for d in owned("initech", "grafana:oss/dashboard:Dashboard")] == ["initech-fleet"]
+
+
+def test_the_registry_route_carries_the_tiers_monthly_quota_to_the_worker() -> None:
+    """The hard quota usage metering enforces (ingest/usage.py) reaches tenant_store_routes."""
+    quotas = {}
+    for tenant_id in LEVEL:
+        route = one(tenant_id, "pulumi-python:dynamic/registry:Tenant").inputs["route"]
+        quotas[tenant_id] = route.get("messages_per_month")  # the engine drops a None (premium: none)
+        assert quotas[tenant_id] == CONFIG.monthly_messages_of(CONFIG.tenant(tenant_id)), tenant_id
+    assert {"basic", "standard"} <= {CONFIG.tenant(t).tier for t, quota in quotas.items() if quota}

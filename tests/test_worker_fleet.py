@@ -40,10 +40,9 @@ from tests.fixtures.ingest import (
     ACME_PRESS,
     ACME_PRESS_2,
     GLOBEX_MOLDER,
-    Mqtt,
     WorkerProcess,
+    WorkerStack,
     broker_config,
-    start_store,
     topic,
     v1,
     v2,
@@ -95,7 +94,7 @@ def fast_shutdown(postgres: servers.Server, data_dir: Path) -> None:
     postgres.process.wait(30)
 
 
-class FleetPlatform:
+class FleetPlatform(WorkerStack):
     """Broker, store, registry and a worker that reads its fleet from the registry."""
 
     def __init__(
@@ -109,25 +108,20 @@ class FleetPlatform:
         self.config = config or two_tenants()
         self.reader = f"fleet_{uuid.uuid4().hex[:12]}"
         self.registry_dsn = registry_dsn
-        self.broker, mqtt_port = start_mosquitto(broker_config(folder / "mosquitto"))
-        self.store, self.store_url = start_store(folder)
-        try:
-            seed(registry_dsn, self.config, self.reader, self.store_url)
+
+        def start_worker(mqtt_port: int, store_url: str) -> WorkerProcess:
+            seed(registry_dsn, self.config, self.reader, store_url)
             env.setenv(
                 "IRONLINK_REGISTRY_DSN", registry_dsn.replace("user=postgres", f"user={self.reader}")
             )  # a secret: never in to_env()
-            self.worker = WorkerProcess.for_platform(
-                self.config, mqtt_port, self.store_url, folder, machines=None, from_registry=True
+            worker = WorkerProcess.for_platform(
+                self.config, mqtt_port, store_url, folder, machines=None, from_registry=True
             )
-            environment = self.worker.settings.to_env()
+            environment = worker.settings.to_env()
             assert not {"IRONLINK_TENANTS", "IRONLINK_STORE_URLS", "IRONLINK_REGISTRY_DSN"} & set(environment)
-            self.worker.start()
-        except BaseException:
-            self.store.stop()
-            raise
-        self.device = Mqtt(mqtt_port, "device")
-        self.dead_letters = Mqtt(mqtt_port, "dead-letter-reader")
-        self.dead_letters.subscribe("dlq/#")
+            return worker.start()
+
+        super().__init__(folder, start_mosquitto, start_worker)
 
     def registry(self) -> psycopg.Connection:
         return psycopg.connect(self.registry_dsn, autocommit=True)
@@ -149,13 +143,6 @@ class FleetPlatform:
     def stores(self, machine: tuple[str, str, str], ts: int) -> bool:
         self.device.publish(topic(machine), v2(machine, ts))
         return ts * 1000 in wait_stored(self.store_url, machine, [ts * 1000])
-
-    def close(self) -> None:
-        self.device.close()
-        self.dead_letters.close()
-        if self.worker.process is not None and self.worker.process.poll() is None:
-            self.worker.stop(signal.SIGKILL)
-        self.store.stop()
 
 
 @pytest.fixture

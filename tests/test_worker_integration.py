@@ -26,10 +26,9 @@ from tests.fixtures.ingest import (
     ACME_PRESS_2,
     Mqtt,
     WorkerProcess,
-    broker_config,
+    WorkerStack,
     platform,
     series,
-    start_store,
     topic,
     v1,
     v2,
@@ -40,34 +39,23 @@ from tests.fixtures.ingest import (
 pytestmark = pytest.mark.integration
 
 
-class Platform:
+class Platform(WorkerStack):
     """Broker, store and worker of one test; ``device`` publishes, ``dead_letters`` listens."""
 
     def __init__(self, folder: Path, start_mosquitto: MosquittoFactory, **worker: Any) -> None:
-        self.broker, self.mqtt_port = start_mosquitto(broker_config(folder / "mosquitto"))
-        self.store, self.store_url = start_store(folder)
-        self.worker = WorkerProcess.for_platform(platform(), self.mqtt_port, self.store_url, folder, **worker)
-        try:
-            self.worker.start()
-        except BaseException:
-            self.store.stop()  # the broker is the fixture's; the store is ours to stop
-            raise
-        self.device = Mqtt(self.mqtt_port, "device")
-        self.dead_letters = Mqtt(self.mqtt_port, "dead-letter-reader")
-        self.dead_letters.subscribe("dlq/#")
+        super().__init__(
+            folder,
+            start_mosquitto,
+            lambda mqtt_port, store_url: WorkerProcess.for_platform(
+                platform(), mqtt_port, store_url, folder, **worker
+            ).start(),
+        )
 
     def publish_series(self, machine: tuple[str, str, str], start: int, count: int) -> list[int]:
         """``count`` v2 messages one second apart; their point timestamps in ms."""
         for offset in range(count):
             self.device.publish(topic(machine), v2(machine, start + offset))
         return [(start + offset) * 1000 for offset in range(count)]
-
-    def close(self) -> None:
-        self.device.close()
-        self.dead_letters.close()
-        if self.worker.process is not None and self.worker.process.poll() is None:
-            self.worker.stop(signal.SIGKILL)
-        self.store.stop()
 
 
 @pytest.fixture
@@ -106,7 +94,7 @@ def test_bad_payloads_reach_the_dead_letter_topic_with_their_reason_and_the_work
         "wrong_type": good.replace(f'"ts": {ts}', '"ts": "yesterday"').encode(),
         "out_of_bounds": v2(ACME_PRESS, ts, oil_temp_c=900.0),
         "topic_mismatch": good.replace('"tenant_id": "acme"', '"tenant_id": "globex"').encode(),
-        "unknown_schema_version": good.replace('"schema_version": 2', '"schema_version": 4').encode(),
+        "unknown_schema_version": good.replace('"schema_version": 2', '"schema_version": 5').encode(),
     }
     for payload in bad.values():
         live.device.publish(topic(ACME_PRESS), payload)

@@ -28,7 +28,7 @@ import pulumi_kubernetes as k8s
 from components.aws.placement import PrivatePlacement
 from components.credentials import generated_password
 from components.kube import Kube, inherited_dependencies
-from components.postgres import OWNER, PORT
+from components.postgres import OWNER, PORT, ingest_role_dsn
 from components.providers.database_roles import RegistryRoles
 from components.render.kubernetes import ROLE_POSTGRES, labels, service_host
 from infra.config import PlatformConfig
@@ -64,6 +64,8 @@ class RegistryDatabase(pulumi.ComponentResource):
     """The instance's RDS address (VPC DNS)."""
     dsn: pulumi.Output[str]
     """Owner DSN ``postgresql://…@<rds address>:5432/<db>`` (secret), shaped as ``Postgres.dsn``."""
+    ingest_dsn: pulumi.Output[str]
+    """The ingest worker's DSN (secret), shaped as ``Postgres.ingest_dsn``."""
     instance: aws.rds.Instance
     security_group: aws.ec2.SecurityGroup
 
@@ -147,4 +149,7 @@ class RegistryDatabase(pulumi.ComponentResource):
             grafana_password=self.grafana_password,
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance]),
         )
-        self.register_outputs({"address": self.address, "host": self.host, "dsn": self.dsn})
+        self.ingest_dsn = ingest_role_dsn(self, name, self.address, depends_on=[self.instance])
+        self.register_outputs(
+            {"address": self.address, "host": self.host, "dsn": self.dsn, "ingest_dsn": self.ingest_dsn}
+        )

@@ -3,11 +3,12 @@ resource, written through :mod:`registry.store` and :mod:`registry.tenant_routes
 audit trail as ``ironlink tenant`` and ``ironlink dev``::
 
     RegistryTenant("acme-registry", dsn=dsn, tenant=tenant, isolation=2, actor="pulumi:prod",
-                   route=route_without_token, write_token=token)
+                   route=route_without_token, write_token=token, read_token=read)
 
 The route is where the platform's worker sends the tenant's points (URL, org, bucket, quota, age
-bound, dead-letter retention; ``registry.tenant_routes.tenant_route_for``) with its write token, a
-secret input kept apart so that the route itself stays readable in a plan's diff. The worker
+bound, dead-letter retention; ``registry.tenant_routes.tenant_route_for``) with its write token,
+and what the API reads them with (the read token): secret inputs kept apart so that the route
+itself stays readable in a plan's diff. The worker
 follows the table at runtime: a tenant stack's ``pulumi up`` is all it takes.
 
 Create and update are :func:`registry.store.sync_tenant` then
@@ -21,6 +22,9 @@ input (a secret).
 ``RegistryServiceAccount`` stores a platform service's broker credential (``svc.ingest``'s ``$7$``
 hash, which EMQX authenticates against) through :func:`registry.store.issue_service_credential`;
 delete revokes it (:func:`registry.store.revoke_credential`).
+
+``RegistryAlertSource`` stores a Grafana contact point's webhook token as a digest
+(:func:`registry.alerts.upsert_webhook_source`); delete stops accepting it.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from pydantic import ValidationError
 
 from components.providers import plan_diff
 from infra.config import PlatformConfig, Tenant
-from registry import store
+from registry import alerts, store
 from registry.migrate import apply_migrations
 from registry.tenant_routes import TenantStoreRoute, tenant_route_for, upsert_tenant_route
 
@@ -85,7 +89,7 @@ class RegistryTenantProvider(ResourceProvider):
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         # A new dsn (a rotated password, another database) is an update: the sync is idempotent.
-        changing = ("tenant", "isolation", "dsn", "route", "write_token")
+        changing = ("tenant", "isolation", "dsn", "route", "write_token", "read_token")
         return plan_diff(olds, news, replace=("tenant_id",), update=changing)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
@@ -114,15 +118,18 @@ class RegistryTenantProvider(ResourceProvider):
 
 
 def _route(props: Mapping[str, Any]) -> TenantStoreRoute:
-    return TenantStoreRoute.model_validate({**props["route"], "token": props.get("write_token") or ""})
+    tokens = {"token": props.get("write_token") or "", "read_token": props.get("read_token") or ""}
+    return TenantStoreRoute.model_validate({**props["route"], **tokens})
 
 
 def route_input(
     config: PlatformConfig, tenant: Tenant, store_url: pulumi.Input[str]
 ) -> pulumi.Output[dict[str, Any]]:
-    """The tenant's route as a plain input, without its token (:class:`RegistryTenant` ``route``)."""
+    """The tenant's route as a plain input, without its tokens (:class:`RegistryTenant` ``route``)."""
     return pulumi.Output.from_input(store_url).apply(
-        lambda url: tenant_route_for(config, tenant, url, "").model_dump(mode="json", exclude={"token"})
+        lambda url: tenant_route_for(config, tenant, url, "").model_dump(
+            mode="json", exclude={"token", "read_token"}
+        )
     )
 
 
@@ -139,6 +146,7 @@ class RegistryTenant(Resource, module="registry", name="Tenant"):
         actor: str,
         route: pulumi.Input[dict[str, Any]],
         write_token: pulumi.Input[str],
+        read_token: pulumi.Input[str] | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         props = {
@@ -149,6 +157,7 @@ class RegistryTenant(Resource, module="registry", name="Tenant"):
             "actor": actor,
             "route": route,
             "write_token": pulumi.Output.secret(write_token),
+            "read_token": pulumi.Output.secret(read_token or ""),
         }
         super().__init__(RegistryTenantProvider(), resource_name, props, opts)
 
@@ -208,3 +217,66 @@ class RegistryServiceAccount(Resource, module="registry", name="ServiceAccount")
             "actor": actor,
         }
         super().__init__(RegistryServiceAccountProvider(), resource_name, props, opts)
+
+
+class RegistryAlertSourceProvider(ResourceProvider):
+    def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
+        failures = [
+            CheckFailure(key, "is required")
+            for key in ("dsn", "source_id", "token", "actor")
+            if not news.get(key)
+        ]
+        return CheckResult(news, failures)
+
+    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        # A new token is a rotation, another tenant a new row: the source id names both.
+        return plan_diff(olds, news, replace=("source_id",), update=("tenant_id", "token", "dsn"))
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        self._upsert(props)
+        return CreateResult(props["source_id"], dict(props))
+
+    def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        self._upsert(news)
+        return UpdateResult(dict(news))
+
+    def delete(self, id_: str, props: dict[str, Any]) -> None:
+        with _registry(props) as conn:
+            alerts.delete_webhook_source(conn, id_, actor=props["actor"])
+
+    @staticmethod
+    def _upsert(props: Mapping[str, Any]) -> None:
+        with _registry(props) as conn:
+            alerts.upsert_webhook_source(
+                conn,
+                props["source_id"],
+                props["token"],
+                tenant_id=props.get("tenant_id") or None,
+                actor=props["actor"],
+            )
+
+
+class RegistryAlertSource(Resource, module="registry", name="AlertSource"):
+    """A Grafana contact point's right to post alerts to the API: its token, kept in the registry
+    as a digest only (:func:`registry.alerts.upsert_webhook_source`); its ``id`` is the source id.
+    ``tenant_id`` None: the shared org's source."""
+
+    def __init__(
+        self,
+        resource_name: str,
+        *,
+        dsn: pulumi.Input[str],
+        source_id: str,
+        tenant_id: str | None,
+        token: pulumi.Input[str],
+        actor: str,
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        props = {
+            "dsn": pulumi.Output.secret(dsn),
+            "source_id": source_id,
+            "tenant_id": tenant_id,
+            "token": pulumi.Output.secret(token),
+            "actor": actor,
+        }
+        super().__init__(RegistryAlertSourceProvider(), resource_name, props, opts)

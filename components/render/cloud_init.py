@@ -1,12 +1,13 @@
 """The cloud-init document of a Phase A stack on one EC2 instance (``aws.vm``).
 
 It installs the Debian packages the dev platform's servers come from, this project's Python (the
-worker, the dead-letter consumer, the provisioning API) into ``/opt/ironlink``, and writes the same
-files ``ironlink dev`` runs, rendered by the same functions: Mosquitto's config and its
-dynamic-security seed (:mod:`components.render.mosquitto`), the worker's and the consumer's
-environment (``worker_settings_for``/``dead_letter_settings_for``), the provisioning service's
-settings. Each process is a systemd unit; only Mosquitto's TLS listener on 8883 listens beyond
-loopback (its certificate listener binds loopback too: certificate devices are not served here).
+worker, the dead-letter consumer, the provisioning API, the Ironlink API) into ``/opt/ironlink``,
+and writes the same files ``ironlink dev`` runs, rendered by the same functions: Mosquitto's
+config and its dynamic-security seed (:mod:`components.render.mosquitto`), the worker's and the
+consumer's environment (``worker_settings_for``/``dead_letter_settings_for``), the provisioning
+service's and the API's settings. Each process is a systemd unit; only Mosquitto's TLS listener
+on 8883 listens beyond loopback (its certificate listener binds loopback too: certificate devices
+are not served here; the API is reached over an SSH tunnel).
 
 Everything here is a pure function of its arguments, so a test reads the document without AWS.
 """
@@ -20,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from api.settings import ApiSettings
 from components.render.mosquitto import (
     DYNSEC_ADMIN,
     BrokerAccount,
@@ -47,6 +49,7 @@ STORE_PORT = 8428
 WORKER_PORT = 9108
 DEAD_LETTERS_PORT = 9109
 PROVISIONING_PORT = 8443
+API_PORT = 8090
 
 ETC = "/etc/ironlink"
 STATE = "/var/lib/ironlink"
@@ -72,7 +75,7 @@ PROVISIONING_CERT = f"{ETC}/provisioning/server.pem"
 PROVISIONING_KEY = f"{ETC}/provisioning/server.key"
 SERVICE_ACCOUNT = "ironlink"
 """The account the project's own Python runs as (as ``ironlink dev`` runs it when root)."""
-UNITS = ("registry", "store", "broker", "provisioning", "ingest", "dead-letters")
+UNITS = ("registry", "store", "broker", "provisioning", "ingest", "dead-letters", "api")
 """The systemd units (``ironlink-<name>.service``), in start order."""
 _PACKAGED_SERVICES = ("mosquitto.service", "postgresql.service", "victoria-metrics.service")
 
@@ -196,6 +199,20 @@ def provisioning_env(config: PlatformConfig, secrets: VmSecrets) -> dict[str, st
     }
 
 
+def api_env(config: PlatformConfig) -> dict[str, str]:
+    """The API on loopback (reached over an SSH tunnel: the security group admits 8883 and 22),
+    VictoriaMetrics as the store, as ``ironlink dev`` runs it."""
+    settings = ApiSettings.model_validate(
+        {
+            "store_kind": "victoriametrics",
+            "store_url": f"http://{LOOPBACK}:{STORE_PORT}",
+            "host": LOOPBACK,
+            "port": API_PORT,
+        }
+    )
+    return {**settings.to_env(), "IRONLINK_API_REGISTRY_DSN": registry_dsn(config)}
+
+
 def vm_files(config: PlatformConfig, secrets: VmSecrets) -> list[VmFile]:
     """Every file the VM needs beside the packages: keys 0600 to the account that reads them."""
     if config.broker.engine != "mosquitto" or config.broker.tls == "mtls":
@@ -219,6 +236,7 @@ def vm_files(config: PlatformConfig, secrets: VmSecrets) -> list[VmFile]:
         VmFile(
             f"{ETC}/provisioning.env", environment_file(provisioning_env(config, secrets)), service, "0600"
         ),
+        VmFile(f"{ETC}/api.env", environment_file(api_env(config)), service, "0600"),
     ]
     files += [
         VmFile(f"/etc/systemd/system/ironlink-{name}.service", text) for name, text in units(config).items()
@@ -353,6 +371,7 @@ def units(config: PlatformConfig) -> dict[str, str]:
         "dead-letters": _python_unit(
             "dead-letter consumer", "ingest.deadletters", "dead-letters", ["registry", "broker"]
         ),
+        "api": _python_unit("Ironlink API", "api", "api", ["registry", "store"]),
     }
 
 

@@ -10,9 +10,9 @@ hardening lives in one place — non-root, read-only root filesystem, no capabil
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypedDict
 
-from infra.config import ComputeResources, PlatformConfig, Prometheus
+from infra.config import ComputeResources, IngressController, PlatformConfig, Prometheus
 
 Manifest = dict[str, Any]
 PART_OF = "ironlink"
@@ -26,6 +26,7 @@ ROLE_POSTGRES = "postgres"
 ROLE_BACKUP = "backup"
 ROLE_DEAD_LETTERS = "dead-letters"
 ROLE_PROVISIONING = "provisioning"
+ROLE_API = "api"
 # The pod that runs `pulumi up` (cluster.runner "in-cluster"): its providers call the databases' APIs.
 ROLE_RUNNER = "pulumi-runner"
 
@@ -147,6 +148,32 @@ def http_probe(
     return probe
 
 
+class ServiceProbes(TypedDict):
+    readiness: Manifest
+    liveness: Manifest
+
+
+def service_probes(port: int | str, *, scheme: str = "HTTP") -> ServiceProbes:
+    """The probes of the project's own services (``container(..., **service_probes(port))``): ready
+    on ``/readyz`` while what they serve answers, alive on ``/healthz``: restarted only after a
+    10 s start-up grace and three missed checks 20 s apart."""
+    return {
+        "readiness": http_probe("/readyz", port, scheme=scheme),
+        "liveness": http_probe("/healthz", port, period=20, failures=3, delay=10, scheme=scheme),
+    }
+
+
+def scrape_annotations(port: int, *, path: str = "/metrics", scheme: str | None = None) -> dict[str, str]:
+    """The pod annotations by which Prometheus finds a metrics endpoint (``scheme``: where it is
+    not plain HTTP)."""
+    return {
+        "prometheus.io/scrape": "true",
+        **({"prometheus.io/scheme": scheme} if scheme is not None else {}),
+        "prometheus.io/port": str(port),
+        "prometheus.io/path": path,
+    }
+
+
 def tcp_probe(port: int | str, *, period: int = 10, failures: int = 3) -> Manifest:
     return {
         "tcpSocket": {"port": port},
@@ -170,8 +197,12 @@ def env_list(values: Mapping[str, str]) -> list[Manifest]:
     return [{"name": name, "value": value} for name, value in values.items()]
 
 
-def secret_env(name: str, secret: str, key: str) -> Manifest:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+def secret_env(name: str, secret: str, key: str, *, optional: bool = False) -> Manifest:
+    """``optional``: a Secret an operator creates (or not) beside the stack; absent, the variable is unset."""
+    reference: Manifest = {"name": secret, "key": key}
+    if optional:
+        reference["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": reference}}
 
 
 def field_env(name: str, field_path: str) -> Manifest:
@@ -286,6 +317,14 @@ def prometheus_peer(prometheus: Prometheus) -> Manifest:
     return {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": prometheus.namespace}},
         "podSelector": {"matchLabels": dict(prometheus.pod_labels)},
+    }
+
+
+def ingress_controller_peer(controller: IngressController) -> Manifest:
+    """The cluster's ingress controller pods, in their own namespace: how clients come in."""
+    return {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": controller.namespace}},
+        "podSelector": {"matchLabels": dict(controller.pod_labels)},
     }
 
 

@@ -9,16 +9,20 @@ retried with backoff (full jitter, up to ``source_retry_max_s``), reported ``ret
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from edge.config import Machine
 from edge.normalize import Reading
 from edge.uplink import backoff_delays
 
-Emit = Callable[[Reading], None]
+# The agent's intake: a future done once the reading counts as taken (None: rejected).
+Emit = Callable[[Reading], Future[Any] | None]
 
 
 @dataclass
@@ -46,13 +50,13 @@ class Adapter(ABC):
     async def run(self, emit: Emit) -> None:
         attempt = 0
 
-        def counted(reading: Reading) -> None:
+        def counted(reading: Reading) -> Future[Any] | None:
             nonlocal attempt
             attempt = 0
             self._mark("up", None)
             self.status.readings += 1
             self.status.last_reading = time.time()
-            emit(reading)
+            return emit(reading)
 
         while True:
             try:
@@ -86,17 +90,18 @@ class Adapter(ABC):
             self.status.state, self.status.since = state, time.time()
 
 
+# Each kind's module, imported only for a gateway that has such a machine (asyncua alone takes
+# ~30 MB of a small gateway's memory).
+_KINDS = {
+    "modbus_tcp": ("edge.adapters.modbus", "ModbusAdapter"),
+    "opcua": ("edge.adapters.opcua", "OpcUaAdapter"),
+    "mqtt": ("edge.adapters.local_mqtt", "LocalMqttAdapter"),
+    "http": ("edge.adapters.http_push", "HttpPushAdapter"),
+}
+
+
 def adapter_for(machine: Machine, *, down_after_s: float, retry_max_s: float) -> Adapter:
     """The adapter of a machine's configured kind."""
-    from edge.adapters.http_push import HttpPushAdapter
-    from edge.adapters.local_mqtt import LocalMqttAdapter
-    from edge.adapters.modbus import ModbusAdapter
-    from edge.adapters.opcua import OpcUaAdapter
-
-    kinds: dict[str, type[Adapter]] = {
-        "modbus_tcp": ModbusAdapter,
-        "opcua": OpcUaAdapter,
-        "mqtt": LocalMqttAdapter,
-        "http": HttpPushAdapter,
-    }
-    return kinds[machine.adapter.kind](machine, down_after_s=down_after_s, retry_max_s=retry_max_s)
+    module, name = _KINDS[machine.adapter.kind]
+    kind: type[Adapter] = getattr(importlib.import_module(module), name)
+    return kind(machine, down_after_s=down_after_s, retry_max_s=retry_max_s)

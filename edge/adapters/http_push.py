@@ -8,7 +8,13 @@ from edge.adapters import Adapter, Emit
 from edge.adapters.pushed import MAX_BODY_BYTES, parse_pushed
 from edge.config import HttpPush
 
-_REASONS = {202: "Accepted", 400: "Bad Request", 404: "Not Found", 413: "Content Too Large"}
+_REASONS = {
+    202: "Accepted",
+    400: "Bad Request",
+    404: "Not Found",
+    413: "Content Too Large",
+    503: "Service Unavailable",
+}
 
 
 class HttpPushAdapter(Adapter):
@@ -51,5 +57,11 @@ async def _answer(reader: asyncio.StreamReader, emit: Emit) -> tuple[int, str]:
         reading = parse_pushed(await reader.readexactly(length))
     except ValueError as error:
         return 400, str(error)
-    emit(reading)
+    taken = emit(reading)
+    if taken is None:
+        return 400, "rejected by normalization (counted in the agent's drops)"
+    try:
+        await asyncio.wrap_future(taken)  # 202 only once the store took it (with ``always``: fsynced)
+    except Exception:  # the store rolled the commit back (a ``store_error`` drop)
+        return 503, "the store refused the reading"
     return 202, "stored"

@@ -17,6 +17,8 @@ app = typer.Typer(
 
 # Command modules register themselves on `app` when imported.
 from infra.cli import (  # noqa: E402  (after `app`, which they register on)
+    alerts,  # noqa: F401  (ironlink alerts route add|list|remove)
+    api_key,  # noqa: F401  (ironlink api-key create|list|revoke)
     backup,  # noqa: F401  (ironlink backup list|restore|download)
     deadletters,  # noqa: F401  (ironlink deadletters list|show|replay)
     dev,  # noqa: F401  (ironlink dev up|status|down|logs, ironlink simulate)

@@ -10,10 +10,8 @@ unreachable registry exits 1.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -21,11 +19,17 @@ import typer
 from rich.table import Table
 
 from infra.cli import app
-from infra.cli.common import EXIT_REGISTRY_UNAVAILABLE, console, fail, migrated_registry
+from infra.cli.common import (
+    EXIT_REGISTRY_UNAVAILABLE,
+    RegistryOption,
+    check_tenant,
+    console,
+    fail,
+    refuse,
+    required_registry,
+)
 
 if TYPE_CHECKING:
-    import psycopg
-
     from registry.store import DeadLetter
 
 deadletters_app = typer.Typer(
@@ -37,17 +41,12 @@ app.add_typer(deadletters_app, name="deadletters")
 # the help text does not need the registry imported.
 LIST_LIMIT_MAX = 1_000
 REPLAY_LIMIT_MAX = 10_000
-_TENANT = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _REASON = re.compile(r"^[a-z_]{1,64}$")
 _AGO = re.compile(r"^(\d{1,6})([mhd])$")
 _AGO_UNIT = {"m": "minutes", "h": "hours", "d": "days"}
 _ID_MAX = 2**63 - 1
 _SHOWN_PAYLOAD = 4096
 
-RegistryOption = Annotated[
-    str | None,
-    typer.Option("--registry", envvar="IRONLINK_REGISTRY_DSN", help="PostgreSQL DSN of the registry."),
-]
 TenantOption = Annotated[str | None, typer.Option("--tenant", help="Only this tenant's dead letters.")]
 ReasonOption = Annotated[str | None, typer.Option("--reason", help="Only this reason (e.g. out_of_bounds).")]
 SinceOption = Annotated[
@@ -78,8 +77,8 @@ def _filters(
     tenant: str | None, reason: str | None, since: str | None, limit: int, limit_max: int, problems: list[str]
 ) -> datetime | None:
     """Check the filters (appending each problem); the parsed ``--since``."""
-    if tenant is not None and not (_TENANT.match(tenant) and len(tenant) <= 32):
-        problems.append(f"--tenant: {tenant[:80]!r} is not a tenant id (lowercase letters, digits, '-')")
+    if tenant is not None:
+        check_tenant(tenant, problems)
     if reason is not None and not _REASON.match(reason):
         problems.append(
             f"--reason: {reason[:80]!r} is not a reason (lowercase letters and '_', e.g. out_of_bounds)"
@@ -87,21 +86,6 @@ def _filters(
     if not 1 <= limit <= limit_max:
         problems.append(f"--limit: {limit} is not between 1 and {limit_max}")
     return _since(since, problems) if since is not None else None
-
-
-def _refuse(problems: list[str]) -> None:
-    if problems:
-        fail("\n  ".join([f"{len(problems)} problem{'s' if len(problems) > 1 else ''}:", *problems]))
-
-
-@contextlib.contextmanager
-def _registry(dsn: str | None) -> Iterator[psycopg.Connection]:
-    """A connection to the migrated registry, or exit (2 without a DSN, 1 when unreachable)."""
-
-    if not dsn:
-        fail("--registry: is required (a PostgreSQL DSN, or set IRONLINK_REGISTRY_DSN)")
-    with migrated_registry(dsn) as conn:
-        yield conn
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -159,8 +143,8 @@ def list_command(
 
     problems: list[str] = []
     since_at = _filters(tenant, reason, since, limit, LIST_LIMIT_MAX, problems)
-    _refuse(problems)
-    with _registry(registry) as conn:
+    refuse(problems)
+    with required_registry(registry) as conn:
         letters = store.list_dead_letters(conn, tenant_id=tenant, reason=reason, since=since_at, limit=limit)
     if as_json:
         _print_json([_as_json(letter) for letter in letters])
@@ -196,7 +180,7 @@ def show_command(
 
     if not 1 <= dead_letter_id <= _ID_MAX:
         fail(f"ID: {dead_letter_id} is not a dead letter id (a positive integer)")
-    with _registry(registry) as conn:
+    with required_registry(registry) as conn:
         letter = store.get_dead_letter(conn, dead_letter_id)
     if letter is None:
         fail(f"ID: no dead letter {dead_letter_id} in the registry", EXIT_REGISTRY_UNAVAILABLE)
@@ -259,8 +243,8 @@ def replay_command(
     problems += [
         f"ID: {item} is not a dead letter id (a positive integer)" for item in ids if not 1 <= item <= _ID_MAX
     ]
-    _refuse(problems)
-    with _registry(registry) as conn:
+    refuse(problems)
+    with required_registry(registry) as conn:
         result = store.request_replay(
             conn,
             actor=f"{store.default_actor()} (ironlink cli)",

@@ -6,7 +6,8 @@ file; ``remove`` deletes it; both show that one stack's plan, never the region's
 ``--registry DSN`` (or ``IRONLINK_REGISTRY_DSN``) the registry is updated in the same go, with audit
 events, and the file is written only if the registry accepted the change. Devices never touch a
 stack file: ``ironlink device add`` (:mod:`infra.cli.device`) enrolls them through the
-provisioning API.
+provisioning API. Nor do alert recipients: ``add --alert-email`` (which needs ``--registry``)
+becomes the tenant's email route in the registry (:mod:`registry.alerts`, ``ironlink alerts route``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Annotated
 
 import psycopg
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from infra.cli import app
@@ -28,6 +30,7 @@ from infra.cli.common import (
     stack_config,
 )
 from infra.config import (
+    ALERT_EMAILS_ROUTE,
     PlatformConfig,
     Problem,
     StackConfigError,
@@ -44,6 +47,7 @@ from infra.config import (
 from infra.plan import Plan, build_plan, build_tenant_plan
 from infra.tenancy import SHARED_INFLUXDB, store_route
 from registry import store
+from registry.alerts import RouteSpec, create_route
 
 tenant_app = typer.Typer(help="Add, list and remove the tenants of a platform.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
@@ -97,6 +101,30 @@ def _actor() -> str:
     return f"{store.default_actor()} (ironlink cli)"
 
 
+def _email_route(tenant_id: str, addresses: list[str], registry: str | None) -> RouteSpec:
+    """The email route ``--alert-email`` asks for, or :class:`StackConfigError` naming the flag:
+    routes live in the registry, so the flag needs ``--registry``."""
+    problems: list[Problem] = []
+    if not registry:
+        problems.append(
+            Problem(
+                "--alert-email",
+                "alert recipients are routes in the registry: give --registry DSN (or set "
+                f"IRONLINK_REGISTRY_DSN) too, or add them later with 'ironlink alerts route add --tenant "
+                f"{_show(tenant_id)} --name {ALERT_EMAILS_ROUTE} --channel email --target ...'",
+            )
+        )
+    try:
+        spec = RouteSpec(name=ALERT_EMAILS_ROUTE, channel="email", target=",".join(addresses))
+    except ValidationError as error:
+        for item in error.errors(include_url=False):
+            message = item["msg"].removeprefix("Value error, ").removeprefix("target: ")
+            problems.append(Problem("--alert-email", message))
+    if problems:
+        raise StackConfigError(problems)
+    return spec
+
+
 # ---------------------------------------------------------------------------------------- tenants
 @tenant_app.command("add")
 def tenant_add(
@@ -110,7 +138,12 @@ def tenant_add(
         typer.Option("--machine-type", help="Catalog type its dashboards cover; repeat for several."),
     ] = None,
     alert_emails: Annotated[
-        list[str] | None, typer.Option("--alert-email", help="Who Grafana notifies; repeat for several.")
+        list[str] | None,
+        typer.Option(
+            "--alert-email",
+            help=f"Who is emailed its alerts (the registry route {ALERT_EMAILS_ROUTE!r}; needs --registry); "
+            "repeat for several.",
+        ),
     ] = None,
     registry: RegistryOption = None,
 ) -> None:
@@ -125,28 +158,33 @@ def tenant_add(
         body["isolation"] = isolation
     if machine_types:
         body["machine_types"] = machine_types
-    if alert_emails:
-        body["alert_emails"] = alert_emails
 
-    def validate() -> Tenant:
+    def validate() -> tuple[Tenant, RouteSpec | None]:
         # Listed, not stat()ed: an id too long for a file name is a problem to report, not an OSError.
-        taken: list[Problem] = []
+        problems: list[Problem] = []
         if stack in tenant_stacks(platform_stack, root):
             path = stack_file(stack, root)
-            taken.append(Problem("ironlink:tenant.id", f"{tenant_id!r} has a stack already: {path}"))
+            problems.append(Problem("ironlink:tenant.id", f"{tenant_id!r} has a stack already: {path}"))
+        route: RouteSpec | None = None
+        try:
+            route = _email_route(tenant_id, alert_emails, registry) if alert_emails else None
+        except StackConfigError as error:
+            problems += error.problems
         try:
             parsed = parse_tenant_stack({"platform": platform_stack, "tenant": body}, stack, platform)
         except StackConfigError as error:
-            raise StackConfigError([*error.problems, *taken], stack) from None
-        if taken:
-            raise StackConfigError(taken, stack)
-        return parsed.tenant
+            raise StackConfigError([*error.problems, *problems], stack) from None
+        if problems:
+            raise StackConfigError(problems, stack)
+        return parsed.tenant, route
 
-    tenant = guarded(validate)
+    tenant, alert_route = guarded(validate)
     with _registry(registry) as conn:
         if conn is not None:
             isolation_level = platform.isolation_of(tenant)
             store.sync_tenant(conn, tenant, isolation=isolation_level, actor=_actor(), must_be_new=True)
+            if alert_route is not None:
+                create_route(conn, tenant.id, alert_route, actor=_actor())
         write_atomically(stack_file(stack, root), new_tenant_stack_text(platform_stack, tenant))
     route = store_route(platform, tenant)
     console.print(
@@ -155,6 +193,12 @@ def tenant_add(
         highlight=False,
     )
     console.print(f"  InfluxDB: {route.instance}/{route.org}/{route.bucket}", highlight=False)
+    if alert_route is not None:
+        console.print(
+            f"  Alerts emailed to {', '.join(alert_route.recipients())} (registry route "
+            f"{alert_route.name!r}; more: ironlink alerts route add --tenant {tenant.id} ...)",
+            highlight=False,
+        )
     _print_plan(_tenant_plan(platform, platform_stack, tenant), "[green]+[/]", "creates")
     console.print(f"Next: pulumi stack init {stack} && pulumi up --stack {stack}", highlight=False)
 
