@@ -285,6 +285,7 @@ def backfill(folder: Path, backlog: int, poll_ms: int) -> tuple[float, float, fl
         poll_ms,
         max_messages_per_s=100_000,  # the link allows: the agent's own pace is measured
         resend_after_s=3600,  # no receipts here (no worker): nothing is resent meanwhile
+        history_in_flight=1_000_000,  # nor do receipts free the in-flight bound: the agent's own pace
     )
     status_file = folder / "agent" / "store.status.json"
     arrivals = Arrivals(port, [TOPIC], "bench-arrivals")

@@ -144,7 +144,13 @@ class Agent:
     # --------------------------------------------------------------------------- taking
     def take(self, machine: str, reading: Reading) -> Future[list[Row]] | None:
         """An adapter's reading: normalized and handed to the store's writer; the future is done once
-        it counts as taken (on disk with ``always``). None when normalization rejected it."""
+        it counts as taken (on disk with ``always``). None when normalization rejected it.
+
+        After the stop it ends the adapter instead: Python 3.11's ``asyncio.wait_for`` loses a cancel
+        that races the read it waits for (pymodbus polls through it), and the adapter would poll on
+        and hold the exit; a reading it hands over now has not counted, so nothing is lost."""
+        if self.stopping:
+            raise asyncio.CancelledError
         link = self.links.get(machine)
         historical = link is None or not link.connected  # it will be backfilled
         normalized = self.normalizers[machine].normalize(reading, historical=historical)
@@ -204,16 +210,19 @@ class Agent:
             self.confirmed += forgotten.result()
 
     async def send(self) -> None:
-        """The sender: one turn over every connected machine per tick."""
+        """The sender: one turn over every connected machine per tick, each tick starting at the next
+        machine (the budget and ``history_in_flight`` are shared: no machine always comes first)."""
         uplink = self.config.uplink
         rate = uplink.max_messages_per_s * uplink.backfill_share
-        tokens, last = 0.0, time.monotonic()
+        tokens, last, tick = 0.0, time.monotonic(), 0
         while True:
             now_m = time.monotonic()
             tokens = min(rate * 0.05 + 1, tokens + rate * (now_m - last))
-            last = now_m
+            last, tick = now_m, tick + 1
             busy = False
-            for machine, link in self.links.items():
+            links = list(self.links.items())
+            start = tick % len(links) if links else 0
+            for machine, link in links[start:] + links[:start]:
                 if not link.connected:
                     continue
                 sent_history, more = self._send_machine(machine, link, int(tokens))
@@ -376,11 +385,17 @@ class Agent:
         """Bounded (``STOP_*_S``): the tasks, then every session at once, then the store's queue;
         the last status is written after the store closed, so it shows what closing left."""
         self.stopping = True
-        for task in tasks:
-            task.cancel()
-        _, pending = await asyncio.wait(tasks, timeout=STOP_TASKS_S)
+        loop = asyncio.get_running_loop()
+        deadline, pending = loop.time() + STOP_TASKS_S, set(tasks)
+        while pending and loop.time() < deadline:  # cancelled again: a cancel can be lost (see take)
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=min(0.1, max(0.0, deadline - loop.time())))
         if pending:
-            _log.warning("%d tasks did not end within %.0f s of their cancel", len(pending), STOP_TASKS_S)
+            names = ", ".join(sorted(task.get_coro().__qualname__ for task in pending))  # type: ignore[union-attr]
+            _log.warning("tasks still running %.0f s after their cancel: %s", STOP_TASKS_S, names)
+            for task in pending:
+                task.print_stack()
         stuck = stop_all(list(self.links.values()), STOP_LINKS_S)
         if stuck:
             _log.warning("sessions left running at exit (daemon threads): %s", ", ".join(stuck))

@@ -3,7 +3,8 @@
 Starts the dev platform (``ironlink dev up``), lets every machine of the stack publish for a short
 while (``ironlink simulate``), prints per tenant the points each machine has in the store since the
 simulation began, checks that every machine landed and that no series strays outside its tenant,
-and stops the platform again unless ``--keep`` (``make demo KEEP=1``). Safe to run repeatedly:
+asks the Ironlink API for each tenant's machines with a key of that tenant (one-day keys, revoked
+at once), and stops the platform again unless ``--keep`` (``make demo KEEP=1``). Safe to run repeatedly:
 the second run reuses the state folder (credentials, CA, data) and counts only its own points.
 
 Exit codes: 0 every machine landed, 1 something did not (or a server could not start), 2 bad input.
@@ -14,9 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
+import httpx
+import psycopg
 from rich.console import Console
+from rich.table import Table
 
 from infra.config import StackConfigError, UnknownStackError, load_stack
 from infra.tenancy import device_username
@@ -26,6 +31,7 @@ from localdev.platform import DevPlatform, PlatformError, UnsupportedStackError
 from localdev.servers import MissingPackageError
 from localdev.state import DEFAULT_STATE_DIR, StateError
 from localdev.victoria import wait_for_points
+from registry.api_keys import create_api_key, revoke_api_key
 
 console = Console()
 
@@ -77,6 +83,53 @@ def demo(platform: DevPlatform, duration: float, rate: float) -> bool:
     console.print(
         f"[green]{total} points from all {len(expected)} machines landed, each under its own tenant[/]"
     )
+    fleet = {(tenant_id, site.id, machine.id) for tenant_id, site, machine in platform.fleet.machines()}
+    return api_answers_each_tenant(platform, fleet)
+
+
+def api_answers_each_tenant(platform: DevPlatform, fleet: set[tuple[str, str, str]]) -> bool:
+    """``GET /v1/machines`` with a key of each tenant: exactly the fleet's machines of that tenant,
+    with their latest status."""
+    console.rule(f"the Ironlink API ({platform.api_url}), one key per tenant")
+    table = Table("tenant", "site", "machine", "status", "last seen")
+    seen: set[tuple[str, str, str]] = set()
+    with psycopg.connect(platform.registry_dsn(), autocommit=True) as conn:
+        for tenant_id in sorted({tenant for tenant, _, _ in fleet}):
+            key, secret = create_api_key(
+                conn,
+                tenant_id,
+                site_id=None,
+                label="make demo",
+                lifetime=timedelta(days=1),
+                actor="make-demo",
+            )
+            try:
+                answer = httpx.get(
+                    f"{platform.api_url}/v1/machines",
+                    headers={"Authorization": f"Bearer {secret}"},
+                    timeout=10,
+                )
+            finally:
+                revoke_api_key(conn, tenant_id, key.id, actor="make-demo")
+            if answer.status_code != 200:
+                console.print(
+                    f"[red]{tenant_id}: the API answered {answer.status_code}: {answer.text[:200]}[/]"
+                )
+                return False
+            for machine in answer.json()["machines"]:
+                seen.add((tenant_id, machine["site_id"], machine["id"]))
+                table.add_row(
+                    tenant_id,
+                    machine["site_id"],
+                    machine["id"],
+                    machine["status"] or "-",
+                    machine["last_seen"] or "-",
+                )
+    console.print(table)
+    if seen != fleet:
+        console.print(f"[red]the API's machines differ from the fleet's: {sorted(seen ^ fleet)}[/]")
+        return False
+    console.print("[green]each tenant's key saw exactly its own machines[/]")
     return True
 
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -14,6 +15,7 @@ from edge.agent import Agent
 from edge.config import EdgeConfigError, Gateway, parse_config
 from edge.normalize import Normalized, Normalizer, Reading
 from edge.store import EdgeStore, StoreClosed
+from edge.uplink import MachineLink
 from infra.tenancy import telemetry_topic
 from ingest.contract import Reason, Rejected, decode, unpack
 
@@ -149,12 +151,13 @@ def test_history_in_flight_is_bounded_by_receipts_and_a_resend_pass_still_comes_
     ]
     agent.store.add([reading for reading in readings if isinstance(reading, Normalized)])
     link = _Link()
+    session = cast(MachineLink, link)  # what the sender touches of a session: connected, room, publish
 
     async def sending() -> None:
-        agent.links[machine.id] = link  # type: ignore[assignment]
+        agent.links[machine.id] = session
         agent.connected(machine.id)  # all 2,000 are history now
         for _ in range(5):
-            agent._send_machine(machine.id, link, 1000)  # budget for far more than the bound
+            agent._send_machine(machine.id, session, 1000)  # budget for far more than the bound
         latest, *history = _history_seqs(link)
         assert latest == 1999, "the latest value goes first"
         assert history == list(range(500)), "unconfirmed history stops at the bound"
@@ -163,12 +166,12 @@ def test_history_in_flight_is_bounded_by_receipts_and_a_resend_pass_still_comes_
         agent.receipt(machine.id, [(agent.store.boot, 0, 299)])
         assert agent.history_in_flight() == 200
         for _ in range(5):
-            agent._send_machine(machine.id, link, 1000)
+            agent._send_machine(machine.id, session, 1000)
         assert _history_seqs(link) == list(range(500, 800)), "receipts make room for the next readings"
         link.sent.clear()
         await asyncio.sleep(1.2)  # resend_after_s without a receipt: the broker lost them
         for _ in range(5):
-            agent._send_machine(machine.id, link, 1000)
+            agent._send_machine(machine.id, session, 1000)
         assert _history_seqs(link)[:3] == [300, 301, 302], "the pass starts again at the oldest unconfirmed"
         assert agent.history_in_flight() == 500
 
